@@ -1,0 +1,471 @@
+"""Read HAM10000 metadata, split it by lesion, write and load the datalist, and check it before training.
+
+The split is by ``lesion_id``: about a quarter of HAM10000 images are further views of a lesion
+seen in another image, so an image-level split would put the same lesion in training and test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from bundle.imageio import decode_problem
+from bundle.labels import CLASS_NAMES, NUM_CLASSES
+
+logger = logging.getLogger(__name__)
+
+HAM_METADATA_CSV = "HAM10000_metadata.csv"
+HAM_COLUMNS = ("lesion_id", "image_id", "dx")
+HAM_IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "images")
+
+ISIC_GROUND_TRUTH_CSV = "ISIC2018_Task3_Training_GroundTruth.csv"
+ISIC_COLUMNS = ("image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+ISIC_IMAGE_DIRS = ("ISIC2018_Task3_Training_Input", "images", ".")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLIT_KEYS = ("training", "validation", "testing")
+RECORD_KEYS = ("image", "label", "lesion_id", "image_id")
+
+MAX_LISTED = 10  # examples named per problem in read_ham10000's errors
+MAX_REPORTED = 50  # problem lines printed by preflight
+
+
+class DatasetError(ValueError):
+    """The dataset or datalist on disk cannot be used; the message lists every problem found."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def read_ham10000(dataset_dir: str | os.PathLike) -> list[dict]:
+    """Return one record per image: ``{"image", "label", "lesion_id", "image_id"}``.
+
+    ``image`` is the POSIX path relative to ``dataset_dir``; ``label`` indexes ``CLASS_NAMES``.
+    Accepts the official layout (metadata CSV + ``HAM10000_images_part_{1,2}/``), the flat one
+    (metadata CSV + ``images/``) and the ISIC 2018 Task 3 one-hot ground-truth CSV.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise DatasetError(f"dataset_dir {dataset_dir} is not a directory")
+    csv_path, is_isic = _find_metadata_csv(dataset_dir)
+    header, rows = _read_csv(csv_path)
+    if is_isic:
+        warnings.warn(
+            f"{csv_path} has no lesion ids: each image is its own lesion, so the split is image-level "
+            "and test scores may leak between views of the same lesion",
+            stacklevel=2,
+        )
+        rows_ok, problems = _parse_isic_rows(csv_path, header, rows)
+        image_dirs = ISIC_IMAGE_DIRS
+    else:
+        rows_ok, problems = _parse_ham_rows(csv_path, header, rows)
+        image_dirs = HAM_IMAGE_DIRS
+    problems += _duplicate_problems(csv_path, rows_ok)
+    records, missing_problem = _attach_image_paths(dataset_dir, image_dirs, rows_ok)
+    problems += missing_problem
+    if problems:
+        raise DatasetError(f"cannot read dataset {dataset_dir}:\n  " + "\n  ".join(problems))
+    return records
+
+
+def _find_metadata_csv(dataset_dir: Path) -> tuple[Path, bool]:
+    """Return the metadata CSV and whether it is in the ISIC one-hot format."""
+    if (dataset_dir / HAM_METADATA_CSV).is_file():
+        return dataset_dir / HAM_METADATA_CSV, False
+    if (dataset_dir / ISIC_GROUND_TRUTH_CSV).is_file():
+        return dataset_dir / ISIC_GROUND_TRUTH_CSV, True
+    for candidate in sorted(dataset_dir.glob("*.csv")):
+        if _read_header(candidate) == list(ISIC_COLUMNS):
+            return candidate, True
+    raise DatasetError(
+        f"no metadata CSV in {dataset_dir}: looked for {HAM_METADATA_CSV}, {ISIC_GROUND_TRUTH_CSV}, "
+        f"or any *.csv with the header {','.join(ISIC_COLUMNS)}"
+    )
+
+
+def _read_header(path: Path) -> list[str]:
+    """The CSV's column names, or [] for a file that is not a readable UTF-8 CSV."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            return [name.strip() for name in next(csv.reader(file), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+            header = [name.strip() for name in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"cannot read {path}: {error}") from error
+    stripped = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in rows]
+    return header, stripped
+
+
+def _require_columns(csv_path: Path, header: list[str], required: tuple[str, ...]) -> None:
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise DatasetError(f"{csv_path} lacks column(s) {', '.join(missing)}; its header is {','.join(header)}")
+
+
+def _parse_ham_rows(csv_path: Path, header: list[str], rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Rows as ``{"image_id", "lesion_id", "label"}``; unknown dx and blank ids become problems."""
+    _require_columns(csv_path, header, HAM_COLUMNS)
+    parsed, unknown_dx, blank_ids = [], [], []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if not row["image_id"] or not row["lesion_id"]:
+            blank_ids.append(f"line {line}")
+        elif row["dx"] not in CLASS_NAMES:
+            unknown_dx.append(f"line {line} {row['dx']!r}")
+        else:
+            parsed.append(
+                {"image_id": row["image_id"], "lesion_id": row["lesion_id"], "label": CLASS_NAMES.index(row["dx"])}
+            )
+    problems = []
+    if unknown_dx:
+        problems.append(
+            f"{csv_path}: {len(unknown_dx)} row(s) with dx not in {', '.join(CLASS_NAMES)}: {_first(unknown_dx)}"
+        )
+    if blank_ids:
+        problems.append(f"{csv_path}: {len(blank_ids)} row(s) with a blank image_id or lesion_id: {_first(blank_ids)}")
+    return parsed, problems
+
+
+def _parse_isic_rows(csv_path: Path, header: list[str], rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Rows as ``{"image_id", "lesion_id", "label"}`` from one-hot columns; the image is its own lesion."""
+    _require_columns(csv_path, header, ISIC_COLUMNS)
+    class_columns = ISIC_COLUMNS[1:]
+    parsed, bad_rows = [], []
+    for line, row in enumerate(rows, start=2):
+        try:
+            scores = [float(row[column]) for column in class_columns]
+        except ValueError:
+            scores = []
+        hot = [column for column, score in zip(class_columns, scores) if score == 1.0]
+        if not row["image"] or len(hot) != 1 or sum(scores) != 1.0:
+            bad_rows.append(f"line {line}")
+            continue
+        label = CLASS_NAMES.index(hot[0].lower())
+        parsed.append({"image_id": row["image"], "lesion_id": row["image"], "label": label})
+    problems = []
+    if bad_rows:
+        problems.append(
+            f"{csv_path}: {len(bad_rows)} row(s) without an image name and exactly one class column "
+            f"equal to 1: {_first(bad_rows)}"
+        )
+    return parsed, problems
+
+
+def _duplicate_problems(csv_path: Path, rows: list[dict]) -> list[str]:
+    counts = Counter(row["image_id"] for row in rows)
+    duplicates = sorted(image_id for image_id, count in counts.items() if count > 1)
+    if not duplicates:
+        return []
+    return [f"{csv_path}: {len(duplicates)} image id(s) listed more than once: {_first(duplicates)}"]
+
+
+def _attach_image_paths(
+    dataset_dir: Path, image_dirs: tuple[str, ...], rows: list[dict]
+) -> tuple[list[dict], list[str]]:
+    """Find each row's image through one directory listing per candidate folder."""
+    index = _index_images(dataset_dir, image_dirs)
+    records, missing = [], []
+    for row in rows:
+        image = index.get(row["image_id"])
+        if image is None:
+            missing.append(row["image_id"])
+        else:
+            records.append(
+                {"image": image, "label": row["label"], "lesion_id": row["lesion_id"], "image_id": row["image_id"]}
+            )
+    if not missing:
+        return records, []
+    looked_in = ", ".join(f"{folder}/" for folder in image_dirs)
+    return [], [
+        f"{len(missing)} image(s) not found as <image_id>{{{','.join(IMAGE_SUFFIXES)}}} "
+        f"in {looked_in} under {dataset_dir}: {_first(missing)}"
+    ]
+
+
+def _index_images(dataset_dir: Path, image_dirs: tuple[str, ...]) -> dict[str, str]:
+    """Map image id (file stem) to POSIX path relative to ``dataset_dir``; earlier folders win."""
+    index: dict[str, str] = {}
+    for folder in image_dirs:
+        directory = dataset_dir / folder
+        if not directory.is_dir():
+            continue
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda entry: entry.name):
+                stem, suffix = os.path.splitext(entry.name)
+                if suffix.lower() in IMAGE_SUFFIXES and stem not in index and entry.is_file():
+                    index[stem] = PurePosixPath(folder, entry.name).as_posix()
+    return index
+
+
+def _first(items: list[str], limit: int = MAX_LISTED) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------------------------
+
+
+def split_by_lesion(
+    records: list[dict], val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0
+) -> dict[str, list[dict]]:
+    """Split records into ``training``/``validation``/``testing`` with every lesion in exactly one split.
+
+    Stratified by class (a lesion's class is its most frequent label) and balanced by image count,
+    so each split's image fraction and class mix match the whole. All three keys are always present;
+    a split with fraction 0 is an empty list. Deterministic for a given ``seed``.
+    """
+    fractions = _validated_fractions(val_frac, test_frac)
+    if not records:
+        raise DatasetError("no records to split")
+    lesions = _group_by_lesion(records)
+    rng = np.random.default_rng(seed)
+    assigned: dict[str, list[int]] = {key: [] for key in SPLIT_KEYS}
+    for label in range(NUM_CLASSES):
+        class_lesions = [indices for lesion_label, indices in lesions if lesion_label == label]
+        for key, indices in _assign_class_lesions(class_lesions, fractions, rng).items():
+            assigned[key] += indices
+    return {key: [records[i] for i in sorted(indices)] for key, indices in assigned.items()}
+
+
+def _validated_fractions(val_frac: float, test_frac: float) -> dict[str, float]:
+    for name, value in (("val_frac", val_frac), ("test_frac", test_frac)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_frac + test_frac >= 1:
+        raise ValueError(f"val_frac + test_frac must be below 1, got {val_frac} + {test_frac}")
+    return {"training": 1 - val_frac - test_frac, "validation": val_frac, "testing": test_frac}
+
+
+def _group_by_lesion(records: list[dict]) -> list[tuple[int, list[int]]]:
+    """``(class, record indices)`` per lesion, in lesion-id order so the result ignores row order."""
+    indices_by_lesion: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        indices_by_lesion[record["lesion_id"]].append(index)
+    lesions = []
+    for lesion_id in sorted(indices_by_lesion):
+        indices = indices_by_lesion[lesion_id]
+        label_counts = Counter(records[i]["label"] for i in indices)
+        majority = min(label_counts, key=lambda label: (-label_counts[label], label))
+        lesions.append((majority, indices))
+    return lesions
+
+
+def _assign_class_lesions(
+    lesions: list[list[int]], fractions: dict[str, float], rng: np.random.Generator
+) -> dict[str, list[int]]:
+    """Greedily give each lesion to the split whose image quota for this class is least filled.
+
+    Lesions go largest first (random order among equal sizes), so the many single-image lesions at
+    the end even out what the big ones overshot. Filling by relative deficit gives every split with
+    a non-zero fraction a lesion of this class as soon as the class has enough lesions.
+    """
+    order = rng.permutation(len(lesions))
+    order = sorted(order, key=lambda i: -len(lesions[i]))  # stable: keeps the shuffle within a size
+    total_images = sum(len(indices) for indices in lesions)
+    targets = {key: fraction * total_images for key, fraction in fractions.items() if fraction > 0}
+    filled = dict.fromkeys(targets, 0)
+    assigned: dict[str, list[int]] = {key: [] for key in fractions}
+    for i in order:
+        key = max(targets, key=lambda k: (targets[k] - filled[k]) / targets[k])  # ties: first in SPLIT_KEYS
+        assigned[key] += lesions[i]
+        filled[key] += len(lesions[i])
+    return assigned
+
+
+# ---------------------------------------------------------------------------------------------
+# Datalist file
+# ---------------------------------------------------------------------------------------------
+
+
+def write_datalist(splits: dict[str, list[dict]], path: str | os.PathLike, dataset_dir: str | os.PathLike) -> Path:
+    """Write the Decathlon-style datalist JSON atomically, so a crash never leaves half a file.
+
+    Image paths stay relative to ``dataset_dir`` (only its folder name is recorded, as ``name``),
+    so the same datalist works wherever the dataset is mounted.
+    """
+    path = Path(path)
+    content = {
+        "name": f"HAM10000 ({Path(dataset_dir).resolve().name})",
+        "labels": {str(index): name for index, name in enumerate(CLASS_NAMES)},
+        "numTraining": len(splits.get("training", [])),
+    }
+    for key in SPLIT_KEYS:
+        content[key] = [{field: item[field] for field in RECORD_KEYS} for item in splits.get(key, [])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
+        json.dump(content, file, indent=1)
+        file.write("\n")
+    os.replace(file.name, path)
+    return path
+
+
+def load_datalist(path: str | os.PathLike, key: str, dataset_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Return the items of split ``key``; with ``dataset_dir``, ``image`` is joined onto it."""
+    items = _split_items(_read_datalist(path), path, key)
+    if not items:
+        raise DatasetError(f"datalist {path}: split {key!r} is empty")
+    if dataset_dir is None:
+        return [dict(item) for item in items]
+    return [{**item, "image": os.path.join(dataset_dir, item["image"])} for item in items]
+
+
+def _read_datalist(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+    except FileNotFoundError:
+        raise DatasetError(f"datalist {path} does not exist; create it with scripts/prepare_data.py") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"cannot read datalist {path}: {error}") from error
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"datalist {path} is not valid JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise DatasetError(f"datalist {path} must hold a JSON object, not {type(content).__name__}")
+    return content
+
+
+def _split_items(content: dict, path: str | os.PathLike, key: str) -> list:
+    if key not in content:
+        present = [name for name, value in content.items() if isinstance(value, list)]
+        raise DatasetError(f"datalist {path} has no split {key!r}; its splits are {present}")
+    items = content[key]
+    if not isinstance(items, list) or not all(isinstance(item, dict) and "image" in item for item in items):
+        raise DatasetError(f"datalist {path}: split {key!r} must be a list of objects with an 'image' key")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight
+# ---------------------------------------------------------------------------------------------
+
+
+def preflight(
+    datalist: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    keys: Sequence[str] = ("training", "validation"),
+) -> None:
+    """Check every item of the ``keys`` splits before training starts; raise one ``DatasetError`` listing all.
+
+    Per item: the image path is relative and stays inside ``dataset_dir``, the file exists and
+    decodes to RGB, and the label is an integer class index. Each split must exist and be non-empty.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise DatasetError(f"dataset_dir {dataset_dir} is not a directory")
+    content = _read_datalist(datalist)
+    problems: list[str] = []
+    to_decode: list[tuple[str, Path]] = []  # (problem prefix, file)
+    for key in keys:
+        try:
+            items = _split_items(content, datalist, key)
+        except DatasetError as error:
+            problems.append(f"{key}: {error}")
+            continue
+        if not items:
+            problems.append(f"{key}: split is empty")
+        for index, item in enumerate(items):
+            prefix = f"{key}[{index}] {item['image']}"
+            problems += [f"{prefix}: {reason}" for reason in _item_problems(item)]
+            if _is_safe_relative(item["image"]):
+                to_decode.append((prefix, dataset_dir / item["image"]))
+    problems += _decode_problems(to_decode)
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        if len(problems) > MAX_REPORTED:
+            shown.append(f"... and {len(problems) - MAX_REPORTED} more")
+        raise DatasetError(
+            f"preflight found {len(problems)} problem(s) in datalist {datalist} "
+            f"(dataset_dir {dataset_dir}):\n  " + "\n  ".join(shown)
+        )
+    logger.info("preflight: %d images OK", len(to_decode))
+
+
+def _item_problems(item: dict) -> list[str]:
+    problems = []
+    if not _is_safe_relative(item["image"]):
+        problems.append("image path must be relative to dataset_dir, without '..'")
+    label = item.get("label")
+    if isinstance(label, bool) or not isinstance(label, int):
+        problems.append(f"label {label!r} is not an integer")
+    elif not 0 <= label < NUM_CLASSES:
+        problems.append(f"label {label} is outside 0..{NUM_CLASSES - 1}")
+    return problems
+
+
+def _is_safe_relative(image: object) -> bool:
+    """True for a relative path with no '..' part, on POSIX or Windows spelling."""
+    if not isinstance(image, str) or not image:
+        return False
+    for pure in (PurePosixPath(image), PureWindowsPath(image)):
+        if pure.is_absolute() or pure.anchor or ".." in pure.parts:
+            return False
+    return True
+
+
+def _decode_problems(to_decode: list[tuple[str, Path]]) -> list[str]:
+    """Decode all files in threads (Pillow releases the GIL while decoding)."""
+    with warnings.catch_warnings():
+        # decode_problem reports oversized images itself; keep Pillow's warning from repeating it.
+        warnings.simplefilter("ignore", category=Image.DecompressionBombWarning)
+        with ThreadPoolExecutor() as pool:
+            reasons = list(
+                tqdm(
+                    pool.map(decode_problem, [file for _, file in to_decode]),
+                    total=len(to_decode),
+                    desc="preflight",
+                    unit="img",
+                )
+            )
+    return [f"{prefix}: {reason}" for (prefix, _), reason in zip(to_decode, reasons) if reason]
+
+
+# ---------------------------------------------------------------------------------------------
+# What evaluation and inference read
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluation_split(datalist: str | os.PathLike) -> str:
+    """The split a final evaluation reads: ``testing`` when it has items, else ``validation``."""
+    return "testing" if _read_datalist(datalist).get("testing") else "validation"
+
+
+def inference_items(source: str | os.PathLike, dataset_dir: str | os.PathLike, split: str = "testing") -> list[dict]:
+    """The images to classify: every image under folder ``source``, or split ``split`` of datalist ``source``."""
+    path = Path(source)
+    if path.is_dir():
+        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise DatasetError(f"input folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        return [{"image": str(p)} for p in images]
+    if path.suffix == ".json":
+        return load_datalist(path, split, dataset_dir)
+    raise DatasetError(f"config key 'input' must be a folder of images or a datalist .json, got {path}")
+
+
+def require_file(path: str | os.PathLike, key: str) -> None:
+    """Fail before any work when the file that config key ``key`` names is missing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config key {key!r} names {path}, which does not exist (train first, or pass --{key})")

@@ -1,0 +1,85 @@
+"""Classification metrics over a whole evaluation set, computed once at its end.
+
+ROC AUC comes from MONAI (``compute_roc_auc``); the rest are a few lines of numpy. A class with
+no positive (or no negative) example has no AUC: it is reported as ``None`` and left out of the
+macro average, which says over how many classes it was taken.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
+
+
+def per_class_auc(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+    aucs = []
+    for c in range(num_classes):
+        positives = labels == c
+        if positives.all() or not positives.any():
+            aucs.append(None)
+            continue
+        auc = compute_roc_auc(torch.as_tensor(probabilities[:, c]), torch.as_tensor(positives.astype(np.int64)))
+        aucs.append(float(auc))
+    return aucs
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are the true class, columns the predicted one."""
+    return np.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: the gap between confidence and accuracy, averaged over confidence bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(ece)
+
+
+def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score threshold, for plotting."""
+    order = np.argsort(-scores, kind="stable")
+    scores, positives = scores[order], positives[order].astype(np.float64)
+    last_of_each_threshold = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tp = np.cumsum(positives)[last_of_each_threshold]
+    fp = (last_of_each_threshold + 1) - tp
+    tpr = np.r_[0.0, tp / max(positives.sum(), 1)]
+    fpr = np.r_[0.0, fp / max(positives.size - positives.sum(), 1)]
+    return fpr, tpr
+
+
+def classification_report(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Everything ``eval/metrics.json`` holds, from (N, C) probabilities and (N,) integer labels."""
+    num_classes = len(class_names)
+    if probabilities.ndim != 2 or probabilities.shape[1] != num_classes or len(labels) != len(probabilities):
+        raise ValueError(f"expected ({len(labels)}, {num_classes}) probabilities, got {probabilities.shape}")
+    if len(labels) == 0:
+        raise ValueError("cannot compute metrics over zero images")
+    predicted = probabilities.argmax(axis=1)
+    cm = confusion_matrix(labels, predicted, num_classes)
+    support = cm.sum(axis=1)
+    recall = [float(cm[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
+    predicted_counts = cm.sum(axis=0)
+    precision = [float(cm[c, c] / predicted_counts[c]) if predicted_counts[c] else None for c in range(num_classes)]
+    aucs = per_class_auc(probabilities, labels, num_classes)
+    defined_aucs = [a for a in aucs if a is not None]
+    present_recalls = [r for r in recall if r is not None]
+    return {
+        "n_images": int(len(labels)),
+        "auc_macro": float(np.mean(defined_aucs)) if defined_aucs else None,
+        "auc_macro_n_classes": len(defined_aucs),
+        "auc_per_class": dict(zip(class_names, aucs)),
+        "accuracy": float(np.trace(cm) / cm.sum()),
+        "balanced_accuracy": float(np.mean(present_recalls)),
+        "recall_per_class": dict(zip(class_names, recall)),
+        "precision_per_class": dict(zip(class_names, precision)),
+        "support_per_class": dict(zip(class_names, support.tolist())),
+        "expected_calibration_error": expected_calibration_error(probabilities, labels),
+        "class_names": list(class_names),
+        "confusion_matrix": cm.tolist(),
+    }

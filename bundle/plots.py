@@ -1,0 +1,65 @@
+"""PNG plots written next to ``eval/metrics.json``: what people would rather look at than read."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bundle.metrics import roc_curve  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                    aucs: Sequence[float | None], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for c, (name, auc) in enumerate(zip(class_names, aucs)):
+        if auc is None:
+            continue
+        fpr, tpr = roc_curve(probabilities[:, c], labels == c)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f}, n={int((labels == c).sum())})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve per class",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> None:
+    """Rows normalised to recall (colour), with raw counts written in each cell."""
+    counts = np.asarray(matrix)
+    recall = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if recall[i, j] > 0.5 else "black", fontsize=9)
+    ticks = range(len(class_names))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=class_names, yticklabels=class_names,
+           xlabel="predicted", ylabel="true", title="Confusion matrix (colour: row recall)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def plot_training_curves(history: Sequence[dict], path: Path) -> None:
+    """Training loss and every validation metric recorded per epoch (see TrainingHistory)."""
+    epochs = [h["epoch"] for h in history]
+    val_keys = sorted({k for h in history for k in h if k.startswith("val_")})
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker=".")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="training loss")
+    for key in val_keys:
+        points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if points:
+            val_ax.plot(*zip(*points), marker=".", label=key)
+    val_ax.set(xlabel="epoch", title="validation")
+    if val_keys:
+        val_ax.legend()
+    _save(fig, path)

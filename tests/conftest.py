@@ -1,0 +1,31 @@
+"""Shared fixtures: the real HAM10000 folder (optional locally, required in CI) and a small synthetic set."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import bundle` without installing it
+
+from bundle.synthetic import generate  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ham10000_dir() -> Path:
+    """The real dataset from ``HAM10000_DIR``; skipped when unset, but a failure when ``CI=true``."""
+    value = os.environ.get("HAM10000_DIR")
+    if not value:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("HAM10000_DIR is not set: CI must run the real-data tests")
+        pytest.skip("set HAM10000_DIR to the HAM10000 folder to run the real-data tests")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.fail(f"HAM10000_DIR={value} is not a directory")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """210 small synthetic images (64 x 48) in the flat HAM10000 layout; treat as read-only."""
+    return generate(tmp_path_factory.mktemp("synthetic"), n_images=210, image_size=(64, 48), seed=0)
