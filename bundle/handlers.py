@@ -196,7 +196,7 @@ class PredictionWriter:
     def _collect(self, engine: Engine) -> None:
         outputs = engine.state.output
         self._probabilities += [o["pred"].detach().float().cpu() for o in outputs]
-        self._labels += [o["label"].detach().cpu() for o in outputs if o.get("label") is not None]
+        self._labels += [torch.as_tensor(o["label"]).cpu() for o in outputs if o.get("label") is not None]
         self._images += [str(o["image"].meta["filename_or_obj"]) for o in outputs]
 
     def _gathered(self) -> tuple[list[str], np.ndarray, np.ndarray | None]:

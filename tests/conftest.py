@@ -1,14 +1,11 @@
 """Shared fixtures: the real HAM10000 folder (optional locally, required in CI) and a small synthetic set."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import bundle` without installing it
-
-from bundle.synthetic import generate  # noqa: E402
+from bundle.synthetic import generate
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,140 @@
+"""Real ``monai.bundle run`` train / evaluate / infer / export on a small synthetic set, on the CPU."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DenseNet121
+from PIL import Image
+
+from bundle import data
+from bundle.labels import CLASS_NAMES
+from bundle.synthetic import generate
+from tests.bundle_runs import EVALUATE, FAST, INFERENCE, REPO, TRAIN, read_json, run_bundle
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """420 synthetic images and their lesion-level datalist."""
+    root = tmp_path_factory.mktemp("train_data")
+    images = generate(root / "images_root", n_images=420, image_size=(64, 48), seed=1)
+    datalist = data.write_datalist(data.split_by_lesion(data.read_ham10000(images), seed=0),
+                                   root / "datalist.json", images)
+    return {"dataset_dir": images, "datalist": datalist}
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """One bundle trained for a few epochs; tests read (never write) its folder."""
+    bundle_root = tmp_path_factory.mktemp("trained")
+    result = run_bundle(TRAIN, bundle_root=bundle_root, max_epochs=EPOCHS, **dataset, **FAST)
+    return {"bundle_root": bundle_root, "log": result.stdout + result.stderr, **dataset}
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    run_bundle(EVALUATE, bundle_root=trained["bundle_root"], dataset_dir=trained["dataset_dir"],
+               datalist=trained["datalist"], **FAST)
+    return trained["bundle_root"] / "eval"
+
+
+def _network() -> torch.nn.Module:
+    return DenseNet121(spatial_dims=2, in_channels=3, out_channels=len(CLASS_NAMES)).eval()
+
+
+def test_best_model_is_a_plain_state_dict_loadable_on_cpu(trained):
+    state = torch.load(trained["bundle_root"] / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in state.values())
+    _network().load_state_dict(state)  # strict: same keys and shapes as the declared network
+
+
+def test_training_records_history_and_resume_checkpoint(trained):
+    models = trained["bundle_root"] / "models"
+    history = read_json(models / "history.json")
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
+    assert all(np.isfinite(row["train_loss"]) and 0 <= row["val_auc"] <= 1 for row in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    checkpoint = torch.load(models / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "trainer", "best_model_saver"} <= checkpoint.keys()
+    trainer = checkpoint["trainer"]
+    assert trainer["iteration"] == EPOCHS * trainer["epoch_length"]
+    best = checkpoint["best_model_saver"]
+    assert best["best_metric"] == pytest.approx(max(row["val_auc"] for row in history))
+    assert list((trained["bundle_root"] / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
+
+
+def test_evaluation_shows_the_network_learned(evaluated, trained):
+    metrics = read_json(evaluated / "metrics.json")
+    testing = read_json(trained["datalist"])["testing"]
+    assert metrics["n_images"] == len(testing)
+    assert metrics["auc_macro"] > 0.8, metrics  # chance is 0.5
+    assert set(metrics["auc_per_class"]) == set(CLASS_NAMES)
+    assert np.array(metrics["confusion_matrix"]).sum() == len(testing)
+    for key in ("accuracy", "balanced_accuracy"):
+        assert 0 <= metrics[key] <= 1
+    for name in ("roc_curves.png", "confusion_matrix.png", "training_curves.png"):
+        with Image.open(evaluated / name) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def _predictions(path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {row["image"]: np.array([float(row[f"p_{c}"]) for c in CLASS_NAMES]) for row in rows}
+
+
+def test_inference_on_a_folder_writes_one_row_per_image(trained, tmp_path):
+    folder = tmp_path / "to_classify"
+    folder.mkdir()
+    sources = sorted((trained["dataset_dir"] / "images").glob("*.jpg"))[:5]
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+    run_bundle(INFERENCE, bundle_root=trained["bundle_root"], input=folder, output_dir=tmp_path / "out",
+               **FAST)
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["image"] for row in rows) == sorted(str(folder / s.name) for s in sources)
+    for row in rows:
+        p = np.array([float(row[f"p_{c}"]) for c in CLASS_NAMES])
+        assert p.sum() == pytest.approx(1, abs=1e-4)
+        assert row["predicted_class"] == CLASS_NAMES[int(p.argmax())]
+
+
+def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tmp_path):
+    """inference.json over the testing split gives the evaluation's probabilities for every image."""
+    run_bundle(INFERENCE, bundle_root=trained["bundle_root"], input=trained["datalist"],
+               dataset_dir=trained["dataset_dir"], output_dir=tmp_path, **FAST)
+    inferred, evaluated_rows = _predictions(tmp_path / "predictions.csv"), _predictions(evaluated / "predictions.csv")
+    assert inferred.keys() == evaluated_rows.keys()
+    for image, p in inferred.items():
+        np.testing.assert_allclose(p, evaluated_rows[image], atol=1e-5)
+
+
+def test_torchscript_export_matches_the_eager_model(trained):
+    models = trained["bundle_root"] / "models"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+                    "--filepath", str(models / "model.ts"), "--ckpt_file", str(models / "model.pt"),
+                    "--meta_file", "configs/metadata.json", "--config_file", INFERENCE],
+                   cwd=REPO, check=True, capture_output=True)
+    scripted = torch.jit.load(str(models / "model.ts"), map_location="cpu").eval()
+    eager = _network()
+    eager.load_state_dict(torch.load(models / "model.pt", map_location="cpu", weights_only=True))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_evaluation_falls_back_to_validation_without_a_testing_split(trained, tmp_path):
+    content = read_json(trained["datalist"])
+    content["testing"] = []
+    datalist = tmp_path / "no_testing.json"
+    datalist.write_text(json.dumps(content))
+    run_bundle(EVALUATE, bundle_root=trained["bundle_root"], dataset_dir=trained["dataset_dir"],
+               datalist=datalist, output_dir=tmp_path / "eval", **FAST)
+    assert read_json(tmp_path / "eval" / "metrics.json")["n_images"] == len(content["validation"])
