@@ -148,10 +148,9 @@ class TrainingHistory:
         self.rows = None
 
     def _reset(self, engine: Engine) -> None:
-        if self.rows is None:
-            resumed = engine.state.epoch > 0 and self.path.exists()
-            rows = json.loads(self.path.read_text()) if resumed else []
-            self.rows = [row for row in rows if row["epoch"] <= engine.state.epoch]
+        if self.rows is None:  # first epoch of this run: keep the rows of the epochs already done
+            rows = json.loads(self.path.read_text()) if self.path.exists() else []
+            self.rows = [row for row in rows if row["epoch"] < engine.state.epoch]
         self._loss_sum, self._count = 0.0, 0
 
     def _accumulate(self, engine: Engine) -> None:

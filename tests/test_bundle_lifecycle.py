@@ -1,0 +1,117 @@
+"""What happens around a training run: kills and resumes, DDP, MLflow tracking, bad input, metadata."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bundle import data
+from bundle.labels import CLASS_NAMES
+from tests.bundle_runs import (EVALUATE, FAST, MULTI_GPU, REPO, TRAIN, bundle_command, bundle_env, read_json,
+                               run_bundle)
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_dir, tmp_path_factory):
+    datalist = tmp_path_factory.mktemp("lifecycle") / "datalist.json"
+    data.write_datalist(data.split_by_lesion(data.read_ham10000(synthetic_dir), seed=0), datalist, synthetic_dir)
+    return {"dataset_dir": synthetic_dir, "datalist": datalist}
+
+
+def test_a_killed_run_resumes_losing_at_most_one_epoch(dataset, tmp_path):
+    command = bundle_command(TRAIN, bundle_root=tmp_path, max_epochs=3, **dataset, **FAST)
+    checkpoint = tmp_path / "models" / "checkpoint_last.pt"
+    log = open(tmp_path / "first_run.log", "w")
+    first = subprocess.Popen(command, cwd=REPO, env=bundle_env(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # no chance to clean up, as with a lost machine
+    first.wait()
+    assert checkpoint.exists(), (tmp_path / "first_run.log").read_text()[-3000:]
+    saved_epoch = read_json(tmp_path / "models" / "history.json")[-1]["epoch"]
+    assert saved_epoch < 3, "the run finished before it could be killed"
+
+    second = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=3, **dataset, **FAST)
+    assert f"at epoch {saved_epoch} of 3" in second.stdout
+    history = read_json(tmp_path / "models" / "history.json")
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == 3 * state["trainer"]["epoch_length"]
+    assert state["best_model_saver"]["best_metric"] == pytest.approx(max(row["val_auc"] for row in history))
+
+
+def test_resume_false_starts_over(dataset, tmp_path):
+    run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **FAST)
+    again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume=False, **dataset, **FAST)
+    assert "resumed from" not in again.stdout
+    assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1]
+
+
+def test_two_process_ddp_on_cpu_with_gloo(dataset, tmp_path):
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
+    result = run_bundle(MULTI_GPU, launcher=torchrun, bundle_root=tmp_path, max_epochs=2, **dataset, **FAST)
+    log = result.stdout + result.stderr
+    assert log.count("epoch 2/2:") == 1, "only rank 0 logs the epoch summary"
+    history = read_json(tmp_path / "models" / "history.json")
+    assert [row["epoch"] for row in history] == [1, 2]
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(key.startswith("module.") for key in state), "saved without the DDP wrapper"
+    # the DDP-trained model evaluates with the single-process config
+    run_bundle(EVALUATE, bundle_root=tmp_path, **dataset, **FAST)
+    assert read_json(tmp_path / "eval" / "metrics.json")["n_images"] == len(read_json(dataset["datalist"])["testing"])
+
+
+def test_mlflow_tracking_records_the_run(dataset, tmp_path):
+    run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, tracking="mlflow", **dataset, **FAST)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs, "no MLflow run was recorded"
+    metrics = set().union(*(run.data.metrics for run in runs))
+    assert {"train_loss", "val_auc"} <= metrics
+
+
+def test_preflight_failure_names_every_bad_file_and_keeps_the_old_model(dataset, tmp_path):
+    content = read_json(dataset["datalist"])
+    content["training"][0]["image"] = "images/missing.jpg"
+    content["validation"][1]["image"] = "../outside.jpg"
+    datalist = tmp_path / "bad.json"
+    datalist.write_text(json.dumps(content))
+    model = tmp_path / "models" / "model.pt"
+    model.parent.mkdir()
+    model.write_bytes(b"previous model")
+    result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, dataset_dir=dataset["dataset_dir"],
+                        datalist=datalist, **FAST)
+    output = result.stdout + result.stderr
+    assert "training[0] images/missing.jpg: file not found" in output
+    assert "validation[1] ../outside.jpg" in output
+    assert model.read_bytes() == b"previous model"
+
+
+def test_a_config_typo_is_named(dataset, tmp_path):
+    result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=1, **{"optimizer#lrr": 0.1},
+                        **dataset, **FAST)
+    assert "lrr" in result.stderr
+
+
+def test_evaluating_without_a_model_says_which_key(dataset, tmp_path):
+    result = run_bundle(EVALUATE, expect_ok=False, bundle_root=tmp_path, **dataset, **FAST)
+    assert "ckpt_path" in result.stderr and "does not exist" in result.stderr
+
+
+def test_metadata_verifies_offline_and_matches_the_class_list():
+    subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
+                    "--filepath", "configs/schema/metadata_schema.json"], cwd=REPO, check=True, capture_output=True,
+                   env=dict(os.environ, no_proxy="*"))
+    metadata = read_json(REPO / "configs" / "metadata.json")
+    outputs = metadata["network_data_format"]["outputs"]["pred"]
+    assert [outputs["channel_def"][str(i)] for i in range(len(CLASS_NAMES))] == list(CLASS_NAMES)
+    inputs = metadata["network_data_format"]["inputs"]["image"]
+    assert inputs["spatial_shape"] == read_json(REPO / "configs" / "inference.json")["image_size"]
