@@ -42,6 +42,18 @@ def plain_state_dict(network: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+def as_bool(value: bool | str, key: str) -> bool:
+    """A config flag that may arrive from the command line as text (``--resume false``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+
+
 class BestModelSaver:
     """Saves the network's plain state_dict to ``save_path`` whenever the key metric improves.
 
@@ -92,7 +104,7 @@ class ResumeCheckpoint:
                  map_location: str | torch.device | None = "cpu") -> None:
         self.path = Path(path)
         self.to_save = dict(to_save)
-        self.resume = resume
+        self.resume = as_bool(resume, "resume")
         self.enabled = enabled
         self.map_location = map_location
 

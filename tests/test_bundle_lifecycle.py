@@ -48,7 +48,7 @@ def test_a_killed_run_resumes_losing_at_most_one_epoch(dataset, tmp_path):
 
 def test_resume_false_starts_over(dataset, tmp_path):
     run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **FAST)
-    again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume=False, **dataset, **FAST)
+    again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", **dataset, **FAST)  # as typed
     assert "resumed from" not in again.stdout
     assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1]
 

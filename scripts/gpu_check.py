@@ -1,0 +1,82 @@
+"""Prove the bundle's GPU path on a CUDA machine, with the commands users run.
+
+    python scripts/gpu_check.py --dataset_dir D --work_dir W [--epochs 10]
+
+1. prepares a lesion-level datalist, 2. trains with ``monai.bundle run`` (the config picks cuda and
+AMP by itself), 3. evaluates on the GPU, 4. loads the saved model on a CPU-only path with
+``weights_only=True`` and compares its logits with the GPU's, 5. runs one epoch of
+``multi_gpu_train.json`` under torchrun (NCCL). Prints and writes ``<work_dir>/gpu_check.json``.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the configs `$import bundle`
+from monai.bundle import ConfigParser
+
+
+def _run(command: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode:
+        sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n{log.read_text()[-4000:]}")
+    return time.perf_counter() - start
+
+
+def check(dataset_dir: str, work_dir: str, epochs: int = 10, num_workers: int = 8) -> None:
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: this check proves the GPU path")
+    work = Path(work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    datalist = work / "datalist.json"
+    subprocess.run([sys.executable, "scripts/prepare_data.py", "--dataset_dir", dataset_dir, "--output", str(datalist)],
+                   cwd=REPO, check=True)
+    data_args = ["--dataset_dir", dataset_dir, "--datalist", str(datalist), "--num_workers", str(num_workers)]
+    common = [*data_args, "--bundle_root", str(work)]
+    bundle_run = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
+    report = {"device_name": torch.cuda.get_device_name(0), "torch": torch.__version__, "epochs": epochs}
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "train.json"))
+    report["config_device"] = str(parser.get_parsed_content("device"))
+    report["config_amp"] = bool(parser.get_parsed_content("amp"))
+
+    report["train_wall_s"] = _run(bundle_run + ["configs/train.json", "--max_epochs", str(epochs), "--resume", "false",
+                                                *common], work / "train.log")
+    report["history"] = json.loads((work / "models" / "history.json").read_text())
+    report["evaluate_wall_s"] = _run(bundle_run + ["['configs/train.json','configs/evaluate.json']", *common],
+                                     work / "evaluate.log")
+    report["metrics"] = json.loads((work / "eval" / "metrics.json").read_text())
+
+    # the saved weights load on the CPU alone and give the GPU's logits
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "inference.json"))
+    state = torch.load(work / "models" / "model.pt", map_location="cpu", weights_only=True)
+    cpu_net = parser.get_parsed_content("network_def").eval()
+    cpu_net.load_state_dict(state)
+    gpu_net = copy.deepcopy(cpu_net).cuda()
+    x = torch.rand(16, 3, 64, 64)
+    with torch.no_grad():
+        report["cpu_vs_gpu_max_abs_logit_diff"] = float((cpu_net(x) - gpu_net(x.cuda()).cpu()).abs().max())
+    report["checkpoint_devices"] = sorted({v.device.type for v in state.values()})
+
+    report["ddp_nccl_1gpu_wall_s"] = _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "monai.bundle", "run",
+         "--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--max_epochs", "1",
+         "--resume", "false", *data_args, "--bundle_root", str(work / "ddp")],
+        work / "ddp.log")
+    print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))
+    (work / "gpu_check.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    fire.Fire(check)

@@ -1,0 +1,77 @@
+"""The numbers in eval/metrics.json, checked on cases whose answers are known."""
+
+import numpy as np
+import pytest
+import torch
+
+from bundle import imbalance
+from bundle.labels import CLASS_NAMES
+from bundle.metrics import classification_report, expected_calibration_error, roc_curve
+
+K = len(CLASS_NAMES)
+
+
+def _one_hot_probabilities(labels, confidence=0.9):
+    p = np.full((len(labels), K), (1 - confidence) / (K - 1))
+    p[np.arange(len(labels)), labels] = confidence
+    return p
+
+
+def test_a_perfect_classifier():
+    labels = np.repeat(np.arange(K), 3)
+    report = classification_report(_one_hot_probabilities(labels), labels, CLASS_NAMES)
+    assert report["auc_macro"] == 1 and report["accuracy"] == 1 and report["balanced_accuracy"] == 1
+    assert report["confusion_matrix"] == (np.eye(K, dtype=int) * 3).tolist()
+    assert report["n_images"] == 3 * K
+
+
+def test_balanced_accuracy_is_the_mean_recall_not_the_accuracy():
+    # 90 nv all right, 10 mel all called nv: accuracy 0.9, but only one class of two is recognised
+    labels = np.array([5] * 90 + [4] * 10)
+    report = classification_report(_one_hot_probabilities(np.full(100, 5)), labels, CLASS_NAMES)
+    assert report["accuracy"] == pytest.approx(0.9)
+    assert report["balanced_accuracy"] == pytest.approx(0.5)
+    assert report["recall_per_class"]["mel"] == 0 and report["recall_per_class"]["akiec"] is None
+
+
+def test_a_class_without_examples_has_no_auc_and_is_left_out_of_the_macro():
+    labels = np.array([0, 0, 1, 1])
+    report = classification_report(_one_hot_probabilities(labels), labels, CLASS_NAMES)
+    assert report["auc_per_class"]["vasc"] is None
+    assert report["auc_macro_n_classes"] == 2 and report["auc_macro"] == 1
+
+
+def test_roc_curve_runs_from_origin_to_one_one():
+    scores, positives = np.array([0.9, 0.8, 0.8, 0.3]), np.array([True, False, True, False])
+    fpr, tpr = roc_curve(scores, positives)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert len(fpr) == 4  # tied scores make one threshold
+
+
+def test_calibration_error_of_an_overconfident_classifier():
+    labels = np.array([0] * 50 + [1] * 50)
+    always_zero = _one_hot_probabilities(np.zeros(100, dtype=int), confidence=1.0)
+    assert expected_calibration_error(always_zero, labels) == pytest.approx(0.5)
+
+
+def test_loss_weights_are_inverse_frequency_and_average_one_per_image():
+    items = [{"label": 0}] * 8 + [{"label": 1}] * 2
+    counts = imbalance.class_counts(items, K)
+    weights = imbalance.loss_weights("loss", counts)
+    assert weights[:2].tolist() == pytest.approx([10 / 16, 10 / 4]) and weights[2:].sum() == 0
+    assert float(sum(weights[label] * n for label, n in enumerate(counts))) == pytest.approx(len(items))
+    assert imbalance.loss_weights("sampler", counts) is None
+
+
+def test_the_sampler_draws_classes_about_equally():
+    items = [{"label": 0}] * 900 + [{"label": 6}] * 100
+    sampler = imbalance.sampler("sampler", items, seed=0)
+    drawn = torch.tensor([items[i]["label"] for i in sampler])
+    assert len(drawn) == len(items)
+    assert (drawn == 6).float().mean() == pytest.approx(0.5, abs=0.05)
+
+
+def test_an_unknown_strategy_names_the_config_key():
+    with pytest.raises(ValueError, match="'imbalance'"):
+        imbalance.sampler("oversample", [{"label": 0}])
