@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make demo` (whole pipeline on the embedded synthetic
-# set, or on $HAM10000_DIR when set) and `make test`. Both create and fill .venv themselves.
+# set, or on $HAM10000_DIR when set, ending with a TorchServe round trip) and `make test`. Both
+# create and fill .venv themselves.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,8 +11,10 @@ DATASET_DIR := $(if $(HAM10000_DIR),$(HAM10000_DIR),data/synthetic)
 DATALIST := data/datalist.json
 DEMO_EPOCHS ?= 5
 BUNDLE_RUN := $(PY) -m monai.bundle run --dataset_dir $(DATASET_DIR) --datalist $(DATALIST)
+SERVE_RUN_DIR := runs/serve
+SERVE_DEMO_IMAGES ?= 3
 
-.PHONY: venv demo data train evaluate test clean
+.PHONY: venv demo data train evaluate package serve-demo test clean
 
 venv: $(INSTALLED)
 
@@ -34,10 +37,20 @@ evaluate: venv
 	$(BUNDLE_RUN) --config_file "['configs/train.json','configs/evaluate.json']"
 	$(PY) scripts/show_metrics.py eval/metrics.json
 
-demo: train evaluate
+# Package the trained model, serve it with TorchServe, classify a few images over REST, stop the server
+# (also when classifying fails).
+package: venv
+	$(PY) scripts/package_mar.py
+
+serve-demo: package
+	$(PY) scripts/serve.py start --run_dir $(SERVE_RUN_DIR)
+	$(PY) scripts/predict.py $$(find $(DATASET_DIR) -name '*.jpg' | sort | head -n $(SERVE_DEMO_IMAGES)) \
+		--run_dir $(SERVE_RUN_DIR); status=$$?; $(PY) scripts/serve.py stop --run_dir $(SERVE_RUN_DIR); exit $$status
+
+demo: train evaluate serve-demo
 
 test: venv
 	$(VENV)/bin/pytest -q tests
 
 clean:
-	rm -rf models eval data/synthetic $(DATALIST)
+	rm -rf models eval data/synthetic $(DATALIST) dist $(SERVE_RUN_DIR)

@@ -1,0 +1,60 @@
+"""Image bytes out of HTTP request bodies, and the status code of each refusal.
+
+Shared by the TorchServe handler and the SageMaker adapter, so that both accept the same inputs
+and refuse bad ones with the same codes: raw JPEG/PNG bytes, a multipart form's file field, or
+JSON ``{"image": "<base64>"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import http
+import json
+
+from bundle.predictor import Rejection, RejectionKind
+
+# An empty type is accepted too: `curl -T image.jpg` and many clients send raw bytes without one.
+RAW_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "application/x-image", "application/octet-stream", ""})
+JSON_TYPE = "application/json"
+USAGE = ('send JPEG or PNG bytes (Content-Type image/jpeg or image/png), multipart/form-data with the image '
+         'in a file field named "data", or application/json {"image": "<base64>"}')
+
+REJECTION_STATUS = {RejectionKind.TOO_LARGE: http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    RejectionKind.UNSUPPORTED_FORMAT: http.HTTPStatus.UNSUPPORTED_MEDIA_TYPE}
+
+
+class RequestError(Exception):
+    """A request that carries no usable image bytes: wrong content type, bad JSON or bad base64."""
+
+    def __init__(self, status: http.HTTPStatus, error: str) -> None:
+        super().__init__(error)
+        self.status, self.error = status, error
+
+
+def rejection_status(rejection: Rejection) -> http.HTTPStatus:
+    """413 for images over the pixel limit, 415 for formats other than JPEG/PNG, else 400."""
+    return REJECTION_STATUS.get(rejection.kind, http.HTTPStatus.BAD_REQUEST)
+
+
+def image_bytes(value: bytes | bytearray | str | dict | list, content_type: str) -> bytes:
+    """Image bytes from one request body (TorchServe hands over JSON it could parse already parsed)."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == JSON_TYPE:
+        return _image_from_json(value)
+    if media_type not in RAW_IMAGE_TYPES or not isinstance(value, (bytes, bytearray)):
+        raise RequestError(http.HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported content type {media_type!r}: {USAGE}")
+    return bytes(value)
+
+
+def _image_from_json(value: bytes | bytearray | str | dict | list | int | float | None) -> bytes:
+    if isinstance(value, (bytes, bytearray, str)):
+        try:
+            value = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RequestError(http.HTTPStatus.BAD_REQUEST, f"invalid JSON: {error}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("image"), str):
+        raise RequestError(http.HTTPStatus.BAD_REQUEST, 'expected a JSON object {"image": "<base64 of a JPEG or PNG>"}')
+    try:  # line breaks are allowed: the `base64` tool wraps its output
+        return base64.b64decode("".join(value["image"].split()), validate=True)
+    except ValueError as error:  # binascii.Error, or non-ASCII characters
+        raise RequestError(http.HTTPStatus.BAD_REQUEST, f'field "image" is not valid base64: {error}') from None

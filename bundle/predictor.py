@@ -1,0 +1,177 @@
+"""Classify images given as bytes, the way ``configs/inference.json`` classifies files: the serving core.
+
+The TorchServe handler, the SageMaker adapter and the command line all wrap ``Predictor``, so there
+is one serving path. It reads the network, the preprocessing, the inferer and the postprocessing
+from the bundle's ``configs/inference.json`` (never a second declaration), writes each image's bytes
+to a temporary file and runs the config's own transform chain on it, so a served image gets exactly
+the probabilities ``monai.bundle run --config_file configs/inference.json`` writes for the same file.
+
+A batch goes in; per image comes back either a ``Prediction`` or a ``Rejection`` saying what is wrong
+with that image. One bad image never fails the others.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+from PIL import Image, UnidentifiedImageError
+
+from bundle.imageio import decode_problem
+from bundle.labels import CLASS_LABELS
+
+INFERENCE_CONFIG = Path("configs") / "inference.json"
+
+# Far above what the network sees and above common phone photos (12 MP), and small enough that a
+# worker decoding one to float32 (about 12 bytes a pixel) stays within a few hundred MB.
+MAX_PIXELS = 25_000_000
+
+# Pillow format -> file suffix; the formats the bundle's inference run reads (bundle.data.IMAGE_SUFFIXES).
+# MPO is how Pillow names the multi-picture JPEGs many cameras write.
+ACCEPTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png"}
+
+
+class RejectionKind(enum.StrEnum):
+    """Which check an image failed; a server maps these to status codes."""
+
+    EMPTY = "empty"
+    NOT_AN_IMAGE = "not_an_image"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    TOO_LARGE = "too_large"
+    UNDECODABLE = "undecodable"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The class probabilities of one image, keyed by class name, and the most probable class."""
+
+    class_name: str
+    probability: float
+    probabilities: dict[str, float]
+
+    @property
+    def label(self) -> str:
+        return CLASS_LABELS[self.class_name]
+
+    def to_json(self) -> dict:
+        return {"class": self.class_name, "label": self.label, "probability": self.probability,
+                "probabilities": self.probabilities}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An image that cannot be classified, and why, in words a client can act on."""
+
+    kind: RejectionKind
+    error: str
+
+    def to_json(self) -> dict:
+        return {"error": self.error}
+
+
+class _Rejected(Exception):
+    def __init__(self, kind: RejectionKind, error: str) -> None:
+        super().__init__(error)
+        self.rejection = Rejection(kind, error)
+
+
+class Predictor:
+    """The bundle in ``bundle_root`` (``configs/inference.json`` + weights), ready to classify image bytes.
+
+    ``weights`` defaults to the config's ``ckpt_path`` (``models/model.pt``, a state_dict); a ``.ts``
+    file is loaded as TorchScript (``monai.bundle ckpt_export``). ``device`` defaults to the config's
+    (the GPU when there is one).
+    """
+
+    def __init__(self, bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, max_pixels: int = MAX_PIXELS) -> None:
+        parser = ConfigParser()
+        parser.read_config(Path(bundle_root) / INFERENCE_CONFIG)
+        parser["bundle_root"] = str(bundle_root)
+        if device is not None:
+            parser["device"] = f"$torch.device({str(device)!r})"
+        self.device: torch.device = parser.get_parsed_content("device")
+        self.class_names: list[str] = list(parser.get_parsed_content("class_names"))
+        self.max_pixels = max_pixels
+        self.preprocessing = Compose(parser.get_parsed_content("preprocessing"))
+        self.inferer = parser.get_parsed_content("inferer")
+        self.postprocessing = parser.get_parsed_content("postprocessing")
+        self.weights = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
+        self.network = self._load_network(parser)
+
+    def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
+        if not self.weights.is_file():
+            raise FileNotFoundError(f"model weights {self.weights} do not exist (train the bundle first)")
+        if self.weights.suffix == ".ts":
+            network = torch.jit.load(str(self.weights), map_location=self.device)
+        else:
+            network = parser.get_parsed_content("network_def")
+            network.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True))
+        return network.to(self.device).eval()
+
+    def predict(self, images: Sequence[bytes]) -> list[Prediction | Rejection]:
+        """One result per image, in order; the images that pass every check go through the network together."""
+        results: list[Prediction | Rejection | None] = [None] * len(images)
+        inputs, positions = [], []
+        with tempfile.TemporaryDirectory(prefix="skin-lesion-batch-") as folder:
+            for position, data in enumerate(images):
+                try:
+                    inputs.append(self._preprocess(data, Path(folder) / str(position)))
+                    positions.append(position)
+                except _Rejected as rejected:
+                    results[position] = rejected.rejection
+        if inputs:
+            for position, probabilities in zip(positions, self._probabilities(torch.stack(inputs))):
+                results[position] = self._prediction(probabilities)
+        return results
+
+    def _preprocess(self, data: bytes, stem: Path) -> torch.Tensor:
+        """Check the bytes, then run the config's transform chain on them as a file, as the bundle run does."""
+        path = stem.with_suffix(self._checked_suffix(data))
+        path.write_bytes(data)
+        try:
+            return self.preprocessing({"image": str(path)})["image"].as_tensor()
+        except Exception:
+            problem = decode_problem(path)
+            if problem is None:
+                raise  # the image decodes: the failure is ours, not the client's
+            raise _Rejected(RejectionKind.UNDECODABLE, problem) from None
+
+    def _checked_suffix(self, data: bytes) -> str:
+        """Reject empty, unknown, unsupported and oversized images from their header, before decoding any pixels."""
+        if not data:
+            raise _Rejected(RejectionKind.EMPTY, "empty image: no bytes were sent")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image_format, (width, height) = image.format, image.size
+        except UnidentifiedImageError:
+            raise _Rejected(RejectionKind.NOT_AN_IMAGE, "not an image: expected JPEG or PNG bytes") from None
+        except Image.DecompressionBombError as error:
+            raise _Rejected(RejectionKind.TOO_LARGE, f"image too large: {error}") from None
+        except (OSError, SyntaxError, ValueError) as error:  # Pillow raises SyntaxError for some corrupt headers
+            raise _Rejected(RejectionKind.UNDECODABLE, f"cannot read the image header: {error}") from None
+        if image_format not in ACCEPTED_FORMATS:
+            raise _Rejected(RejectionKind.UNSUPPORTED_FORMAT,
+                            f"unsupported image format {image_format}: send a JPEG or PNG")
+        if width * height > self.max_pixels:
+            raise _Rejected(RejectionKind.TOO_LARGE, f"image too large: {width} x {height} = {width * height} "
+                            f"pixels exceeds the limit of {self.max_pixels}")
+        return ACCEPTED_FORMATS[image_format]
+
+    def _probabilities(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """The config's inferer and postprocessing (softmax), image by image as the bundle's evaluator applies it."""
+        with torch.inference_mode():
+            logits = self.inferer(batch.to(self.device), self.network)
+            return [self.postprocessing({"pred": item})["pred"].float().cpu() for item in logits]
+
+    def _prediction(self, probabilities: torch.Tensor) -> Prediction:
+        values, top = probabilities.tolist(), int(probabilities.argmax())
+        return Prediction(self.class_names[top], values[top], dict(zip(self.class_names, values)))

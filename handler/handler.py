@@ -1,0 +1,90 @@
+"""TorchServe handler for the skin-lesion bundle: a batch of requests in, one JSON answer and status each out.
+
+Thin on purpose: ``bundle.predictor.Predictor`` does all the model work, loaded from the files inside
+the archive (``configs/``, ``bundle/``, the weights). This file only turns requests into image bytes and
+the predictor's results into JSON and HTTP status codes, so one bad image gets its own 4xx while the
+rest of its batch is answered normally.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+from pathlib import Path
+
+import torch
+from ts.handler_utils.timer import timed
+from ts.torch_handler.base_handler import BaseHandler
+
+from bundle.payloads import JSON_TYPE, USAGE, RequestError, image_bytes, rejection_status
+from bundle.predictor import MAX_PIXELS, Prediction, Predictor, Rejection
+
+logger = logging.getLogger(__name__)
+
+# Form fields an image may come in; TorchServe names a raw body's parameter "body".
+IMAGE_FIELDS = ("body", "data", "image", "file")
+
+
+class SkinLesionHandler(BaseHandler):
+    """Loads the bundle once per worker; classifies each batch TorchServe forms from concurrent requests."""
+
+    def initialize(self, context) -> None:
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        gpu_id = properties.get("gpu_id")
+        device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
+        options = (context.model_yaml_config or {}).get("handler", {})
+        self.predictor = Predictor(model_dir, model_dir / context.manifest["model"]["serializedFile"], device,
+                                   max_pixels=int(options.get("max_pixels", MAX_PIXELS)))
+        self.initialized = True
+
+    @timed
+    def preprocess(self, requests: list[dict]) -> list[bytes | RequestError]:
+        """Each request's image bytes, or the reason it has none."""
+        images = []
+        for index, request in enumerate(requests):
+            try:
+                images.append(self._image_bytes(request, index))
+            except RequestError as error:
+                images.append(error)
+            except Exception:  # a bug reading one request must not fail the others in its batch
+                logger.exception("cannot read request %d of the batch", index)
+                images.append(RequestError(http.HTTPStatus.INTERNAL_SERVER_ERROR,
+                                           "internal error reading the request (see the model log)"))
+        return images
+
+    @timed
+    def inference(self, images: list[bytes | RequestError]) -> list[Prediction | Rejection | RequestError]:
+        """Classify every request that has image bytes in one predictor batch; keep the others' errors."""
+        positions = [i for i, image in enumerate(images) if isinstance(image, bytes)]
+        results: list = list(images)
+        for position, result in zip(positions, self.predictor.predict([images[i] for i in positions])):
+            results[position] = result
+        classified = sum(isinstance(result, Prediction) for result in results)
+        logger.info("batch of %d requests: %d classified, %d refused", len(results), classified,
+                    len(results) - classified)
+        return results
+
+    @timed
+    def postprocess(self, results: list[Prediction | Rejection | RequestError]) -> list[str]:
+        answers = []
+        for index, result in enumerate(results):
+            if isinstance(result, Prediction):
+                status, body = http.HTTPStatus.OK, result.to_json()
+            elif isinstance(result, Rejection):
+                status, body = rejection_status(result), result.to_json()
+            else:
+                status, body = result.status, {"error": result.error}
+            self.context.set_response_status(status.value, status.phrase, idx=index)
+            self.context.set_response_content_type(index, JSON_TYPE)
+            answers.append(json.dumps(body))
+        return answers
+
+    def _image_bytes(self, request: dict, index: int) -> bytes:
+        """The raw body, or the first image field of a form, with the content type it came with."""
+        for field in IMAGE_FIELDS:
+            if field in request:
+                content_type = (self.context.get_request_header(index, field) or {}).get("content-type") or ""
+                return image_bytes(request[field], content_type)
+        raise RequestError(http.HTTPStatus.BAD_REQUEST, f"the request holds no image: {USAGE}")

@@ -1,0 +1,95 @@
+"""Classify images with a served bundle: TorchServe over REST, or a SageMaker endpoint.
+
+    python scripts/predict.py IMAGE [IMAGE ...]                      # the server `scripts/serve.py start` runs
+    python scripts/predict.py IMAGE --url http://host:8080 --key KEY # any TorchServe
+    python scripts/predict.py IMAGE --endpoint NAME [--region eu-west-1]   # a SageMaker endpoint
+    ... --json                                                       # raw responses, one JSON line per image
+
+Prints, per image, ``IMAGE: class: basal cell carcinoma, probability: 92 percent``. Exits 1 when any
+image was refused, after printing each refusal's reason.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import fire
+import requests
+
+from serve import DEFAULT_RUN_DIR, MODEL_NAME, auth_headers, read_server
+
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+
+def _content_type(image: Path) -> str:
+    try:
+        return CONTENT_TYPES[image.suffix.lower()]
+    except KeyError:
+        sys.exit(f"{image}: expected a .jpg, .jpeg or .png file")
+
+
+def _torchserve_sender(url: str | None, key: str | None, run_dir: str, model: str, timeout: float):
+    if url is None:  # the server scripts/serve.py started
+        url, headers = read_server(run_dir)["inference_url"], auth_headers(run_dir)
+    else:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def send(body: bytes, content_type: str) -> tuple[int, dict]:
+        response = requests.post(f"{url.rstrip('/')}/predictions/{model}", data=body, timeout=timeout,
+                                 headers={**headers, "Content-Type": content_type})
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, {"error": response.text.strip()}
+
+    return send
+
+
+def _sagemaker_sender(endpoint: str, region: str | None):
+    import boto3  # only this path needs the AWS SDK
+    from botocore.exceptions import ClientError
+
+    runtime = boto3.client("sagemaker-runtime", region_name=region)
+
+    def send(body: bytes, content_type: str) -> tuple[int, dict]:
+        try:
+            response = runtime.invoke_endpoint(EndpointName=endpoint, ContentType=content_type,
+                                               Accept="application/json", Body=body)
+        except ClientError as error:  # SageMaker reports the model's 4xx as a ModelError with its body
+            details = error.response.get("OriginalMessage") or error.response["Error"].get("Message", "")
+            try:
+                return error.response.get("OriginalStatusCode", 400), json.loads(details)
+            except ValueError:
+                return error.response.get("OriginalStatusCode", 400), {"error": details}
+        return 200, json.loads(response["Body"].read())
+
+    return send
+
+
+def describe(answer: dict) -> str:
+    if "error" in answer:
+        return f"refused: {answer['error']}"
+    return f"class: {answer['label']}, probability: {round(100 * answer['probability'])} percent"
+
+
+def predict(*images: str, url: str | None = None, key: str | None = None, endpoint: str | None = None,
+            region: str | None = None, model: str = MODEL_NAME, run_dir: str = str(DEFAULT_RUN_DIR),
+            json: bool = False, timeout: float = 60) -> None:  # `json`: the flag users type is --json
+    if not images:
+        sys.exit("name at least one image")
+    send = _sagemaker_sender(endpoint, region) if endpoint else _torchserve_sender(url, key, run_dir, model, timeout)
+    refused = 0
+    for image in map(Path, images):
+        status, answer = send(image.read_bytes(), _content_type(image))
+        refused += status != 200
+        print(_json_line(image, status, answer) if json else f"{image}: {describe(answer)}")
+    if refused:
+        sys.exit(1)
+
+
+def _json_line(image: Path, status: int, answer: dict) -> str:
+    return json.dumps({"image": str(image), "status": status, "response": answer})
+
+
+if __name__ == "__main__":
+    fire.Fire(predict)

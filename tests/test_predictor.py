@@ -1,0 +1,151 @@
+"""The serving predictor gives the bundle run's probabilities for the same files, and rejects bad bytes one by one."""
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DenseNet121
+from PIL import Image
+
+from bundle.labels import CLASS_LABELS, CLASS_NAMES
+from bundle.predictor import Prediction, Predictor, Rejection, RejectionKind
+from tests.bundle_runs import INFERENCE, run_bundle
+from tests.serving import bad_image_bytes, bundle_with_random_weights, decoded_rgb, encode, mode_variants, png_header
+
+TOLERANCE = 1e-5
+N_REAL_IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def bundle_root(tmp_path_factory) -> Path:
+    return bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root"))
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle_root) -> Predictor:
+    return Predictor(bundle_root, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def good_jpeg(synthetic_dir) -> bytes:
+    return sorted((synthetic_dir / "images").glob("*.jpg"))[0].read_bytes()
+
+
+def _bundle_run_probabilities(bundle_root: Path, folder: Path, output_dir: Path) -> dict[str, np.ndarray]:
+    """``monai.bundle run --config_file configs/inference.json --input folder``: probabilities per file name."""
+    run_bundle(INFERENCE, bundle_root=bundle_root, input=folder, output_dir=output_dir, num_workers=0, batch_size=8,
+               device="$torch.device('cpu')")
+    with open(output_dir / "predictions.csv", newline="") as f:
+        return {Path(row["image"]).name: np.array([float(row[f"p_{c}"]) for c in CLASS_NAMES]) for row in csv.DictReader(f)}
+
+
+def _assert_parity(predictor: Predictor, bundle_root: Path, folder: Path, tmp_path: Path) -> None:
+    expected = _bundle_run_probabilities(bundle_root, folder, tmp_path / "bundle_run")
+    names = sorted(expected)
+    results = predictor.predict([(folder / name).read_bytes() for name in names])
+    assert all(isinstance(result, Prediction) for result in results), results
+    served = np.array([[result.probabilities[c] for c in CLASS_NAMES] for result in results])
+    np.testing.assert_allclose(served, np.array([expected[name] for name in names]), rtol=0, atol=TOLERANCE)
+    # not vacuous: the images are told apart by far more than the tolerance
+    assert np.ptp(served, axis=0).max() > 100 * TOLERANCE
+
+
+def test_probabilities_equal_the_bundle_run_on_synthetic_jpegs_and_converted_modes(
+        predictor, bundle_root, synthetic_dir, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sources = sorted((synthetic_dir / "images").glob("*.jpg"))[:8]
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+    for name, data in mode_variants(decoded_rgb(sources[0].read_bytes())).items():
+        (folder / name).write_bytes(data)
+    _assert_parity(predictor, bundle_root, folder, tmp_path)
+
+
+def test_probabilities_equal_the_bundle_run_on_real_ham10000_jpegs(predictor, bundle_root, ham10000_dir, tmp_path):
+    images = sorted(p for p in ham10000_dir.rglob("*.jpg"))
+    assert images, f"no JPEGs under {ham10000_dir}"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for source in random.Random(0).sample(images, min(N_REAL_IMAGES, len(images))):
+        (folder / source.name).write_bytes(source.read_bytes())
+    _assert_parity(predictor, bundle_root, folder, tmp_path)
+
+
+def test_prediction_names_the_most_probable_class(predictor, good_jpeg):
+    [result] = predictor.predict([good_jpeg])
+    assert result.class_name == max(result.probabilities, key=result.probabilities.get)
+    assert result.probability == result.probabilities[result.class_name]
+    assert sum(result.probabilities.values()) == pytest.approx(1, abs=1e-5)
+    assert result.to_json() == {"class": result.class_name, "label": CLASS_LABELS[result.class_name],
+                                "probability": result.probability, "probabilities": result.probabilities}
+    assert list(result.probabilities) == list(CLASS_NAMES)
+
+
+def test_non_rgb_images_are_converted_and_classified(predictor, good_jpeg):
+    variants = mode_variants(decoded_rgb(good_jpeg))
+    results = predictor.predict(list(variants.values()))
+    assert all(isinstance(result, Prediction) for result in results), dict(zip(variants, results))
+
+
+EXPECTED_KIND = {
+    "empty": RejectionKind.EMPTY,
+    "random_64_bytes": RejectionKind.NOT_AN_IMAGE,
+    "text_1": RejectionKind.NOT_AN_IMAGE,
+    "jpeg_cut_at_0.50": RejectionKind.UNDECODABLE,
+    "png_cut_at_0.50": RejectionKind.UNDECODABLE,
+    "png_declares_100000x100000": RejectionKind.TOO_LARGE,  # Pillow's decompression-bomb error
+    "png_declares_6000x5000": RejectionKind.TOO_LARGE,  # over the predictor's limit, under Pillow's
+    "png_bomb_6000x5000": RejectionKind.TOO_LARGE,
+    "format_gif": RejectionKind.UNSUPPORTED_FORMAT,
+    "format_bmp": RejectionKind.UNSUPPORTED_FORMAT,
+}
+
+
+def test_each_bad_image_gets_its_own_rejection_and_the_good_ones_are_unaffected(predictor, good_jpeg):
+    bad = bad_image_bytes(good_jpeg, encode(decoded_rgb(good_jpeg), "PNG"))
+    names = list(bad)
+    batch = []
+    for name in names:  # a good image between every two bad ones
+        batch += [good_jpeg, bad[name]]
+    results = predictor.predict(batch)
+    [alone] = predictor.predict([good_jpeg])
+    for name, good_result, bad_result in zip(names, results[0::2], results[1::2]):
+        assert isinstance(good_result, Prediction)
+        np.testing.assert_allclose(list(good_result.probabilities.values()), list(alone.probabilities.values()),
+                                   atol=TOLERANCE)
+        assert isinstance(bad_result, Rejection), f"{name} was classified"
+        assert bad_result.error and bad_result.to_json() == {"error": bad_result.error}
+        if name in EXPECTED_KIND:
+            assert bad_result.kind == EXPECTED_KIND[name], (name, bad_result)
+
+
+def test_rejections_say_what_is_wrong(predictor, good_jpeg):
+    results = predictor.predict([b"", b"hello", good_jpeg[: len(good_jpeg) // 2], png_header(6000, 5000),
+                                 encode(Image.new("RGB", (4, 4)), "GIF")])
+    assert [r.error for r in results[:2]] == ["empty image: no bytes were sent", "not an image: expected JPEG or PNG bytes"]
+    assert "truncated" in results[2].error
+    assert results[3].error == "image too large: 6000 x 5000 = 30000000 pixels exceeds the limit of 25000000"
+    assert results[4].error == "unsupported image format GIF: send a JPEG or PNG"
+
+
+def test_a_batch_of_only_bad_images_runs_no_network(predictor):
+    assert [r.kind for r in predictor.predict([b"", b"x"])] == [RejectionKind.EMPTY, RejectionKind.NOT_AN_IMAGE]
+    assert predictor.predict([]) == []
+
+
+def test_torchscript_weights_give_the_same_probabilities(bundle_root, predictor, good_jpeg, tmp_path):
+    network = DenseNet121(spatial_dims=2, in_channels=3, out_channels=len(CLASS_NAMES))
+    network.load_state_dict(torch.load(bundle_root / "models" / "model.pt", weights_only=True))
+    torch.jit.script(network.eval()).save(str(tmp_path / "model.ts"))
+    [scripted] = Predictor(bundle_root, weights=tmp_path / "model.ts", device="cpu").predict([good_jpeg])
+    [eager] = predictor.predict([good_jpeg])
+    np.testing.assert_allclose(list(scripted.probabilities.values()), list(eager.probabilities.values()), atol=TOLERANCE)
+
+
+def test_missing_weights_are_named(bundle_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        Predictor(bundle_root, weights=tmp_path / "nothing.pt", device="cpu")
