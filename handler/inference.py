@@ -1,0 +1,55 @@
+"""SageMaker PyTorch inference container adapter: the toolkit's four functions over the bundle's Predictor.
+
+The container extracts model.tar.gz (built by ``scripts/package_sagemaker.py``) to /opt/ml/model and
+imports this file from ``code/``; the bundle package sits beside it. One request carries one image:
+raw JPEG/PNG bytes or JSON ``{"image": "<base64>"}``. Concurrent requests are batched by the
+container's TorchServe (``SAGEMAKER_TS_BATCH_SIZE``, ``SAGEMAKER_TS_MAX_BATCH_DELAY``).
+"""
+
+from __future__ import annotations
+
+import http
+import json
+from pathlib import Path
+
+from bundle.payloads import JSON_TYPE, RequestError, image_bytes, rejection_status
+from bundle.predictor import Prediction, Predictor, Rejection
+
+try:  # inside the container the toolkit turns this error into the response's status code
+    from sagemaker_inference.errors import GenericInferenceToolkitError as ToolkitError
+except ImportError:  # elsewhere (tests, local runs) an exception with the same fields
+
+    class ToolkitError(Exception):
+        def __init__(self, status_code: int, message: str | None = None, phrase: str | None = None) -> None:
+            super().__init__(message)
+            self.status_code, self.message, self.phrase = status_code, message, phrase
+
+
+def _refuse(status: http.HTTPStatus, error: str) -> ToolkitError:
+    return ToolkitError(status.value, json.dumps({"error": error}), status.phrase)
+
+
+def model_fn(model_dir: str) -> Predictor:
+    models = Path(model_dir) / "models"
+    weights = models / "model.pt" if (models / "model.pt").is_file() else models / "model.ts"
+    return Predictor(model_dir, weights)
+
+
+def input_fn(request_body: bytes | str, request_content_type: str) -> list[bytes]:
+    try:
+        return [image_bytes(request_body, request_content_type or "")]
+    except RequestError as error:
+        raise _refuse(error.status, error.error) from None
+
+
+def predict_fn(images: list[bytes], predictor: Predictor) -> list[Prediction | Rejection]:
+    return predictor.predict(images)
+
+
+def output_fn(results: list[Prediction | Rejection], accept: str) -> tuple[str, str]:
+    if accept and accept.split(";")[0].strip() not in (JSON_TYPE, "*/*"):
+        raise _refuse(http.HTTPStatus.NOT_ACCEPTABLE, f"the response is {JSON_TYPE}, not {accept}")
+    (result,) = results
+    if isinstance(result, Rejection):
+        raise _refuse(rejection_status(result), result.error)
+    return json.dumps(result.to_json()), JSON_TYPE

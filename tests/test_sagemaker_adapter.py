@@ -1,0 +1,102 @@
+"""The SageMaker adapter's four functions, loaded from a model.tar.gz built by the packaging script."""
+
+import base64
+import http
+import importlib.util
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from PIL import Image
+
+from bundle.predictor import Predictor
+from bundle.synthetic import generate
+from tests.bundle_runs import REPO
+from tests.serving import bundle_with_random_weights, encode
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """model.tar.gz built by scripts/package_sagemaker.py, extracted as the container does."""
+    root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"))
+    archive = root / "model.tar.gz"
+    subprocess.run([sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(root), "--output",
+                    str(archive)], cwd=REPO, check=True, capture_output=True)
+    extracted = tmp_path_factory.mktemp("opt_ml_model")
+    with tarfile.open(archive) as tar:
+        tar.extractall(extracted, filter="data")
+    return extracted
+
+
+@pytest.fixture(scope="module")
+def adapter(model_dir):
+    spec = importlib.util.spec_from_file_location("sagemaker_inference_adapter", model_dir / "code" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def jpeg(tmp_path_factory):
+    images = generate(tmp_path_factory.mktemp("images"), n_images=42, image_size=(64, 48), seed=3) / "images"
+    return sorted(images.glob("*.jpg"))[0].read_bytes()
+
+
+def test_the_archive_has_the_container_layout(model_dir):
+    for path in ("configs/inference.json", "models/model.pt", "code/inference.py", "code/requirements.txt",
+                 "code/bundle/predictor.py", "code/bundle/labels.py"):
+        assert (model_dir / path).is_file(), path
+    assert "monai==" in (model_dir / "code" / "requirements.txt").read_text()
+    assert not list(model_dir.rglob("__pycache__"))
+
+
+def test_the_four_functions_classify_like_the_predictor(adapter, model_dir, jpeg):
+    model = adapter.model_fn(str(model_dir))
+    body, content_type = adapter.output_fn(adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model),
+                                           "application/json")
+    answer = json.loads(body)
+    assert content_type == "application/json"
+    assert set(answer) == {"class", "label", "probability", "probabilities"}
+    expected = Predictor(model_dir, model_dir / "models" / "model.pt").predict([jpeg])[0]
+    assert answer["class"] == expected.class_name
+    assert answer["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+
+
+def test_json_base64_input_gives_the_same_answer(adapter, model_dir, jpeg):
+    model = adapter.model_fn(str(model_dir))
+    raw = adapter.output_fn(adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), "*/*")[0]
+    as_json = json.dumps({"image": base64.b64encode(jpeg).decode()})
+    via_json = adapter.output_fn(adapter.predict_fn(adapter.input_fn(as_json, "application/json"), model), "*/*")[0]
+    assert json.loads(via_json) == json.loads(raw)
+
+
+@pytest.mark.parametrize("body, content_type, status", [
+    (b"", "image/jpeg", 400),
+    (b"not an image", "image/png", 400),
+    (b"{not json", "application/json", 400),
+    (json.dumps({"image": "***"}), "application/json", 400),
+    (b"GIF89a", "image/gif", 415),
+])
+def test_bad_requests_are_refused_with_a_4xx_and_a_reason(adapter, model_dir, body, content_type, status):
+    model = adapter.model_fn(str(model_dir))
+    with pytest.raises(adapter.ToolkitError) as refused:
+        adapter.output_fn(adapter.predict_fn(adapter.input_fn(body, content_type), model), "application/json")
+    assert refused.value.status_code == status
+    assert json.loads(refused.value.message)["error"]
+
+
+def test_an_image_over_the_pixel_limit_is_413(adapter, model_dir):
+    model = adapter.model_fn(str(model_dir))
+    huge = encode(Image.new("RGB", (6000, 5000)), "PNG")
+    with pytest.raises(adapter.ToolkitError) as refused:
+        adapter.output_fn(adapter.predict_fn(adapter.input_fn(huge, "image/png"), model), "application/json")
+    assert refused.value.status_code == http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+def test_an_unacceptable_accept_header_is_406(adapter, model_dir, jpeg):
+    model = adapter.model_fn(str(model_dir))
+    with pytest.raises(adapter.ToolkitError) as refused:
+        adapter.output_fn(adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), "text/csv")
+    assert refused.value.status_code == 406
