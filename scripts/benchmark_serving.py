@@ -1,0 +1,200 @@
+"""Serving speed, side by side in one run: the in-process Predictor and TorchServe over HTTP.
+
+    python scripts/benchmark_serving.py [--bundle_root .] [--requests 200] [--batch_size 8]
+    python scripts/benchmark_serving.py --soak 600          # concurrency 32, good and bad images mixed
+
+Images: the first ``--n_images`` of ``$HAM10000_DIR`` when set, else a synthetic set made on the fly.
+Measures, on whatever device the Predictor picks: in-process batch-1 latency (p50/p99) and batched
+throughput; TorchServe batch-1 latency at concurrency 1 and throughput at concurrency 1, 8 and 32
+with server-side batching; the worker's resident memory. Ends with one line
+``RESULT serving_vs_inprocess=<best TorchServe img/s / in-process batched img/s> ts_p50_ms=..
+inprocess_p50_ms=.. device=..``. ``--soak SECONDS`` instead holds concurrency 32 with one bad image
+in five and reports unexpected answers, latency drift (p50 of the last minute / first minute) and
+worker memory growth.
+"""
+
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere without installing
+
+import fire  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import requests  # noqa: E402
+
+import package_mar  # noqa: E402
+import serve  # noqa: E402
+from bundle.predictor import Predictor  # noqa: E402
+from bundle.synthetic import generate  # noqa: E402
+
+BAD_IMAGES = (b"", b"not an image", b"\xff\xd8\xff\xe0 truncated jpeg")
+
+
+def _images(n_images: int, scratch: Path) -> list[bytes]:
+    real = os.environ.get("HAM10000_DIR")
+    folder = Path(real) if real else generate(scratch / "synthetic", n_images=max(n_images, 42), seed=0)
+    files = sorted(folder.rglob("*.jpg"))[:n_images]
+    if not files:
+        sys.exit(f"no .jpg images under {folder}")
+    return [f.read_bytes() for f in files]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(seconds, q) * 1000)
+
+
+def _worker_rss_mb(server: dict, headers: dict) -> float:
+    """Resident memory of the model's worker processes (the Python side, where the network lives)."""
+    answer = requests.get(f"{server['management_url']}/models/{server['model']}", headers=headers, timeout=10).json()
+    pids = [w["pid"] for entry in answer for w in entry["workers"]]
+    total = 0
+    for pid in pids:
+        process = psutil.Process(pid)
+        total += sum(p.memory_info().rss for p in (process, *process.children(recursive=True)))
+    return total / 2**20
+
+
+def _in_process(predictor: Predictor, images: list[bytes], requests_n: int, batch_size: int) -> dict:
+    predictor.predict(images[:batch_size])  # warm-up
+    latencies = []
+    for i in range(requests_n):
+        start = time.perf_counter()
+        predictor.predict([images[i % len(images)]])
+        latencies.append(time.perf_counter() - start)
+    batches = max(requests_n // batch_size, 1)
+    start = time.perf_counter()
+    for i in range(batches):
+        predictor.predict([images[(i * batch_size + j) % len(images)] for j in range(batch_size)])
+    throughput = batches * batch_size / (time.perf_counter() - start)
+    return {"p50_ms": _percentile_ms(latencies, 50), "p99_ms": _percentile_ms(latencies, 99), "img_per_s": throughput}
+
+
+class Client:
+    """Sends images to one TorchServe model and times each answer."""
+
+    def __init__(self, server: dict, headers: dict) -> None:
+        self.url = f"{server['inference_url']}/predictions/{server['model']}"
+        self.headers = headers
+        self.local = threading.local()
+
+    def post(self, body: bytes) -> tuple[int, float]:
+        session = getattr(self.local, "session", None) or requests.Session()
+        self.local.session = session
+        start = time.perf_counter()
+        status = session.post(self.url, data=body, headers=self.headers, timeout=120).status_code
+        return status, time.perf_counter() - start
+
+    def load(self, bodies: list[bytes], concurrency: int) -> tuple[list[tuple[int, float]], float]:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            answers = list(pool.map(self.post, bodies))
+        return answers, time.perf_counter() - start
+
+
+def _torchserve(client: Client, images: list[bytes], requests_n: int) -> dict:
+    bodies = [images[i % len(images)] for i in range(requests_n)]
+    client.load(bodies[:16], 8)  # warm-up
+    result = {}
+    answers, _ = client.load(bodies, 1)
+    latencies = [seconds for _, seconds in answers]
+    result.update(p50_ms=_percentile_ms(latencies, 50), p99_ms=_percentile_ms(latencies, 99))
+    for concurrency in (1, 8, 32):
+        answers, wall = client.load(bodies, concurrency)
+        if any(status != 200 for status, _ in answers):
+            sys.exit(f"TorchServe refused good images at concurrency {concurrency}")
+        result[f"img_per_s_c{concurrency}"] = len(bodies) / wall
+    return result
+
+
+def _soak(client: Client, images: list[bytes], seconds: float, rss) -> dict:
+    """Concurrency 32 for ``seconds``; every fifth request is a bad image and must get a 4xx."""
+    rss_start, stop_at = rss(), time.monotonic() + seconds
+    records, lock, counter = [], threading.Lock(), iter(range(10**9))
+
+    def loop():
+        while time.monotonic() < stop_at:
+            n = next(counter)
+            bad = n % 5 == 4
+            body = BAD_IMAGES[n % len(BAD_IMAGES)] if bad else images[n % len(images)]
+            try:
+                status, latency = client.post(body)
+            except requests.RequestException:
+                status, latency = -1, 0.0
+            unexpected = not (400 <= status < 500) if bad else status != 200
+            with lock:
+                records.append((time.monotonic(), latency, unexpected, bad))
+
+    threads = [threading.Thread(target=loop) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first_t = records[0][0]
+    window = min(60.0, seconds / 3)
+    early = [lat for t, lat, _, bad in records if t - first_t < window and not bad]
+    late = [lat for t, lat, _, bad in records if t > records[-1][0] - window and not bad]
+    rss_end = rss()
+    return {"requests": len(records), "unexpected": sum(r[2] for r in records),
+            "bad_sent": sum(r[3] for r in records), "p50_first_ms": statistics.median(early) * 1000,
+            "p50_last_ms": statistics.median(late) * 1000, "worker_rss_start_mb": rss_start,
+            "worker_rss_end_mb": rss_end, "worker_rss_growth_pct": 100 * (rss_end / rss_start - 1)}
+
+
+def benchmark(bundle_root: str = ".", weights: str | None = None, n_images: int = 64, requests: int = 200,
+              batch_size: int = 8, max_batch_delay_ms: int = 5, soak: float = 0) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="benchmark-serving-"))
+    images = _images(n_images, scratch)
+    weights = weights or str(Path(bundle_root) / "models" / "model.pt")
+    package_mar.package(bundle_root, weights, export_path=str(scratch), batch_size=batch_size,
+                        max_batch_delay_ms=max_batch_delay_ms)
+    ports = dict(zip(("inference_port", "management_port", "metrics_port", "grpc_inference_port",
+                      "grpc_management_port"), (_free_port() for _ in range(5))))
+    server = serve.start_server(scratch / f"{serve.MODEL_NAME}.mar", scratch / "run", **ports)
+    try:
+        client = Client(server, serve.auth_headers(scratch / "run"))
+        management = serve.auth_headers(scratch / "run", api="management")
+        rss = lambda: _worker_rss_mb(server, management)  # noqa: E731
+        if soak:
+            report = _soak(client, images, soak, rss)
+            print("\n".join(f"{k:>22}: {v:.1f}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in report.items()))
+            print(f"RESULT soak_s={soak:.0f} unexpected={report['unexpected']} requests={report['requests']} "
+                  f"latency_drift={report['p50_last_ms'] / report['p50_first_ms']:.2f} "
+                  f"worker_rss_growth_pct={report['worker_rss_growth_pct']:.1f}")
+            return
+        ts = _torchserve(client, images, requests)
+        worker_mb = rss()
+    finally:
+        serve.stop(scratch / "run")
+    # measured after the server is gone, so the two don't share the CPU
+    predictor = Predictor(bundle_root, weights)
+    local = _in_process(predictor, images, requests, batch_size)
+    best_ts = max(v for k, v in ts.items() if k.startswith("img_per_s"))
+    print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'img/s':>10}")
+    print(f"{'in-process batch 1':24}{local['p50_ms']:>10.1f}{local['p99_ms']:>10.1f}")
+    print(f"{f'in-process batch {batch_size}':24}{'':>20}{local['img_per_s']:>10.1f}")
+    print(f"{'TorchServe c=1':24}{ts['p50_ms']:>10.1f}{ts['p99_ms']:>10.1f}{ts['img_per_s_c1']:>10.1f}")
+    for c in (8, 32):
+        print(f"{f'TorchServe c={c}':24}{'':>20}{ts[f'img_per_s_c{c}']:>10.1f}")
+    print(f"worker resident memory: {worker_mb:.0f} MB; {len(images)} images, {requests} requests per row, "
+          f"server batch {batch_size}, max delay {max_batch_delay_ms} ms")
+    print(f"RESULT serving_vs_inprocess={best_ts / local['img_per_s']:.2f} ts_p50_ms={ts['p50_ms']:.1f} "
+          f"inprocess_p50_ms={local['p50_ms']:.1f} device={predictor.device}")
+
+
+if __name__ == "__main__":
+    fire.Fire(benchmark)
