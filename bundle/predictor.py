@@ -39,6 +39,17 @@ MAX_PIXELS = 25_000_000
 ACCEPTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png"}
 
 
+def bundle_files(bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The bundle root and its weights (default ``models/model.pt``), checked to exist: what packaging needs."""
+    bundle_root = Path(bundle_root)
+    weights = Path(weights) if weights else bundle_root / "models" / "model.pt"
+    if not (bundle_root / INFERENCE_CONFIG).is_file():
+        raise FileNotFoundError(f"{bundle_root / INFERENCE_CONFIG} not found: --bundle_root must be the bundle's root")
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights {weights} not found: train the bundle first, or pass --weights")
+    return bundle_root, weights
+
+
 class RejectionKind(enum.StrEnum):
     """Which check an image failed; a server maps these to status codes."""
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
 import fire  # noqa: E402
 
-from bundle.predictor import INFERENCE_CONFIG, MAX_PIXELS  # noqa: E402
+from bundle.predictor import MAX_PIXELS, bundle_files  # noqa: E402
 
 MODEL_NAME = "skin_lesion"
 HANDLER = REPO / "handler" / "handler.py"
@@ -34,12 +34,10 @@ def package(bundle_root: str = ".", weights: str | None = None, export_path: str
     ``weights`` defaults to ``<bundle_root>/models/model.pt``. ``max_retry_timeout_s``: how long a worker
     may keep failing to (re)load before /ping answers 500 (TorchServe's default is 300 s).
     """
-    bundle_root = Path(bundle_root)
-    weights = Path(weights) if weights else bundle_root / "models" / "model.pt"
-    if not (bundle_root / INFERENCE_CONFIG).is_file():
-        sys.exit(f"error: {bundle_root / INFERENCE_CONFIG} not found: --bundle_root must be the bundle's root")
-    if not weights.is_file():
-        sys.exit(f"error: weights {weights} not found: train the bundle first, or pass --weights")
+    try:
+        bundle_root, weights = bundle_files(bundle_root, weights)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
     export = Path(export_path)
     export.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="skin-lesion-mar-") as staging:

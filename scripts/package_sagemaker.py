@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
 import fire  # noqa: E402
 
-from bundle.predictor import INFERENCE_CONFIG  # noqa: E402
+from bundle.predictor import bundle_files  # noqa: E402
 
 # What the container's Python lacks; torch and Pillow come with the PyTorch image.
 CONTAINER_REQUIREMENTS = "monai==1.6.1\n"
@@ -29,12 +29,10 @@ def _skip_caches(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 
 
 def package(bundle_root: str = ".", weights: str | None = None, output: str = "dist/model.tar.gz") -> None:
-    bundle_root = Path(bundle_root)
-    weights = Path(weights) if weights else bundle_root / "models" / "model.pt"
-    if not (bundle_root / INFERENCE_CONFIG).is_file():
-        sys.exit(f"error: {bundle_root / INFERENCE_CONFIG} not found: --bundle_root must be the bundle's root")
-    if not weights.is_file():
-        sys.exit(f"error: weights {weights} not found: train the bundle first, or pass --weights")
+    try:
+        bundle_root, weights = bundle_files(bundle_root, weights)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
