@@ -4,11 +4,13 @@
     python scripts/predict.py IMAGE --url http://host:8080 --key KEY # any TorchServe
     python scripts/predict.py IMAGE --endpoint NAME [--region eu-west-1]   # a SageMaker endpoint
     ... --json                                                       # raw responses, one JSON line per image
+    ... --as_json                      # send {"image": "<base64>"} instead of the raw bytes (for text-only gateways)
 
 Prints, per image, ``IMAGE: class: basal cell carcinoma, probability: 92 percent``. Exits 1 when any
 image was refused, after printing each refusal's reason.
 """
 
+import base64
 import json
 import sys
 from pathlib import Path
@@ -74,17 +76,24 @@ def describe(answer: dict) -> str:
 
 def predict(*images: str, url: str | None = None, key: str | None = None, endpoint: str | None = None,
             region: str | None = None, model: str = MODEL_NAME, run_dir: str = str(DEFAULT_RUN_DIR),
-            json: bool = False, timeout: float = 60) -> None:  # `json`: the flag users type is --json
+            json: bool = False, as_json: bool = False, timeout: float = 60) -> None:  # `json`: the flag is --json
     if not images:
         sys.exit("name at least one image")
     send = _sagemaker_sender(endpoint, region) if endpoint else _torchserve_sender(url, key, run_dir, model, timeout)
     refused = 0
     for image in map(Path, images):
-        status, answer = send(image.read_bytes(), _content_type(image))
+        body, content_type = image.read_bytes(), _content_type(image)
+        if as_json:
+            body, content_type = _json_body(body), "application/json"
+        status, answer = send(body, content_type)
         refused += status != 200
         print(_json_line(image, status, answer) if json else f"{image}: {describe(answer)}")
     if refused:
         sys.exit(1)
+
+
+def _json_body(image: bytes) -> bytes:
+    return json.dumps({"image": base64.b64encode(image).decode()}).encode()
 
 
 def _json_line(image: Path, status: int, answer: dict) -> str:

@@ -4,11 +4,14 @@ import base64
 import http
 import importlib.util
 import json
+import os
+import socket
 import subprocess
 import sys
 import tarfile
 
 import pytest
+import requests
 from PIL import Image
 
 from bundle.predictor import Predictor
@@ -100,3 +103,35 @@ def test_an_unacceptable_accept_header_is_406(adapter, model_dir, jpeg):
     with pytest.raises(adapter.ToolkitError) as refused:
         adapter.output_fn(adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), "text/csv")
     assert refused.value.status_code == 406
+
+
+def test_the_predict_client_reads_a_sagemaker_endpoint(adapter, model_dir, jpeg, tmp_path):
+    """scripts/predict.py --endpoint against a local moto SageMaker runtime answering with the adapter's output."""
+    from moto.server import ThreadedMotoServer
+
+    body, content_type = adapter.output_fn(
+        adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), adapter.model_fn(str(model_dir))), "application/json")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    aws = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    aws.start()
+    try:
+        endpoint_url = f"http://127.0.0.1:{port}"
+        requests.post(f"{endpoint_url}/moto-api/static/sagemaker/endpoint-results", timeout=10, json={
+            "account_id": "123456789012", "region": "eu-west-1",
+            "results": [{"Body": body, "ContentType": content_type}]}).raise_for_status()
+        image = tmp_path / "lesion.jpg"
+        image.write_bytes(jpeg)
+        env = dict(os.environ, AWS_ENDPOINT_URL=endpoint_url, AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing")
+        # --as_json: moto's server decodes request bodies as UTF-8, so raw JPEG bytes can't pass through it
+        result = subprocess.run([sys.executable, "scripts/predict.py", str(image), "--endpoint", "skin-lesion",
+                                 "--region", "eu-west-1", "--as_json"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        aws.stop()
+    answer = json.loads(body)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (f"{image}: class: {answer['label']}, "
+                                     f"probability: {round(100 * answer['probability'])} percent")
