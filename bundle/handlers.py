@@ -19,7 +19,9 @@ from ignite.handlers import Checkpoint
 from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
+from bundle.labels import CLASS_NAMES
 from bundle.metrics import classification_report
+from bundle.predictor import sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +62,19 @@ class BestModelSaver:
     Attach it to the validation evaluator. Unlike MONAI's key-metric CheckpointSaver, the best score
     is in this handler's ``state_dict()``: put the handler in the resume checkpoint and a resumed run
     never replaces a better model with a worse one.
+
+    Given the ``image_size`` [height, width] the network is trained at, it also writes the weights'
+    sidecar (``bundle.predictor.sidecar_path``: ``model.json`` beside ``model.pt``) with that size, the
+    class names, the epoch and the score, since a DenseNet served at another size runs and mispredicts.
     """
 
-    def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str, enabled: bool = True) -> None:
+    def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str, enabled: bool = True,
+                 image_size: Sequence[int] | None = None) -> None:
         self.network = network
         self.save_path = save_path
         self.metric_name = metric_name
         self.enabled = enabled  # False on all but one rank under DDP: every rank tracks, one writes
+        self.image_size = None if image_size is None else [int(side) for side in image_size]
         self.best_metric = -math.inf
         self.best_epoch = -1
 
@@ -80,7 +88,13 @@ class BestModelSaver:
         self.best_metric, self.best_epoch = metric, engine.state.epoch
         if not self.enabled:
             return
+        sidecar = sidecar_path(self.save_path)
+        sidecar.unlink(missing_ok=True)  # killed between the two writes, new weights must not keep an old run's size
         atomic_write(self.save_path, lambda tmp: torch.save(plain_state_dict(self.network), tmp))
+        if self.image_size is not None:
+            record = {"image_size": self.image_size, "class_names": list(CLASS_NAMES), "epoch": self.best_epoch,
+                      "metric": {self.metric_name: self.best_metric}}
+            atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
         logger.info("epoch %d: %s improved to %.4f, saved %s", self.best_epoch, self.metric_name, metric, self.save_path)
 
     def state_dict(self) -> dict:
@@ -208,7 +222,7 @@ class PredictionWriter:
         outputs = engine.state.output
         self._probabilities += [o["pred"].detach().float().cpu() for o in outputs]
         self._labels += [torch.as_tensor(o["label"]).cpu() for o in outputs if o.get("label") is not None]
-        self._images += [str(o["image"].meta["filename_or_obj"]) for o in outputs]
+        self._images += [_image_name(o, b) for o, b in zip(outputs, engine.state.batch)]
 
     def _gathered(self) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         probabilities = torch.stack(self._probabilities)
@@ -271,6 +285,13 @@ class EvaluationReport(PredictionWriter):
         logger.info("evaluation on %d images: auc_macro %s, accuracy %.4f, balanced_accuracy %.4f; wrote %s",
                     report["n_images"], _fmt(report["auc_macro"]), report["accuracy"], report["balanced_accuracy"],
                     self.output_dir / "metrics.json")
+
+
+def _image_name(output: dict, batch_item: dict) -> str:
+    """The image's file: the cached fast path names it in the batch, the per-sample chain in the image's metadata."""
+    if "image_path" in batch_item:
+        return str(batch_item["image_path"])
+    return str(output["image"].meta["filename_or_obj"])
 
 
 def _fmt(value: float | None) -> str:

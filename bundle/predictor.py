@@ -8,12 +8,19 @@ the probabilities ``monai.bundle run --config_file configs/inference.json`` writ
 
 A batch goes in; per image comes back either a ``Prediction`` or a ``Rejection`` saying what is wrong
 with that image. One bad image never fails the others.
+
+The weights don't say what image size they were trained at, and DenseNet runs at any size, so a
+model served at another size mispredicts without an error. Training therefore writes a sidecar
+beside them (``models/model.json`` for ``models/model.pt``, see ``sidecar_path``); serving uses its
+``image_size`` and the batch inference run refuses a different one.
 """
 
 from __future__ import annotations
 
 import enum
 import io
+import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +35,8 @@ from PIL import Image, UnidentifiedImageError
 from bundle.imageio import decode_problem
 from bundle.labels import CLASS_LABELS
 
+logger = logging.getLogger(__name__)
+
 INFERENCE_CONFIG = Path("configs") / "inference.json"
 
 # Far above what the network sees and above common phone photos (12 MP), and small enough that a
@@ -39,15 +48,51 @@ MAX_PIXELS = 25_000_000
 ACCEPTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png"}
 
 
-def bundle_files(bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """The bundle root and its weights (default ``models/model.pt``), checked to exist: what packaging needs."""
+def sidecar_path(weights: str | os.PathLike) -> Path:
+    """Where what the weights file cannot hold (the trained image size) is kept: same stem, ``.json``.
+
+    So ``models/model.ts`` exported from ``models/model.pt`` shares its sidecar.
+    """
+    return Path(weights).with_suffix(".json")
+
+
+def trained_image_size(weights: str | os.PathLike) -> list[int] | None:
+    """The [height, width] ``weights`` were trained at, from their sidecar; None for a model saved without one."""
+    sidecar = sidecar_path(weights)
+    if not sidecar.is_file():
+        return None
+    try:
+        size = json.loads(sidecar.read_text())["image_size"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{sidecar} (the sidecar of {weights}) is not a JSON object with an 'image_size': "
+                         f"{type(error).__name__}: {error}") from None
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
+        raise ValueError(f"{sidecar} (the sidecar of {weights}): 'image_size' must be [height, width] in pixels, "
+                         f"got {size!r}")
+    return size
+
+
+def check_trained_image_size(ckpt_path: str | os.PathLike, image_size: Sequence[int]) -> None:
+    """Fail before any work when ``ckpt_path`` was trained at another size: the network would run and mispredict."""
+    trained, configured = trained_image_size(ckpt_path), [int(side) for side in image_size]
+    if trained is not None and trained != configured:
+        height, width = trained
+        raise ValueError(f"ckpt_path {ckpt_path} was trained at image_size {trained} (says {sidecar_path(ckpt_path)}), "
+                         f"but this run's image_size is {configured}: pass --image_size \"[{height},{width}]\"")
+
+
+def bundle_files(bundle_root: str | os.PathLike,
+                 weights: str | os.PathLike | None = None) -> tuple[Path, Path, Path | None]:
+    """The bundle root, its weights (default ``models/model.pt``) and their sidecar (None when there is none),
+    checked: what packaging needs. A malformed sidecar fails here, not later in the server."""
     bundle_root = Path(bundle_root)
     weights = Path(weights) if weights else bundle_root / "models" / "model.pt"
     if not (bundle_root / INFERENCE_CONFIG).is_file():
         raise FileNotFoundError(f"{bundle_root / INFERENCE_CONFIG} not found: --bundle_root must be the bundle's root")
     if not weights.is_file():
         raise FileNotFoundError(f"weights {weights} not found: train the bundle first, or pass --weights")
-    return bundle_root, weights
+    return bundle_root, weights, None if trained_image_size(weights) is None else sidecar_path(weights)
 
 
 class RejectionKind(enum.StrEnum):
@@ -99,7 +144,8 @@ class Predictor:
 
     ``weights`` defaults to the config's ``ckpt_path`` (``models/model.pt``, a state_dict); a ``.ts``
     file is loaded as TorchScript (``monai.bundle ckpt_export``). ``device`` defaults to the config's
-    (the GPU when there is one).
+    (the GPU when there is one). Images are resized to the weights' trained ``image_size`` (their
+    sidecar's), whatever the config says; without a sidecar, to the config's.
     """
 
     def __init__(self, bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None,
@@ -109,18 +155,30 @@ class Predictor:
         parser["bundle_root"] = str(bundle_root)
         if device is not None:
             parser["device"] = f"$torch.device({str(device)!r})"
+        self.weights = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
+        if not self.weights.is_file():
+            raise FileNotFoundError(f"model weights {self.weights} do not exist (train the bundle first)")
+        self._use_trained_image_size(parser)
+        self.image_size: list[int] = [int(side) for side in parser.get_parsed_content("image_size")]
         self.device: torch.device = parser.get_parsed_content("device")
         self.class_names: list[str] = list(parser.get_parsed_content("class_names"))
         self.max_pixels = max_pixels
         self.preprocessing = Compose(parser.get_parsed_content("preprocessing"))
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
-        self.weights = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
         self.network = self._load_network(parser)
 
+    def _use_trained_image_size(self, parser: ConfigParser) -> None:
+        """Resize to the size the weights were trained at; a model saved without a sidecar is served as configured."""
+        trained = trained_image_size(self.weights)
+        if trained is None:
+            logger.warning("%s has no sidecar %s: cannot verify the model was trained at the configured image_size "
+                           "%s; if it was not, its predictions are wrong", self.weights,
+                           sidecar_path(self.weights).name, parser["image_size"])
+        else:
+            parser["image_size"] = trained
+
     def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
-        if not self.weights.is_file():
-            raise FileNotFoundError(f"model weights {self.weights} do not exist (train the bundle first)")
         if self.weights.suffix == ".ts":
             network = torch.jit.load(str(self.weights), map_location=self.device)
         else:

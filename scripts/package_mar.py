@@ -5,8 +5,9 @@
 
 The archive holds everything the handler needs, laid out like the bundle: ``configs/`` (the
 bundle's, from ``bundle_root``), the ``bundle`` Python package and ``handler.py`` (from this
-repository), the weights (``model.pt``, or a TorchScript ``model.ts``) and ``model-config.yaml``
-(batching, workers, timeouts, the handler's pixel limit).
+repository), the weights (``model.pt``, or a TorchScript ``model.ts``) and, at the archive root beside
+them where the handler's Predictor looks, their sidecar (``model.json``: the trained image size) when
+training wrote one, and ``model-config.yaml`` (batching, workers, timeouts, the handler's pixel limit).
 """
 
 import shutil
@@ -35,8 +36,8 @@ def package(bundle_root: str = ".", weights: str | None = None, export_path: str
     may keep failing to (re)load before /ping answers 500 (TorchServe's default is 300 s).
     """
     try:
-        bundle_root, weights = bundle_files(bundle_root, weights)
-    except FileNotFoundError as error:
+        bundle_root, weights, sidecar = bundle_files(bundle_root, weights)
+    except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     export = Path(export_path)
     export.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,8 @@ def package(bundle_root: str = ".", weights: str | None = None, export_path: str
         extra = Path(staging) / "extra"
         shutil.copytree(bundle_root / "configs", extra / "configs")
         shutil.copytree(REPO / "bundle", extra / "bundle", ignore=shutil.ignore_patterns("__pycache__"))
+        if sidecar:
+            shutil.copy(sidecar, extra / sidecar.name)
         model_config = Path(staging) / "model-config.yaml"
         model_config.write_text(
             f"minWorkers: {min_workers}\nmaxWorkers: {max_workers}\nbatchSize: {batch_size}\n"
@@ -58,8 +61,8 @@ def package(bundle_root: str = ".", weights: str | None = None, export_path: str
     if result.returncode != 0:
         sys.exit(f"error: torch-model-archiver failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
     mar = export / f"{MODEL_NAME}.mar"
-    print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB): weights {weights}, batch {batch_size}, "
-          f"workers {min_workers}-{max_workers}")
+    print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB): weights {weights}, sidecar {sidecar or 'none'}, "
+          f"batch {batch_size}, workers {min_workers}-{max_workers}")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,17 @@ from tests.bundle_runs import REPO
 JPEG, PNG = "image/jpeg", "image/png"
 
 
-def bundle_with_random_weights(root: Path, seed: int = 0) -> Path:
+def bundle_with_random_weights(root: Path, seed: int = 0, trained_image_size: list[int] | None = None) -> Path:
     """The repository's configs plus a randomly initialised DenseNet121 as models/model.pt: parity
-    between serving and the bundle run does not need a trained network."""
+    between serving and the bundle run does not need a trained network. With ``trained_image_size``,
+    also the sidecar (models/model.json) training writes, saying the weights were trained at that size."""
     shutil.copytree(REPO / "configs", root / "configs")
     (root / "models").mkdir()
     torch.manual_seed(seed)
     network = DenseNet121(spatial_dims=2, in_channels=3, out_channels=len(CLASS_NAMES))
     torch.save(network.state_dict(), root / "models" / "model.pt")
+    if trained_image_size is not None:
+        (root / "models" / "model.json").write_text(json.dumps({"image_size": trained_image_size}))
     return root
 
 

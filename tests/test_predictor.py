@@ -1,7 +1,9 @@
 """The serving predictor gives the bundle run's probabilities for the same files, and rejects bad bytes one by one."""
 
 import csv
+import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from monai.networks.nets import DenseNet121
 from PIL import Image
 
 from bundle.labels import CLASS_LABELS, CLASS_NAMES
-from bundle.predictor import Prediction, Predictor, Rejection, RejectionKind
+from bundle.predictor import Prediction, Predictor, Rejection, RejectionKind, trained_image_size
 from tests.bundle_runs import INFERENCE, run_bundle
 from tests.serving import bad_image_bytes, bundle_with_random_weights, decoded_rgb, encode, mode_variants, png_header
 
@@ -30,27 +32,51 @@ def predictor(bundle_root) -> Predictor:
 
 
 @pytest.fixture(scope="module")
+def bundle_root_32(tmp_path_factory) -> Path:
+    """The same weights as ``bundle_root``, with a sidecar saying they were trained at 32 x 32."""
+    return bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root_32"), trained_image_size=[32, 32])
+
+
+@pytest.fixture(scope="module")
+def predictor_32(bundle_root_32) -> Predictor:
+    return Predictor(bundle_root_32, device="cpu")
+
+
+@pytest.fixture(scope="module")
 def good_jpeg(synthetic_dir) -> bytes:
     return sorted((synthetic_dir / "images").glob("*.jpg"))[0].read_bytes()
 
 
-def _bundle_run_probabilities(bundle_root: Path, folder: Path, output_dir: Path) -> dict[str, np.ndarray]:
+def _bundle_run_probabilities(bundle_root: Path, folder: Path, output_dir: Path, **overrides) -> dict[str, np.ndarray]:
     """``monai.bundle run --config_file configs/inference.json --input folder``: probabilities per file name."""
     run_bundle(INFERENCE, bundle_root=bundle_root, input=folder, output_dir=output_dir, num_workers=0, batch_size=8,
-               device="$torch.device('cpu')")
+               device="$torch.device('cpu')", **overrides)
     with open(output_dir / "predictions.csv", newline="") as f:
         return {Path(row["image"]).name: np.array([float(row[f"p_{c}"]) for c in CLASS_NAMES]) for row in csv.DictReader(f)}
 
 
-def _assert_parity(predictor: Predictor, bundle_root: Path, folder: Path, tmp_path: Path) -> None:
-    expected = _bundle_run_probabilities(bundle_root, folder, tmp_path / "bundle_run")
-    names = sorted(expected)
+def _served(predictor: Predictor, folder: Path, names: list[str]) -> np.ndarray:
     results = predictor.predict([(folder / name).read_bytes() for name in names])
     assert all(isinstance(result, Prediction) for result in results), results
-    served = np.array([[result.probabilities[c] for c in CLASS_NAMES] for result in results])
+    return np.array([[result.probabilities[c] for c in CLASS_NAMES] for result in results])
+
+
+def _assert_parity(predictor: Predictor, bundle_root: Path, folder: Path, tmp_path: Path, **overrides) -> np.ndarray:
+    expected = _bundle_run_probabilities(bundle_root, folder, tmp_path / "bundle_run", **overrides)
+    names = sorted(expected)
+    served = _served(predictor, folder, names)
     np.testing.assert_allclose(served, np.array([expected[name] for name in names]), rtol=0, atol=TOLERANCE)
     # not vacuous: the images are told apart by far more than the tolerance
     assert np.ptp(served, axis=0).max() > 100 * TOLERANCE
+    return served
+
+
+@pytest.fixture(scope="module")
+def few_jpegs(synthetic_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("few_jpegs")
+    for source in sorted((synthetic_dir / "images").glob("*.jpg"))[:4]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    return folder
 
 
 def test_probabilities_equal_the_bundle_run_on_synthetic_jpegs_and_converted_modes(
@@ -144,6 +170,67 @@ def test_torchscript_weights_give_the_same_probabilities(bundle_root, predictor,
     [scripted] = Predictor(bundle_root, weights=tmp_path / "model.ts", device="cpu").predict([good_jpeg])
     [eager] = predictor.predict([good_jpeg])
     np.testing.assert_allclose(list(scripted.probabilities.values()), list(eager.probabilities.values()), atol=TOLERANCE)
+
+
+def test_the_sidecar_size_wins_over_the_config_and_matches_a_bundle_run_at_that_size(
+        predictor_32, predictor, bundle_root_32, few_jpegs, tmp_path):
+    assert (predictor_32.image_size, predictor.image_size) == ([32, 32], [64, 64])  # inference.json says 64
+    served = _assert_parity(predictor_32, bundle_root_32, few_jpegs, tmp_path, image_size="[32,32]")
+    # the same weights at the config's 64 x 64 give other probabilities: the size is what differs
+    at_64 = _served(predictor, few_jpegs, sorted(p.name for p in few_jpegs.iterdir()))
+    assert np.abs(served - at_64).max() > 100 * TOLERANCE
+
+
+def test_the_bundle_run_refuses_a_size_other_than_the_trained_one(bundle_root_32, few_jpegs, tmp_path):
+    result = run_bundle(INFERENCE, expect_ok=False, bundle_root=bundle_root_32, input=few_jpegs,
+                        output_dir=tmp_path, num_workers=0, device="$torch.device('cpu')")
+    ckpt_path = f"{bundle_root_32}/models/model.pt"
+    assert (f"ckpt_path {ckpt_path} was trained at image_size [32, 32] (says {bundle_root_32}/models/model.json), "
+            f"but this run's image_size is [64, 64]: pass --image_size \"[32,32]\"") in result.stderr, result.stderr
+    assert not (tmp_path / "predictions.csv").exists()
+
+
+def test_weights_without_a_sidecar_are_served_at_the_config_size_with_a_warning(bundle_root, caplog):
+    with caplog.at_level(logging.WARNING, logger="bundle.predictor"):
+        assert Predictor(bundle_root, device="cpu").image_size == [64, 64]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "bundle.predictor"]
+    assert "has no sidecar model.json: cannot verify" in warning and "[64, 64]" in warning
+
+
+def test_torchscript_weights_use_the_sidecar_beside_them(bundle_root_32, predictor_32, good_jpeg, tmp_path):
+    network = DenseNet121(spatial_dims=2, in_channels=3, out_channels=len(CLASS_NAMES))
+    network.load_state_dict(torch.load(bundle_root_32 / "models" / "model.pt", weights_only=True))
+    torch.jit.script(network.eval()).save(str(tmp_path / "model.ts"))
+    shutil.copy(bundle_root_32 / "models" / "model.json", tmp_path / "model.json")
+    scripted = Predictor(bundle_root_32, weights=tmp_path / "model.ts", device="cpu")
+    assert scripted.image_size == [32, 32]
+    [from_script], [eager] = scripted.predict([good_jpeg]), predictor_32.predict([good_jpeg])
+    np.testing.assert_allclose(list(from_script.probabilities.values()), list(eager.probabilities.values()),
+                               atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "is not a JSON object with an 'image_size'"),
+    ("[32, 32]", "is not a JSON object with an 'image_size'"),
+    ('{"size": [32, 32]}', "is not a JSON object with an 'image_size'"),
+    ('{"image_size": [32]}', "'image_size' must be [height, width] in pixels, got [32]"),
+    ('{"image_size": "32x32"}', "'image_size' must be [height, width] in pixels, got '32x32'"),
+    ('{"image_size": [0, 32]}', "'image_size' must be [height, width] in pixels, got [0, 32]"),
+    ('{"image_size": [32.5, 32]}', "'image_size' must be [height, width] in pixels, got [32.5, 32]"),
+])
+def test_a_malformed_sidecar_is_an_error_naming_it(tmp_path, text, problem):
+    (tmp_path / "model.json").write_text(text)
+    with pytest.raises(ValueError) as error:
+        trained_image_size(tmp_path / "model.pt")
+    assert str(error.value).startswith(f"{tmp_path / 'model.json'} (the sidecar of {tmp_path / 'model.pt'})")
+    assert problem in str(error.value)
+
+
+def test_the_predictor_refuses_weights_with_a_malformed_sidecar(bundle_root, tmp_path):
+    shutil.copy(bundle_root / "models" / "model.pt", tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text('{"image_size": null}')
+    with pytest.raises(ValueError, match="model.json"):
+        Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu")
 
 
 def test_missing_weights_are_named(bundle_root, tmp_path):

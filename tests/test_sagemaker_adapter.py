@@ -20,13 +20,21 @@ from tests.bundle_runs import REPO
 from tests.serving import bundle_with_random_weights, encode
 
 
+TRAINED_IMAGE_SIZE = [32, 32]  # not inference.json's 64 x 64: the sidecar must travel with the weights
+
+
+def _package(bundle_root, archive) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(bundle_root),
+                           "--output", str(archive)], cwd=REPO, capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """model.tar.gz built by scripts/package_sagemaker.py, extracted as the container does."""
-    root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"))
+    root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"), trained_image_size=TRAINED_IMAGE_SIZE)
     archive = root / "model.tar.gz"
-    subprocess.run([sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(root), "--output",
-                    str(archive)], cwd=REPO, check=True, capture_output=True)
+    packaged = _package(root, archive)
+    assert packaged.returncode == 0, packaged.stdout + packaged.stderr
     extracted = tmp_path_factory.mktemp("opt_ml_model")
     with tarfile.open(archive) as tar:
         tar.extractall(extracted, filter="data")
@@ -48,11 +56,23 @@ def jpeg(tmp_path_factory):
 
 
 def test_the_archive_has_the_container_layout(model_dir):
-    for path in ("configs/inference.json", "models/model.pt", "code/inference.py", "code/requirements.txt",
-                 "code/bundle/predictor.py", "code/bundle/labels.py"):
+    for path in ("configs/inference.json", "models/model.pt", "models/model.json", "code/inference.py",
+                 "code/requirements.txt", "code/bundle/predictor.py", "code/bundle/labels.py"):
         assert (model_dir / path).is_file(), path
     assert "monai==" in (model_dir / "code" / "requirements.txt").read_text()
     assert not list(model_dir.rglob("__pycache__"))
+
+
+def test_the_container_serves_at_the_trained_image_size(adapter, model_dir):
+    assert adapter.model_fn(str(model_dir)).image_size == TRAINED_IMAGE_SIZE
+
+
+def test_packaging_refuses_a_malformed_sidecar(tmp_path):
+    root = bundle_with_random_weights(tmp_path / "bundle")
+    (root / "models" / "model.json").write_text("{truncated")
+    result = _package(root, tmp_path / "model.tar.gz")
+    assert result.returncode != 0 and f"error: {root / 'models' / 'model.json'} (the sidecar of" in result.stderr
+    assert not (tmp_path / "model.tar.gz").exists()
 
 
 def test_the_four_functions_classify_like_the_predictor(adapter, model_dir, jpeg):

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ MAX_BATCH_DELAY_MS = 100
 TOLERANCE = 1e-5
 MAX_REQUEST_SIZE = 16 * 1024 * 1024  # handler/config.properties
 MALFORMED_CORPUS_SIZE = 200
+TRAINED_IMAGE_SIZE = [32, 32]  # not inference.json's 64 x 64: served predictions differ unless the worker reads it
 
 
 def _require_torchserve() -> None:
@@ -80,7 +82,7 @@ def _start_args(mar: Path, run_dir: Path, *extra) -> list:
 @pytest.fixture(scope="module")
 def bundle_root(tmp_path_factory) -> Path:
     _require_torchserve()
-    return bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root"))
+    return bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root"), trained_image_size=TRAINED_IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +111,10 @@ def images(synthetic_dir) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def expected(bundle_root, images) -> dict[str, dict]:
-    """What the predictor, run here in the test process, says about each image."""
-    results = Predictor(bundle_root, device="cpu").predict(list(images.values()))
-    return {name: result.to_json() for name, result in zip(images, results)}
+    """What the predictor, run here in the test process at the sidecar's image size, says about each image."""
+    predictor = Predictor(bundle_root, device="cpu")
+    assert predictor.image_size == TRAINED_IMAGE_SIZE
+    return {name: result.to_json() for name, result in zip(images, predictor.predict(list(images.values())))}
 
 
 def _post(server: dict, route: str = "predictions/skin_lesion", authorised: bool = True, **kwargs) -> requests.Response:
@@ -132,6 +135,13 @@ def _assert_same_prediction(answer: dict, expected: dict) -> None:
     np.testing.assert_allclose(list(answer["probabilities"].values()), list(expected["probabilities"].values()),
                                rtol=0, atol=TOLERANCE)
     assert answer["probability"] == pytest.approx(expected["probability"], abs=TOLERANCE)
+
+
+def test_the_archive_holds_the_sidecar_at_its_root_beside_the_weights(archive):
+    """TorchServe extracts the archive to the handler's model_dir, where the Predictor looks for model.json."""
+    with zipfile.ZipFile(archive) as mar:
+        assert {"model.pt", "model.json"} <= set(mar.namelist())
+        assert json.loads(mar.read("model.json"))["image_size"] == TRAINED_IMAGE_SIZE
 
 
 def test_served_predictions_equal_the_predictor(server, images, expected):
