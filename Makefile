@@ -53,4 +53,4 @@ test: venv
 	$(VENV)/bin/pytest -q tests
 
 clean:
-	rm -rf models eval data/synthetic $(DATALIST) dist $(SERVE_RUN_DIR)
+	rm -rf models eval cache data/synthetic $(DATALIST) dist $(SERVE_RUN_DIR)

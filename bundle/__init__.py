@@ -7,7 +7,7 @@ imports bind only the top-level name). Submodules load on first use, so that the
 
 import importlib
 
-SUBMODULES = ("data", "handlers", "imageio", "imbalance", "labels", "metrics", "plots", "predictor", "synthetic")
+SUBMODULES = ("augment", "cache", "data", "fastpath", "handlers", "imageio", "imbalance", "labels", "metrics", "plots", "predictor", "synthetic")
 
 
 def __getattr__(name: str):

@@ -1,11 +1,14 @@
 """Prove the bundle's GPU path on a CUDA machine, with the commands users run.
 
-    python scripts/gpu_check.py --dataset_dir D --work_dir W [--epochs 10]
+    python scripts/gpu_check.py --dataset_dir D --work_dir W [--epochs 30] [--benchmark_sizes "[64,224]"]
 
-1. prepares a lesion-level datalist, 2. trains with ``monai.bundle run`` (the config picks cuda and
-AMP by itself), 3. evaluates on the GPU, 4. loads the saved model on a CPU-only path with
-``weights_only=True`` and compares its logits with the GPU's, 5. runs one epoch of
-``multi_gpu_train.json`` under torchrun (NCCL). Prints and writes ``<work_dir>/gpu_check.json``.
+1. prepares a lesion-level datalist, 2. trains with ``monai.bundle run`` (the config picks cuda,
+bf16 AMP and the fast data path by itself), timed from the command's start with a cold cache, then
+again with the cache from the first run, 3. evaluates on the GPU, 4. loads the saved model on a
+CPU-only path with ``weights_only=True`` and compares its logits with the GPU's, 5. runs one epoch of
+``multi_gpu_train.json`` under torchrun (NCCL), 6. runs ``scripts/benchmark_train.py`` at each of
+``benchmark_sizes`` and keeps its RESULT line. Prints and writes ``<work_dir>/gpu_check.json``
+(logs of every step beside it).
 """
 
 import copy
@@ -32,7 +35,8 @@ def _run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def check(dataset_dir: str, work_dir: str, epochs: int = 10, num_workers: int = 8) -> None:
+def check(dataset_dir: str, work_dir: str, epochs: int = 30, num_workers: int = 8,
+          benchmark_sizes: tuple[int, ...] = (64, 224)) -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this check proves the GPU path")
     work = Path(work_dir).resolve()
@@ -50,8 +54,9 @@ def check(dataset_dir: str, work_dir: str, epochs: int = 10, num_workers: int = 
     report["config_device"] = str(parser.get_parsed_content("device"))
     report["config_amp"] = bool(parser.get_parsed_content("amp"))
 
-    report["train_wall_s"] = _run(bundle_run + ["configs/train.json", "--max_epochs", str(epochs), "--resume", "false",
-                                                *common], work / "train.log")
+    train = bundle_run + ["configs/train.json", "--max_epochs", str(epochs), "--resume", "false", *common]
+    report["train_wall_s"] = _run(train, work / "train.log")  # cold: decodes into <work>/cache first
+    report["train_warm_cache_wall_s"] = _run(train, work / "train_warm.log")
     report["history"] = json.loads((work / "models" / "history.json").read_text())
     report["evaluate_wall_s"] = _run(bundle_run + ["['configs/train.json','configs/evaluate.json']", *common],
                                      work / "evaluate.log")
@@ -74,6 +79,13 @@ def check(dataset_dir: str, work_dir: str, epochs: int = 10, num_workers: int = 
          "--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--max_epochs", "1",
          "--resume", "false", *data_args, "--bundle_root", str(work / "ddp")],
         work / "ddp.log")
+    for size in benchmark_sizes:
+        log = work / f"benchmark_train_{size}.log"
+        batch = 1024 if size <= 64 else 256  # the batch sizes of the model-only figures in NOTES-stack.md
+        report[f"benchmark_{size}_wall_s"] = _run([sys.executable, "scripts/benchmark_train.py", "--dataset_dir",
+                                                   dataset_dir, "--image_size", str(size), "--batch_size", str(batch)],
+                                                  log)
+        report[f"benchmark_{size}"] = [line for line in log.read_text().splitlines() if line.startswith("RESULT")]
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))
     (work / "gpu_check.json").write_text(json.dumps(report, indent=1))
 

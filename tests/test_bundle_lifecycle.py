@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,27 @@ def test_resume_false_starts_over(dataset, tmp_path):
     assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1]
 
 
+def test_the_per_sample_chain_still_trains(dataset, tmp_path):
+    """--data_path chain: MONAI transforms per sample in loader workers, no cache files."""
+    run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, data_path="chain", **dataset, **dict(FAST, num_workers=2))
+    assert (tmp_path / "models" / "model.pt").exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_second_run_reuses_the_cache(dataset, tmp_path):
+    run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **FAST)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")}
+    assert sorted(p.name.split("-")[0] for p in files) == ["training", "validation"]
+    again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", **dataset, **FAST)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")} == files
+    assert (again.stdout + again.stderr).count("reusing the image cache") == 2
+
+
+def test_an_unknown_data_path_is_named(dataset, tmp_path):
+    result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=1, data_path="fats", **dataset, **FAST)
+    assert "config key 'data_path' must be one of ('fast', 'chain'), got 'fats'" in result.stderr
+
+
 def test_two_process_ddp_on_cpu_with_gloo(dataset, tmp_path):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
     result = run_bundle(MULTI_GPU, launcher=torchrun, bundle_root=tmp_path, max_epochs=2, **dataset, **FAST)
@@ -62,6 +84,10 @@ def test_two_process_ddp_on_cpu_with_gloo(dataset, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(key.startswith("module.") for key in state), "saved without the DDP wrapper"
+    n_training = len(read_json(dataset["datalist"])["training"])
+    shards = [len(np.load(p, mmap_mode="r")) for p in (tmp_path / "cache").glob("training-*.npy")]
+    assert len(shards) == 2 and sum(shards) >= n_training and max(shards) <= n_training // 2 + 1, \
+        "each rank caches only its own shard"
     # the DDP-trained model evaluates with the single-process config
     run_bundle(EVALUATE, bundle_root=tmp_path, **dataset, **FAST)
     assert read_json(tmp_path / "eval" / "metrics.json")["n_images"] == len(read_json(dataset["datalist"])["testing"])

@@ -1,0 +1,98 @@
+"""Random spatial augmentation of a whole batch on its device, in one warp.
+
+The per-sample chain in train.json runs MONAI's RandRotated, RandFlipd (both axes) and RandZoomd on
+each image in a loader worker. ``BatchAugmentation`` does what that chain does to every image of a
+batch at once: each image draws its own parameters with the same probabilities and ranges, the
+rotation, flips and zoom are composed into one affine matrix per image in the same order as the
+chain (rotate, flip, zoom), and MONAI's ``AffineTransform`` resamples the batch with them in one
+``grid_sample``. The matrices follow MONAI's own ``Rotate`` convention (pull direction, array-index
+order, centred on the middle pixel), so an angle means what it means to RandRotated.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers import AffineTransform
+
+
+class BatchAugmentation:
+    """Per-sample random rotation, flips and zoom of a ``(N, C, H, W)`` float batch.
+
+    Args:
+        rotate_degrees: each rotated image turns by an angle drawn uniformly from ±rotate_degrees.
+        rotate_prob: probability that an image is rotated (RandRotated's ``prob``).
+        flip_prob: probability that an image is flipped, drawn independently for each spatial axis.
+        zoom_range: (min_zoom, max_zoom); a zoomed image is scaled by a factor drawn uniformly from it.
+        zoom_prob: probability that an image is zoomed.
+        padding_mode: grid_sample padding for pixels pulled from outside the image ("border"
+            repeats the edge, like the chain's ``border``/``edge``).
+        seed: seeds the generator, so the same seed gives the same augmentation stream.
+    """
+
+    def __init__(self, rotate_degrees: float = 15.0, rotate_prob: float = 0.5, flip_prob: float = 0.5,
+                 zoom_range: Sequence[float] = (0.9, 1.1), zoom_prob: float = 0.5, padding_mode: str = "border",
+                 seed: int = 0) -> None:
+        for name, p in (("rotate_prob", rotate_prob), ("flip_prob", flip_prob), ("zoom_prob", zoom_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"augmentation {name} must be in [0, 1], got {p}")
+        min_zoom, max_zoom = (float(z) for z in zoom_range)
+        if not 0 < min_zoom <= max_zoom:
+            raise ValueError(f"augmentation zoom_range must be 0 < min <= max, got {list(zoom_range)}")
+        self.max_radians = math.radians(abs(float(rotate_degrees)))
+        self.rotate_prob, self.flip_prob, self.zoom_prob = rotate_prob, flip_prob, zoom_prob
+        self.zoom_range = (min_zoom, max_zoom)
+        self.warp = AffineTransform(normalized=False, mode="bilinear", padding_mode=padding_mode,
+                                    align_corners=False, reverse_indexing=True)
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This augmentation's random stream on ``device``, seeded on first use."""
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def sample_parameters(self, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Independent random parameters for ``n`` images: angle (radians, 0 when not rotated),
+        zoom (1 when not zoomed) and flip (``(n, 2)`` booleans, one per spatial axis)."""
+        g = self.generator(device)
+        u = torch.rand(n, 6, device=device, generator=g)  # one draw for every decision and value
+        angle = (u[:, 1] * 2 - 1) * self.max_radians
+        angle = torch.where(u[:, 0] < self.rotate_prob, angle, torch.zeros_like(angle))
+        min_zoom, max_zoom = self.zoom_range
+        zoom = min_zoom + u[:, 3] * (max_zoom - min_zoom)
+        zoom = torch.where(u[:, 2] < self.zoom_prob, zoom, torch.ones_like(zoom))
+        flip = u[:, 4:6] < self.flip_prob
+        return {"angle": angle, "zoom": zoom, "flip": flip}
+
+    @staticmethod
+    def matrices(params: dict[str, torch.Tensor], spatial_size: Sequence[int]) -> torch.Tensor:
+        """``(n, 3, 3)`` pull matrices in pixel (array-index) coordinates, like MONAI's Rotate builds.
+
+        Output pixel ``o`` samples the input at ``M @ o``, with
+        ``M = shift · rotation · flip · zoom⁻¹ · shift⁻¹``: the chain rotates, then flips, then zooms,
+        so pulling undoes the zoom first. ``shift`` moves the origin to the middle pixel.
+        """
+        angle, zoom, flip = params["angle"], params["zoom"], params["flip"]
+        n, device = angle.shape[0], angle.device
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        sign = 1.0 - 2.0 * flip.to(angle.dtype)  # -1 where flipped
+        inv_zoom = 1.0 / zoom
+        # rotation @ diag(sign) @ diag(1/zoom), written out: column j of the rotation scaled by sign_j / zoom
+        linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        linear = linear * (sign * inv_zoom[:, None])[:, None, :]
+        centre = torch.tensor([(s - 1) / 2 for s in spatial_size], dtype=angle.dtype, device=device)
+        m = torch.zeros(n, 3, 3, dtype=angle.dtype, device=device)
+        m[:, :2, :2] = linear
+        m[:, :2, 2] = centre - (linear @ centre)  # keeps the middle pixel fixed
+        m[:, 2, 2] = 1.0
+        return m
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """A new batch: each image warped by its own random rotation, flips and zoom."""
+        if images.ndim != 4:
+            raise ValueError(f"BatchAugmentation expects a (N, C, H, W) batch, got shape {tuple(images.shape)}")
+        params = self.sample_parameters(images.shape[0], images.device)
+        return self.warp(images, self.matrices(params, images.shape[2:]))

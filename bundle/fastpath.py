@@ -1,0 +1,128 @@
+"""The cached data path: batches cut straight from an ``ImageCache``, augmented on their device.
+
+Selected by the config key ``data_path``: "fast" (this module) or "chain" (the per-sample MONAI
+chain in DataLoader workers, the tutorial's way, kept for comparison). With the cache on the GPU a
+batch is an ``index_select`` and one warp on the GPU: no workers, no collation, no host-to-device
+copy. With a memory-mapped cache a background thread (MONAI's ``ThreadBuffer``) reads the next
+batch's rows while the current one trains.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from monai.data import ThreadBuffer
+from monai.utils import set_determinism
+
+from bundle.augment import BatchAugmentation
+from bundle.cache import ImageCache
+
+DATA_PATHS = ("fast", "chain")
+LR_SCALING = ("linear", "sqrt", "none")
+
+
+class CachedBatchLoader:
+    """Iterates over an ``ImageCache`` in batches of ``{"image", "label"[, "image_path"]}``.
+
+    Args:
+        cache: the decoded images.
+        batch_size: images per batch. An epoch is cut into ``ceil(n / batch_size)`` batches of
+            (nearly) equal size, so every image is seen every epoch and no batch is a tiny remainder.
+        shuffle: a new random order every epoch (ignored when ``sampler`` is given).
+        sampler: a torch ``Sampler`` of indices into the cache (e.g. class-balanced), drawn afresh
+            every epoch.
+        augmentation: applied to each float batch on its device (None: no augmentation).
+        channels_last: hand the network channels-last images (faster convolutions on GPUs).
+        with_paths: add each image's file as ``image_path`` (for evaluation reports).
+        seed: seeds the shuffling.
+    """
+
+    def __init__(self, cache: ImageCache, batch_size: int, shuffle: bool = False,
+                 sampler: torch.utils.data.Sampler | None = None, augmentation: BatchAugmentation | None = None,
+                 channels_last: bool = False, with_paths: bool = False, seed: int = 0) -> None:
+        if int(batch_size) < 1:
+            raise ValueError(f"config key 'batch_size' must be at least 1, got {batch_size}")
+        self.cache = cache
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.sampler = sampler
+        self.augmentation = augmentation
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.with_paths = with_paths
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self.sampler is not None:
+            return torch.as_tensor(list(self.sampler), dtype=torch.long)
+        if self.shuffle:
+            return torch.randperm(len(self.cache), generator=self.generator)
+        return torch.arange(len(self.cache))
+
+    def _epoch_size(self) -> int:
+        return len(self.sampler) if self.sampler is not None else len(self.cache)
+
+    def __len__(self) -> int:
+        return math.ceil(self._epoch_size() / self.batch_size)
+
+    def _batches(self) -> Iterator[dict]:
+        for indices in torch.tensor_split(self._epoch_order(), len(self)):
+            batch = {"image": self.cache.gather(indices)}
+            if self.cache.labels is not None:
+                batch["label"] = self.cache.labels[indices.to(self.cache.labels.device)]
+            if self.with_paths:
+                batch["image_path"] = [self.cache.paths[i] for i in indices.tolist()]
+            yield batch
+
+    def _to_float(self, batch: dict) -> dict:
+        images = batch["image"].float().div_(255)  # the cache holds the preprocessing's 0-1 output x 255
+        if self.augmentation is not None:
+            images = self.augmentation(images)
+        batch["image"] = images.contiguous(memory_format=self.memory_format)
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = self._batches()
+        if self.cache.storage == "memmap":  # read ahead from disk while the current batch trains
+            batches = ThreadBuffer(batches, buffer_size=2, timeout=0.01)
+        for batch in batches:
+            yield self._to_float(batch)
+
+
+def undecollated_iteration(engine, batchdata) -> list[dict]:
+    """SupervisedTrainer's own iteration, its whole-batch output handed on as a one-item list.
+
+    MONAI's handlers (StatsHandler, MLFlowHandler, ...) read the loss with
+    ``from_engine(["loss"], first=True)``, i.e. from the first item of a decollated batch. Decollating
+    a training batch splits it per image and turns each label into a Python int: one GPU sync per
+    label, about a tenth of a 64-px step. The trainer runs with ``decollate: false`` and this
+    iteration instead, so the loss is where those handlers look and nothing is split.
+    """
+    return [engine._iteration(engine, batchdata)]
+
+
+def select_loader(data_path: str, fast, chain):
+    """The loader ``data_path`` names; the other one is disabled in the config (None)."""
+    if data_path not in DATA_PATHS:
+        raise ValueError(f"config key 'data_path' must be one of {DATA_PATHS}, got {data_path!r}")
+    return fast if data_path == "fast" else chain
+
+
+def scaled_learning_rate(learning_rate: float, batch_size: int, reference_batch_size: int, scaling: str) -> float:
+    """``learning_rate`` (tuned at ``reference_batch_size``) scaled to ``batch_size``.
+
+    "sqrt" (the default; suits Adam) multiplies by sqrt(batch_size / reference), "linear" by the
+    ratio itself (suits SGD), "none" leaves it.
+    """
+    if scaling not in LR_SCALING:
+        raise ValueError(f"config key 'lr_scaling' must be one of {LR_SCALING}, got {scaling!r}")
+    ratio = int(batch_size) / int(reference_batch_size)
+    return float(learning_rate) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scaling]
+
+
+def seed_run(seed: int, cudnn_benchmark: bool) -> None:
+    """MONAI's ``set_determinism``, then cuDNN autotuning back on if asked (it switches it off):
+    autotuned convolutions are much faster on a GPU but not bit-reproducible."""
+    set_determinism(seed=seed)
+    if cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False

@@ -1,0 +1,225 @@
+"""The persistent image cache and the loader that cuts batches from it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+from PIL import Image
+
+from bundle import cache as cache_module
+from bundle.augment import BatchAugmentation
+from bundle.cache import ImageCache, fingerprint
+from bundle.fastpath import CachedBatchLoader, scaled_learning_rate, select_loader
+from bundle.imbalance import sampler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def preprocessing(image_size=(32, 32), **overrides):
+    """The bundle's own preprocessing from configs/inference.json, at ``image_size``."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "inference.json"))
+    parser.update({"image_size": list(image_size), **overrides})
+    return parser.get_parsed_content("preprocessing")
+
+
+def write_images(folder: Path, n: int = 12, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (45, 60, 3), dtype=np.uint8)).save(path)
+        items.append({"image": str(path), "label": i % 7})
+    return items
+
+
+def solid_images(folder: Path, n: int) -> list[dict]:
+    """Images of one flat grey each, grey level 10 * i: an image's identity survives any warp."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        path = folder / f"solid{i:03d}.png"
+        Image.fromarray(np.full((30, 40, 3), 10 * i, dtype=np.uint8)).save(path)
+        items.append({"image": str(path), "label": i % 7})
+    return items
+
+
+def build(items, cache_dir, image_size=(32, 32), **kwargs):
+    return ImageCache(items, preprocessing(image_size), str(cache_dir), num_workers=0, progress=False, **kwargs)
+
+
+def npy_files(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.glob("*.npy"))
+
+
+def test_cache_holds_the_bundle_preprocessing_output(tmp_path):
+    items = write_images(tmp_path / "images")
+    cache = build(items, tmp_path / "cache")
+    chain = Compose(preprocessing())
+    for i, item in enumerate(items):
+        expected = torch.as_tensor(chain(dict(item))["image"]).float()
+        cached = cache.gather(torch.tensor([i]))[0].float() / 255
+        assert cached.shape == expected.shape == (3, 32, 32)
+        assert (cached - expected).abs().max().item() <= 0.5 / 255 + 1e-6  # uint8 rounding, nothing else
+    assert cache.labels.tolist() == [item["label"] for item in items]
+
+
+def test_a_second_run_reuses_the_file_without_decoding(tmp_path, monkeypatch):
+    items = write_images(tmp_path / "images")
+    first = build(items, tmp_path / "cache")
+    assert first.build_seconds > 0
+    modified = first.path.stat().st_mtime_ns
+    monkeypatch.setattr(cache_module._Decode, "__call__", lambda self, item: pytest.fail("decoded again"))
+    second = build(items, tmp_path / "cache")
+    assert second.path == first.path and second.build_seconds == 0
+    assert second.path.stat().st_mtime_ns == modified
+    assert torch.equal(second.images, first.images)
+
+
+def test_a_changed_image_rebuilds_the_cache(tmp_path):
+    items = write_images(tmp_path / "images")
+    old = build(items, tmp_path / "cache")
+    Image.fromarray(np.zeros((45, 60, 3), dtype=np.uint8)).save(items[3]["image"])  # new pixels, new size/mtime
+    new = build(items, tmp_path / "cache")
+    assert new.path != old.path and new.build_seconds > 0
+    assert new.gather(torch.tensor([3])).max().item() == 0
+    assert torch.equal(new.gather(torch.tensor([2])), old.gather(torch.tensor([2])))
+
+
+def test_size_preprocessing_and_datalist_each_key_the_cache(tmp_path):
+    items = write_images(tmp_path / "images")
+    base = fingerprint(items, preprocessing())
+    assert fingerprint(items, preprocessing()) == base  # stable
+    assert fingerprint(items, preprocessing((24, 24))) != base
+    assert fingerprint(items, preprocessing(**{"preprocessing#2#a_max": 250.0})) != base
+    assert fingerprint(items, preprocessing(**{"preprocessing#3#mode": "bilinear"})) != base
+    assert fingerprint(items[:-1], preprocessing()) != base
+    assert fingerprint(list(reversed(items)), preprocessing()) != base
+    assert build(items, tmp_path / "cache", (24, 24)).shape == (3, 24, 24)
+
+
+def test_fingerprint_is_the_same_in_a_fresh_process(tmp_path):
+    """No object addresses or other per-process values leak into the key."""
+    items = write_images(tmp_path / "images")
+    code = ("import json, sys; from tests.test_cache import preprocessing; from bundle.cache import fingerprint; "
+            "print(fingerprint(json.loads(sys.argv[1]), preprocessing()))")
+    other = subprocess.run([sys.executable, "-c", code, json.dumps(items)], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert other == fingerprint(items, preprocessing())
+
+
+def test_an_interrupted_build_leaves_nothing_to_read(tmp_path, monkeypatch):
+    items = write_images(tmp_path / "images")
+    real_call, calls = cache_module._Decode.__call__, []
+
+    def dies_midway(self, item):
+        calls.append(item)
+        if len(calls) == 7:
+            raise KeyboardInterrupt("killed while decoding")
+        return real_call(self, item)
+
+    monkeypatch.setattr(cache_module._Decode, "__call__", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        build(items, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no cache file, no temporary left behind
+    monkeypatch.setattr(cache_module._Decode, "__call__", real_call)
+    assert build(items, tmp_path / "cache").build_seconds > 0
+
+
+def test_a_damaged_cache_file_is_decoded_again(tmp_path):
+    items = write_images(tmp_path / "images")
+    first = build(items, tmp_path / "cache")
+    expected = first.images.clone()
+    data = first.path.read_bytes()
+    first.path.write_bytes(data[: len(data) // 2])  # e.g. a disk that filled up under another tool
+    again = build(items, tmp_path / "cache")
+    assert again.build_seconds > 0 and torch.equal(again.images, expected)
+
+
+def test_memmap_storage_serves_the_same_batches_from_disk(tmp_path):
+    items = write_images(tmp_path / "images", n=20)
+    in_memory = build(items, tmp_path / "cache", storage="device")
+    on_disk = build(items, tmp_path / "cache", storage="memmap")
+    assert isinstance(on_disk.images, np.memmap)
+    indices = torch.tensor([5, 1, 19, 1, 0])  # unsorted, repeated: as a sampler draws them
+    assert torch.equal(on_disk.gather(indices), in_memory.gather(indices))
+    batches = [list(CachedBatchLoader(c, batch_size=6)) for c in (in_memory, on_disk)]
+    for a, b in zip(*batches, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_preprocessing_that_leaves_0_1_is_refused_with_the_way_out(tmp_path):
+    items = write_images(tmp_path / "images", n=2)
+    no_scaling = [t for t in preprocessing() if type(t).__name__ != "ScaleIntensityRanged"]
+    with pytest.raises(ValueError, match="data_path chain"):
+        ImageCache(items, no_scaling, str(tmp_path / "cache"), num_workers=0, progress=False)
+    assert npy_files(tmp_path / "cache") == []
+
+
+def test_an_unknown_storage_is_named(tmp_path):
+    with pytest.raises(ValueError, match="cache_storage"):
+        build(write_images(tmp_path / "images", n=1), tmp_path / "cache", storage="gpu")
+
+
+def test_every_image_once_per_epoch_in_even_batches(tmp_path):
+    cache = build(write_images(tmp_path / "images", n=23), tmp_path / "cache")
+    loader = CachedBatchLoader(cache, batch_size=8, shuffle=True, seed=0)
+    assert len(loader) == 3
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(b["label"]) for b in batches] == [8, 8, 7]
+        identities = torch.cat([b["image"][:, 0, 0, 0] for b in batches])
+        epochs.append(identities)
+        assert len(torch.unique(torch.cat([b["image"].reshape(len(b["image"]), -1) for b in batches]), dim=0)) == 23
+    assert not torch.equal(epochs[0], epochs[1])  # a fresh order each epoch
+
+
+def test_labels_travel_with_their_images_through_augmentation(tmp_path):
+    items = solid_images(tmp_path / "images", 24)
+    cache = build(items, tmp_path / "cache", (16, 16))
+    augmentation = BatchAugmentation(rotate_prob=1, flip_prob=0.5, zoom_prob=1, seed=3)
+    loader = CachedBatchLoader(cache, batch_size=10, shuffle=True, augmentation=augmentation, with_paths=True)
+    seen = 0
+    for batch in loader:
+        grey = (batch["image"].mean(dim=(1, 2, 3)) * 255 / 10).round().long()  # the image's index
+        assert batch["label"].tolist() == [items[i]["label"] for i in grey.tolist()]
+        assert batch["image_path"] == [items[i]["image"] for i in grey.tolist()]
+        seen += len(grey)
+    assert seen == 24
+
+
+def test_a_class_balancing_sampler_sets_the_epoch(tmp_path):
+    items = solid_images(tmp_path / "images", 14)
+    items = [dict(item, label=0 if i < 12 else 1) for i, item in enumerate(items)]  # 12 vs 2
+    cache = build(items, tmp_path / "cache", (8, 8))
+    loader = CachedBatchLoader(cache, batch_size=7, sampler=sampler("sampler", items, seed=0))
+    labels = torch.cat([b["label"] for _ in range(20) for b in loader])
+    assert len(labels) == 20 * 14
+    assert labels.float().mean().item() == pytest.approx(0.5, abs=0.1)  # balanced, not 2/14
+
+
+def test_channels_last_batches(tmp_path):
+    cache = build(write_images(tmp_path / "images", n=4), tmp_path / "cache")
+    batch = next(iter(CachedBatchLoader(cache, batch_size=4, channels_last=True)))
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+    assert batch["image"].dtype == torch.float32 and 0 <= batch["image"].min() and batch["image"].max() <= 1
+
+
+def test_learning_rate_scaling_and_data_path_choice():
+    assert scaled_learning_rate(1e-3, 256, 64, "sqrt") == pytest.approx(2e-3)
+    assert scaled_learning_rate(1e-3, 256, 64, "linear") == pytest.approx(4e-3)
+    assert scaled_learning_rate(1e-3, 256, 64, "none") == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr_scaling"):
+        scaled_learning_rate(1e-3, 256, 64, "cubic")
+    assert select_loader("fast", fast="F", chain=None) == "F"
+    assert select_loader("chain", fast=None, chain="C") == "C"
+    with pytest.raises(ValueError, match="data_path"):
+        select_loader("fats", fast=None, chain=None)
