@@ -1,7 +1,7 @@
 """Package the trained bundle as a TorchServe model archive (``dist/skin_lesion.mar``).
 
     python scripts/package_mar.py [--bundle_root .] [--weights models/model.pt] [--export_path dist]
-        [--batch_size 8 --max_batch_delay_ms 5 --min_workers 1 --max_workers 1 --response_timeout_s 60]
+        [--batch_size 8 --max_batch_delay_ms 1 --min_workers 1 --max_workers 1 --response_timeout_s 60]
 
 The archive holds everything the handler needs, laid out like the bundle: ``configs/`` (the
 bundle's, from ``bundle_root``), the ``bundle`` Python package and ``handler.py`` (from this
@@ -28,11 +28,13 @@ HANDLER = REPO / "handler" / "handler.py"
 
 
 def package(bundle_root: str = ".", weights: str | None = None, export_path: str = "dist", version: str = "1.0",
-            batch_size: int = 8, max_batch_delay_ms: int = 5, min_workers: int = 1, max_workers: int = 1,
+            batch_size: int = 8, max_batch_delay_ms: int = 1, min_workers: int = 1, max_workers: int = 1,
             response_timeout_s: int = 60, max_retry_timeout_s: int = 30, max_pixels: int = MAX_PIXELS) -> None:
     """Write ``<export_path>/skin_lesion.mar``, replacing it.
 
-    ``weights`` defaults to ``<bundle_root>/models/model.pt``. ``max_retry_timeout_s``: how long a worker
+    ``weights`` defaults to ``<bundle_root>/models/model.pt``. ``max_batch_delay_ms``: how long a partial
+    batch waits for more requests; a lone request pays it in full, while under load batches fill from
+    the queue during the previous batch anyway (docs/SERVING.md). ``max_retry_timeout_s``: how long a worker
     may keep failing to (re)load before /ping answers 500 (TorchServe's default is 300 s).
     """
     try:

@@ -61,11 +61,14 @@ def test_the_per_sample_chain_still_trains(dataset, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_second_run_reuses_the_cache(dataset, tmp_path):
+def test_a_second_run_reuses_the_cache_even_memory_mapped(dataset, tmp_path):
     run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **FAST)
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")}
     assert sorted(p.name.split("-")[0] for p in files) == ["training", "validation"]
-    again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", **dataset, **FAST)
+    # as for a dataset larger than memory: batches read from the file on disk
+    again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", cache_storage="memmap",
+                       **dataset, **FAST)
+    assert read_json(tmp_path / "models" / "history.json")[0]["val_auc"] > 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")} == files
     assert (again.stdout + again.stderr).count("reusing the image cache") == 2
 
