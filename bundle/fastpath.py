@@ -8,7 +8,7 @@ batch's rows while the current one trains.
 """
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from monai.data import ThreadBuffer
