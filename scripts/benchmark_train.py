@@ -91,7 +91,7 @@ class Bench:
         print(f"  {name}: {rate:,.0f} img/s ({images} images in {seconds:.1f} s; wall {wall:.1f} s)", flush=True)
         return rate
 
-    def loader(self, parser: ConfigParser, name: str, device: torch.device):
+    def loader(self, parser: ConfigParser, device: torch.device):
         """The config's training loader, with the time it took to build (decoding/caching included)."""
         _reset_peak(device)
         started = time.perf_counter()
@@ -101,7 +101,7 @@ class Bench:
     def data_only(self, data_path: str, epochs: int, device: torch.device) -> float:
         parser = self.parser(data_path)
         wall_start = time.perf_counter()
-        loader, build = self.loader(parser, data_path, device)
+        loader, build = self.loader(parser, device)
         images, timed = 0, 0.0
         for epoch in range(epochs):
             started = time.perf_counter()
@@ -119,7 +119,7 @@ class Bench:
         """Time the config's trainer; ``parser`` sets max_epochs (the first epoch is left out of img/s)."""
         wall_start = time.perf_counter()
         if loader is None:
-            loader, build = self.loader(parser, name, device)
+            loader, build = self.loader(parser, device)
         else:
             build = 0.0
         parser["train#dataloader"] = loader
@@ -148,7 +148,7 @@ class Bench:
 
     def model_only(self, steps: int, device: torch.device) -> float:
         parser = self.parser("fast", max_epochs=2)
-        loader, _ = self.loader(parser, "fast", device)
+        loader, _ = self.loader(parser, device)
         batch = next(iter(loader))  # a real augmented batch, kept on the device
         return self.train("model only", parser, None, device, loader=RepeatedBatch(batch, steps))
 
