@@ -7,7 +7,8 @@ imports bind only the top-level name). Submodules load on first use, so that the
 
 import importlib
 
-SUBMODULES = ("augment", "cache", "data", "fastpath", "handlers", "imageio", "imbalance", "labels", "metrics", "plots", "predictor", "synthetic")
+SUBMODULES = ("atomic", "augment", "cache", "calibration", "data", "fastpath", "handlers", "imageio", "imbalance", "inferers",
+              "labels", "metrics", "plots", "predictor", "sidecar", "synthetic")
 
 
 def __getattr__(name: str):

@@ -7,17 +7,90 @@ rotation, flips and zoom are composed into one affine matrix per image in the sa
 chain (rotate, flip, zoom), and MONAI's ``AffineTransform`` resamples the batch with them in one
 ``grid_sample``. The matrices follow MONAI's own ``Rotate`` convention (pull direction, array-index
 order, centred on the middle pixel), so an angle means what it means to RandRotated.
+
+Colour jitter (brightness, contrast, saturation: dermoscopes differ in light and white balance) is
+one function, ``colour_jitter``, that both paths call: ``BatchAugmentation`` on the whole batch and
+``RandColourJitterd`` (a MONAI transform for the per-sample chain) on one image at a time.
 """
 
 import math
 from collections.abc import Sequence
 
 import torch
+from monai.config import KeysCollection
 from monai.networks.layers import AffineTransform
+from monai.transforms import MapTransform, RandomizableTransform
+
+# ITU-R BT.601 luma weights: the grey a saturation change pulls towards
+LUMA = (0.299, 0.587, 0.114)
+
+
+def colour_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                  saturation: torch.Tensor) -> torch.Tensor:
+    """Scale each RGB image of a ``(N, 3, H, W)`` 0-1 batch by its own factors (1 leaves it unchanged).
+
+    In order: brightness multiplies every pixel; contrast scales each pixel's distance from the
+    image's mean grey; saturation scales each pixel's distance from its own grey. The result is
+    clipped to [0, 1], the range the preprocessing produces.
+    """
+    def per_image(factor):
+        return factor.to(images.dtype).reshape(-1, 1, 1, 1)
+
+    luma = torch.tensor(LUMA, dtype=images.dtype, device=images.device).reshape(1, 3, 1, 1)
+    images = images * per_image(brightness)
+    mean_grey = (images * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    images = mean_grey + (images - mean_grey) * per_image(contrast)
+    grey = (images * luma).sum(1, keepdim=True)
+    images = grey + (images - grey) * per_image(saturation)
+    return images.clamp_(0.0, 1.0)
+
+
+def _jitter_factors(u: torch.Tensor, strength: float) -> torch.Tensor:
+    """Factors uniform in [1 - strength, 1 + strength] from uniform [0, 1) draws."""
+    return 1.0 + (u * 2 - 1) * strength
+
+
+def _check_strength(name: str, value: float) -> float:
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"augmentation {name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def _check_prob(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"augmentation {name} must be in [0, 1], got {p}")
+
+
+class RandColourJitterd(RandomizableTransform, MapTransform):
+    """The per-sample chain's colour jitter: ``colour_jitter`` on one ``(3, H, W)`` image, with
+    probability ``prob``, each factor drawn uniformly from [1 - strength, 1 + strength]."""
+
+    def __init__(self, keys: KeysCollection, brightness: float = 0.0, contrast: float = 0.0,
+                 saturation: float = 0.0, prob: float = 0.5) -> None:
+        _check_prob("colour_prob", prob)
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.strengths = [_check_strength(n, v) for n, v in
+                          (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))]
+        self.factors = [1.0, 1.0, 1.0]
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self.factors = [1.0 + self.R.uniform(-s, s) for s in self.strengths]
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize()
+        d = dict(data)
+        if not self._do_transform:
+            return d
+        factors = [torch.tensor([f]) for f in self.factors]
+        for key in self.key_iterator(d):
+            d[key] = colour_jitter(d[key][None], *factors)[0]
+        return d
 
 
 class BatchAugmentation:
-    """Per-sample random rotation, flips and zoom of a ``(N, C, H, W)`` float batch.
+    """Per-sample random rotation, flips, zoom and colour jitter of a ``(N, C, H, W)`` float batch.
 
     Args:
         rotate_degrees: each rotated image turns by an angle drawn uniformly from ±rotate_degrees.
@@ -25,17 +98,24 @@ class BatchAugmentation:
         flip_prob: probability that an image is flipped, drawn independently for each spatial axis.
         zoom_range: (min_zoom, max_zoom); a zoomed image is scaled by a factor drawn uniformly from it.
         zoom_prob: probability that an image is zoomed.
+        brightness, contrast, saturation: colour jitter strengths; a jittered image's factors are drawn
+            uniformly from [1 - strength, 1 + strength] (see ``colour_jitter``). All 0: no jitter.
+        colour_prob: probability that an image is colour-jittered.
         padding_mode: grid_sample padding for pixels pulled from outside the image ("border"
             repeats the edge, like the chain's ``border``/``edge``).
         seed: seeds the generator, so the same seed gives the same augmentation stream.
     """
 
     def __init__(self, rotate_degrees: float = 15.0, rotate_prob: float = 0.5, flip_prob: float = 0.5,
-                 zoom_range: Sequence[float] = (0.9, 1.1), zoom_prob: float = 0.5, padding_mode: str = "border",
-                 seed: int = 0) -> None:
-        for name, p in (("rotate_prob", rotate_prob), ("flip_prob", flip_prob), ("zoom_prob", zoom_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"augmentation {name} must be in [0, 1], got {p}")
+                 zoom_range: Sequence[float] = (0.9, 1.1), zoom_prob: float = 0.5, brightness: float = 0.0,
+                 contrast: float = 0.0, saturation: float = 0.0, colour_prob: float = 0.5,
+                 padding_mode: str = "border", seed: int = 0) -> None:
+        for name, p in (("rotate_prob", rotate_prob), ("flip_prob", flip_prob), ("zoom_prob", zoom_prob),
+                        ("colour_prob", colour_prob)):
+            _check_prob(name, p)
+        self.colour_strengths = [_check_strength(n, v) for n, v in
+                                 (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))]
+        self.colour_prob = colour_prob
         min_zoom, max_zoom = (float(z) for z in zoom_range)
         if not 0 < min_zoom <= max_zoom:
             raise ValueError(f"augmentation zoom_range must be 0 < min <= max, got {list(zoom_range)}")
@@ -65,7 +145,13 @@ class BatchAugmentation:
         zoom = min_zoom + u[:, 3] * (max_zoom - min_zoom)
         zoom = torch.where(u[:, 2] < self.zoom_prob, zoom, torch.ones_like(zoom))
         flip = u[:, 4:6] < self.flip_prob
-        return {"angle": angle, "zoom": zoom, "flip": flip}
+        params = {"angle": angle, "zoom": zoom, "flip": flip}
+        if any(self.colour_strengths):  # drawn after the spatial ones: a seed's spatial stream is unchanged
+            c = torch.rand(n, 4, device=device, generator=g)
+            jittered = c[:, :1] < self.colour_prob
+            factors = torch.stack([_jitter_factors(c[:, i + 1], s) for i, s in enumerate(self.colour_strengths)], 1)
+            params["colour"] = torch.where(jittered, factors, torch.ones_like(factors))
+        return params
 
     @staticmethod
     def matrices(params: dict[str, torch.Tensor], spatial_size: Sequence[int]) -> torch.Tensor:
@@ -95,4 +181,7 @@ class BatchAugmentation:
         if images.ndim != 4:
             raise ValueError(f"BatchAugmentation expects a (N, C, H, W) batch, got shape {tuple(images.shape)}")
         params = self.sample_parameters(images.shape[0], images.device)
-        return self.warp(images, self.matrices(params, images.shape[2:]))
+        images = self.warp(images, self.matrices(params, images.shape[2:]))
+        if "colour" in params:
+            images = colour_jitter(images, *params["colour"].unbind(1))
+        return images

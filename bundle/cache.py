@@ -33,7 +33,7 @@ from monai.data import DataLoader
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from bundle.handlers import atomic_write
+from bundle.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

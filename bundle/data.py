@@ -10,7 +10,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from bundle.atomic import atomic_write
 from bundle.imageio import decode_problem
 from bundle.labels import CLASS_NAMES, NUM_CLASSES
 
@@ -314,11 +314,7 @@ def write_datalist(splits: dict[str, list[dict]], path: str | os.PathLike, datas
     }
     for key in SPLIT_KEYS:
         content[key] = [{field: item[field] for field in RECORD_KEYS} for item in splits.get(key, [])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        json.dump(content, file, indent=1)
-        file.write("\n")
-    os.replace(file.name, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1) + "\n"))
     return path
 
 

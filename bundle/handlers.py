@@ -16,32 +16,23 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
 from bundle.labels import CLASS_NAMES
-from bundle.metrics import classification_report
-from bundle.predictor import sidecar_path
+from bundle import calibration
+from bundle.atomic import atomic_write
+from bundle.calibration import Calibration
+from bundle.metrics import balanced_accuracy, classification_report, expected_calibration_error, negative_log_likelihood
+from bundle.sidecar import sidecar_path, write_sidecar
 
 logger = logging.getLogger(__name__)
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)``, then move the result over ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plain_state_dict(network: torch.nn.Module) -> dict:
     """The network's weights on the CPU, without a DistributedDataParallel/DataParallel wrapper."""
-    module = getattr(network, "module", network)
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in _unwrapped(network).state_dict().items()}
 
 
 def as_bool(value: bool | str, key: str) -> bool:
@@ -64,44 +55,119 @@ class BestModelSaver:
     never replaces a better model with a worse one.
 
     Given the ``image_size`` [height, width] the network is trained at, it also writes the weights'
-    sidecar (``bundle.predictor.sidecar_path``: ``model.json`` beside ``model.pt``) with that size, the
-    class names, the epoch and the score, since a DenseNet served at another size runs and mispredicts.
+    sidecar (``bundle.sidecar``: ``model.json`` beside ``model.pt``) with that size, the class names,
+    the epoch and the score, since a DenseNet served at another size runs and mispredicts. With
+    ``calibrate`` it collects the validation logits (postprocessing's ``logits`` key) and labels of
+    every validation run, gathered across ranks, and stores in the sidecar the temperature and
+    decision rule fitted on those of the saved model (``bundle.calibration``).
     """
 
     def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str, enabled: bool = True,
-                 image_size: Sequence[int] | None = None) -> None:
+                 image_size: Sequence[int] | None = None, calibrate: bool = False) -> None:
         self.network = network
         self.save_path = save_path
         self.metric_name = metric_name
         self.enabled = enabled  # False on all but one rank under DDP: every rank tracks, one writes
         self.image_size = None if image_size is None else [int(side) for side in image_size]
+        self.calibrate = calibrate
         self.best_metric = -math.inf
         self.best_epoch = -1
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
+        if self.calibrate:
+            engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self._logits, self._labels = [], []
+
+    def _collect(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            self._logits.append(item["logits"].detach().float().cpu())
+            self._labels.append(torch.as_tensor(item["label"]).detach().cpu().reshape(-1))
+
+    def _calibration(self) -> Calibration | None:
+        """The calibration fitted on this validation run's predictions (a collective call under DDP)."""
+        if not self.calibrate:
+            return None
+        logits, labels = torch.stack(self._logits), torch.stack(self._labels)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            logits, labels = evenly_divisible_all_gather(logits), evenly_divisible_all_gather(labels)
+        labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0].long()  # one-hot after postprocessing
+        return calibration.fit(logits, labels, logits.shape[1])
 
     def __call__(self, engine: Engine) -> None:
         metric = float(engine.state.metrics[self.metric_name])
-        if not math.isfinite(metric) or metric <= self.best_metric:
+        improved = math.isfinite(metric) and metric > self.best_metric
+        fitted = self._calibration() if improved else None  # every rank sees the same (gathered) metric
+        if not improved:
             return
         self.best_metric, self.best_epoch = metric, engine.state.epoch
         if not self.enabled:
             return
-        sidecar = sidecar_path(self.save_path)
-        sidecar.unlink(missing_ok=True)  # killed between the two writes, new weights must not keep an old run's size
+        sidecar_path(self.save_path).unlink(missing_ok=True)  # killed between the writes, new weights keep no old size
         atomic_write(self.save_path, lambda tmp: torch.save(plain_state_dict(self.network), tmp))
         if self.image_size is not None:
             record = {"image_size": self.image_size, "class_names": list(CLASS_NAMES), "epoch": self.best_epoch,
                       "metric": {self.metric_name: self.best_metric}}
-            atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-        logger.info("epoch %d: %s improved to %.4f, saved %s", self.best_epoch, self.metric_name, metric, self.save_path)
+            if fitted is not None:
+                record["calibration"] = fitted.to_json()
+            write_sidecar(self.save_path, record)
+        logger.info("epoch %d: %s improved to %.4f, saved %s%s", self.best_epoch, self.metric_name, metric,
+                    self.save_path, "" if fitted is None else f" (temperature {fitted.temperature:.3f}, "
+                    f"decision tau {fitted.fit['tau']:.2f})")
 
     def state_dict(self) -> dict:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+
+
+class WeightAverage:
+    """An exponential moving average of the network's weights (and batch-norm statistics), updated
+    after every training step; validation, model selection and the saved model use the average.
+
+    A from-scratch DenseNet's weights jump from step to step, and so does its validation score: the
+    best epoch becomes a lucky spike. The average over the last ``epochs`` epochs' steps (decay
+    ``1 - 1 / (epochs * steps_per_epoch)``) moves smoothly and usually scores higher. ``epochs`` 0
+    turns it off: ``model`` is then the network itself. Put it in the resume checkpoint.
+    """
+
+    def __init__(self, network: torch.nn.Module, epochs: float, steps_per_epoch: int) -> None:
+        self.network = network
+        self.enabled = float(epochs) > 0
+        if float(epochs) < 0:
+            raise ValueError(f"config key 'ema_epochs' must be 0 (off) or positive, got {epochs}")
+        self.decay = 1.0 - 1.0 / max(float(epochs) * int(steps_per_epoch), 1.0) if self.enabled else 0.0
+        self.averaged = AveragedModel(_unwrapped(network), multi_avg_fn=get_ema_multi_avg_fn(self.decay),
+                                      use_buffers=True) if self.enabled else None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """What to validate and save: the average, or the network itself when averaging is off."""
+        return self.averaged.module if self.enabled else self.network
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+
+    def _update(self, engine: Engine) -> None:
+        self.averaged.update_parameters(_unwrapped(self.network))
+
+    def state_dict(self) -> dict:
+        return self.averaged.state_dict() if self.enabled else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.enabled:
+            self.averaged.load_state_dict(state)
+
+
+def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
+    return getattr(network, "module", network)
 
 
 class ResumeCheckpoint:
@@ -197,16 +263,18 @@ class TrainingHistory:
 class PredictionWriter:
     """Collects every image's class probabilities during a run and writes them as a CSV at its end.
 
-    Columns: image, predicted class, its probability, then one probability per class. Across
-    ranks the rows are gathered so that rank 0 writes one file.
+    Columns: image, predicted class, its probability, then one probability per class. The predicted
+    class is ``calibration``'s decision rule (the plain argmax without one). Across ranks the rows
+    are gathered so that rank 0 writes one file.
     """
 
     def __init__(self, output_dir: str, class_names: Sequence[str], filename: str = "predictions.csv",
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, calibration: Calibration | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.filename = filename
         self.enabled = enabled
+        self.calibration = calibration or Calibration()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -216,40 +284,47 @@ class PredictionWriter:
     def _reset(self, engine: Engine) -> None:
         self._images: list[str] = []
         self._probabilities: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
     def _collect(self, engine: Engine) -> None:
         outputs = engine.state.output
         self._probabilities += [o["pred"].detach().float().cpu() for o in outputs]
+        self._logits += [o["logits"].detach().float().cpu() for o in outputs if "logits" in o]
         self._labels += [torch.as_tensor(o["label"]).cpu() for o in outputs if o.get("label") is not None]
         self._images += [_image_name(o, b) for o, b in zip(outputs, engine.state.batch)]
 
-    def _gathered(self) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-        probabilities = torch.stack(self._probabilities)
-        labels = torch.stack(self._labels).reshape(len(self._labels), -1) if self._labels else None
+    def _gathered(self) -> dict:
+        collected = {"probabilities": torch.stack(self._probabilities),
+                     "logits": torch.stack(self._logits) if self._logits else None,
+                     "labels": torch.stack(self._labels).reshape(len(self._labels), -1) if self._labels else None}
         images = self._images
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            probabilities = evenly_divisible_all_gather(probabilities)
-            labels = evenly_divisible_all_gather(labels) if labels is not None else None
+            collected = {k: None if v is None else evenly_divisible_all_gather(v) for k, v in collected.items()}
             images = string_list_all_gather(images)
-        if labels is not None and labels.shape[1] > 1:  # one-hot after postprocessing
-            labels = labels.argmax(dim=1)
-        return images, probabilities.numpy(), None if labels is None else labels.reshape(-1).long().numpy()
+        labels = collected["labels"]
+        if labels is not None:
+            labels = labels.argmax(dim=1) if labels.shape[1] > 1 else labels  # one-hot after postprocessing
+            collected["labels"] = labels.reshape(-1).long().numpy()
+        collected = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in collected.items()}
+        return {"images": images, **collected}
 
     def _complete(self, engine: Engine) -> None:
         if not self._probabilities:
             raise RuntimeError("no predictions were made: the data loader yielded no images")
-        images, probabilities, labels = self._gathered()
+        gathered = self._gathered()
         if self.enabled:
-            self.write(images, probabilities, labels)
+            self.write(**gathered)
 
-    def write(self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None) -> None:
+    def write(self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None,
+              logits: np.ndarray | None = None) -> None:
+        predicted = self.calibration.decide(probabilities)
+
         def write_csv(tmp):
             with open(tmp, "w", newline="") as f:
                 out = csv.writer(f)
                 out.writerow(["image", "predicted_class", "probability", *(f"p_{c}" for c in self.class_names)])
-                for image, p in zip(images, probabilities):
-                    top = int(p.argmax())
+                for image, p, top in zip(images, probabilities, predicted):
                     out.writerow([image, self.class_names[top], f"{p[top]:.6f}", *(f"{x:.6f}" for x in p)])
 
         atomic_write(self.output_dir / self.filename, write_csv)
@@ -260,31 +335,51 @@ class EvaluationReport(PredictionWriter):
     """A PredictionWriter that also writes ``metrics.json`` and the plots of a labelled evaluation.
 
     Files in ``output_dir``: metrics.json, predictions.csv, roc_curves.png, confusion_matrix.png,
-    and training_curves.png when ``history_path`` (from TrainingHistory) exists.
+    reliability.png, and training_curves.png when ``history_path`` (from TrainingHistory) exists.
+    The class metrics follow the served decision rule; with the logits (postprocessing's ``logits``
+    key) the report adds the calibration before and after temperature scaling.
     """
 
     def __init__(self, output_dir: str, class_names: Sequence[str], history_path: str | None = None,
-                 enabled: bool = True) -> None:
-        super().__init__(output_dir, class_names, enabled=enabled)
+                 enabled: bool = True, calibration: Calibration | None = None) -> None:
+        super().__init__(output_dir, class_names, enabled=enabled, calibration=calibration)
         self.history_path = history_path
 
-    def write(self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None) -> None:
+    def write(self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None,
+              logits: np.ndarray | None = None) -> None:
         from bundle import plots  # matplotlib only where plots are made
 
         if labels is None:
             raise ValueError("evaluation needs labelled images: the datalist items have no 'label'")
         super().write(images, probabilities, labels)
-        report = classification_report(probabilities, labels, self.class_names)
+        predicted = self.calibration.decide(probabilities)
+        report = classification_report(probabilities, labels, self.class_names, predicted=predicted)
+        report["balanced_accuracy_argmax"] = balanced_accuracy(labels, probabilities.argmax(1), len(self.class_names))
+        report["decision_rule"] = {"class_bias": self.calibration.to_json()["class_bias"],
+                                   "tau": self.calibration.fit.get("tau")}
+        uncalibrated = None
+        if logits is not None:
+            uncalibrated = torch.softmax(torch.as_tensor(logits), -1).numpy()
+            report["calibration"] = {
+                "temperature": self.calibration.temperature,
+                "expected_calibration_error_before": expected_calibration_error(uncalibrated, labels),
+                "expected_calibration_error_after": report["expected_calibration_error"],
+                "nll_before": negative_log_likelihood(uncalibrated, labels),
+                "nll_after": negative_log_likelihood(probabilities, labels),
+                "fitted_on_validation": self.calibration.fit,
+            }
         atomic_write(self.output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
         plots.plot_roc_curves(probabilities, labels, self.class_names, list(report["auc_per_class"].values()),
                               self.output_dir / "roc_curves.png")
         plots.plot_confusion_matrix(report["confusion_matrix"], self.class_names, self.output_dir / "confusion_matrix.png")
+        plots.plot_reliability(probabilities, labels, self.output_dir / "reliability.png", uncalibrated=uncalibrated,
+                               temperature=self.calibration.temperature)
         if self.history_path and Path(self.history_path).exists():
             plots.plot_training_curves(json.loads(Path(self.history_path).read_text()),
                                        self.output_dir / "training_curves.png")
-        logger.info("evaluation on %d images: auc_macro %s, accuracy %.4f, balanced_accuracy %.4f; wrote %s",
+        logger.info("evaluation on %d images: auc_macro %s, accuracy %.4f, balanced_accuracy %.4f, ECE %.4f; wrote %s",
                     report["n_images"], _fmt(report["auc_macro"]), report["accuracy"], report["balanced_accuracy"],
-                    self.output_dir / "metrics.json")
+                    report["expected_calibration_error"], self.output_dir / "metrics.json")
 
 
 def _image_name(output: dict, batch_item: dict) -> str:

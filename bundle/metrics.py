@@ -29,6 +29,13 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
     return np.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes present in ``labels``."""
+    cm = confusion_matrix(np.asarray(labels), np.asarray(predicted), num_classes)
+    support = cm.sum(axis=1)
+    return float(np.mean([cm[c, c] / support[c] for c in range(num_classes) if support[c]]))
+
+
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     """Top-label ECE: the gap between confidence and accuracy, averaged over confidence bins."""
     confidence = probabilities.max(axis=1)
@@ -39,6 +46,49 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_
         in_bin = bins == b
         ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
     return float(ece)
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log p(true class): what temperature scaling minimises."""
+    p_true = probabilities[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(p_true, 1e-12, None)).mean())
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> list[dict]:
+    """Per confidence bin (top-label): mean confidence, accuracy and image count; the ECE's terms."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    return [{"lower": b / n_bins, "confidence": float(confidence[bins == b].mean()),
+             "accuracy": float(correct[bins == b].mean()), "count": int((bins == b).sum())} for b in np.unique(bins)]
+
+
+def operating_points(probabilities: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+                     class_names: Sequence[str], sensitivities: Sequence[float] = (0.90, 0.95)) -> dict:
+    """Per class, one-vs-rest: sensitivity, specificity and PPV of the served decision, and the
+    probability threshold (with its specificity) that reaches each of ``sensitivities``: what a
+    triage setting would pick, e.g. flagging melanoma at 95% sensitivity."""
+    points = {}
+    for c, name in enumerate(class_names):
+        positives = labels == c
+        if positives.all() or not positives.any():
+            points[name] = None
+            continue
+        flagged = predicted == c
+        tp, fp = int((flagged & positives).sum()), int((flagged & ~positives).sum())
+        entry = {"decision": {"sensitivity": tp / int(positives.sum()),
+                              "specificity": 1 - fp / int((~positives).sum()),
+                              "ppv": tp / (tp + fp) if tp + fp else None}}
+        scores = probabilities[:, c]
+        for target in sensitivities:
+            # the highest threshold whose sensitivity (share of positives scoring >= it) reaches the target
+            threshold = float(np.quantile(scores[positives], 1 - target, method="inverted_cdf"))
+            flagged = scores >= threshold
+            entry[f"at_sensitivity_{target:.2f}"] = {
+                "threshold": threshold, "sensitivity": float(flagged[positives].mean()),
+                "specificity": float(1 - flagged[~positives].mean())}
+        points[name] = entry
+    return points
 
 
 def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,14 +103,18 @@ def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np
     return fpr, tpr
 
 
-def classification_report(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Everything ``eval/metrics.json`` holds, from (N, C) probabilities and (N,) integer labels."""
+def classification_report(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                          predicted: np.ndarray | None = None) -> dict:
+    """Everything ``eval/metrics.json`` holds, from (N, C) probabilities and (N,) integer labels.
+
+    The class metrics are those of ``predicted`` (the decision rule's classes), by default the argmax.
+    """
     num_classes = len(class_names)
     if probabilities.ndim != 2 or probabilities.shape[1] != num_classes or len(labels) != len(probabilities):
         raise ValueError(f"expected ({len(labels)}, {num_classes}) probabilities, got {probabilities.shape}")
     if len(labels) == 0:
         raise ValueError("cannot compute metrics over zero images")
-    predicted = probabilities.argmax(axis=1)
+    predicted = probabilities.argmax(axis=1) if predicted is None else np.asarray(predicted)
     cm = confusion_matrix(labels, predicted, num_classes)
     support = cm.sum(axis=1)
     recall = [float(cm[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
@@ -82,4 +136,5 @@ def classification_report(probabilities: np.ndarray, labels: np.ndarray, class_n
         "expected_calibration_error": expected_calibration_error(probabilities, labels),
         "class_names": list(class_names),
         "confusion_matrix": cm.tolist(),
+        "operating_points": operating_points(probabilities, labels, predicted, class_names),
     }

@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bundle.metrics import roc_curve  # noqa: E402
+from bundle.metrics import expected_calibration_error, reliability_bins, roc_curve  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -62,4 +62,26 @@ def plot_training_curves(history: Sequence[dict], path: Path) -> None:
     val_ax.set(xlabel="epoch", title="validation")
     if val_keys:
         val_ax.legend()
+    _save(fig, path)
+
+
+def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, path: Path, uncalibrated: np.ndarray | None = None,
+                     temperature: float = 1.0) -> None:
+    """Reliability diagram: accuracy against confidence per bin (the diagonal is perfect calibration),
+    the served probabilities, and the network's raw softmax when given, with each one's ECE."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    series = [("softmax", uncalibrated, "tab:orange"), (f"served (temperature {temperature:.2f})", probabilities,
+                                                         "tab:blue")]
+    for name, p, colour in series:
+        if p is None:
+            continue
+        bins = reliability_bins(p, labels)
+        ece = expected_calibration_error(p, labels)
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color=colour,
+                label=f"{name}: ECE {ece:.3f}")
+        hist.hist(p.max(axis=1), bins=15, range=(0, 1), alpha=0.5, color=colour)
+    ax.set(ylabel="accuracy", title="Reliability (top-label confidence)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set(xlabel="confidence", ylabel="images")
     _save(fig, path)

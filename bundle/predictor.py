@@ -9,10 +9,10 @@ the probabilities ``monai.bundle run --config_file configs/inference.json`` writ
 A batch goes in; per image comes back either a ``Prediction`` or a ``Rejection`` saying what is wrong
 with that image. One bad image never fails the others.
 
-The weights don't say what image size they were trained at, and DenseNet runs at any size, so a
-model served at another size mispredicts without an error. Training therefore writes a sidecar
-beside them (``models/model.json`` for ``models/model.pt``, see ``sidecar_path``); serving uses its
-``image_size`` and the batch inference run refuses a different one.
+The weights' sidecar (``bundle.sidecar``: ``models/model.json``) gives the image size they were
+trained at, which serving resizes to, and the calibration fitted on validation, which the config's
+postprocessing applies: served probabilities are temperature-scaled and the class is the decision
+rule's, exactly as in the bundle's batch inference and evaluation.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from PIL import Image, UnidentifiedImageError
 
+from bundle.fastpath import flush_denormal
 from bundle.imageio import decode_problem
 from bundle.labels import CLASS_LABELS
+from bundle.sidecar import sidecar_path, trained_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -46,40 +48,6 @@ MAX_PIXELS = 25_000_000
 # Pillow format -> file suffix; the formats the bundle's inference run reads (bundle.data.IMAGE_SUFFIXES).
 # MPO is how Pillow names the multi-picture JPEGs many cameras write.
 ACCEPTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png"}
-
-
-def sidecar_path(weights: str | os.PathLike) -> Path:
-    """Where what the weights file cannot hold (the trained image size) is kept: same stem, ``.json``.
-
-    So ``models/model.ts`` exported from ``models/model.pt`` shares its sidecar.
-    """
-    return Path(weights).with_suffix(".json")
-
-
-def trained_image_size(weights: str | os.PathLike) -> list[int] | None:
-    """The [height, width] ``weights`` were trained at, from their sidecar; None for a model saved without one."""
-    sidecar = sidecar_path(weights)
-    if not sidecar.is_file():
-        return None
-    try:
-        size = json.loads(sidecar.read_text())["image_size"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{sidecar} (the sidecar of {weights}) is not a JSON object with an 'image_size': "
-                         f"{type(error).__name__}: {error}") from None
-    if not (isinstance(size, list) and len(size) == 2
-            and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
-        raise ValueError(f"{sidecar} (the sidecar of {weights}): 'image_size' must be [height, width] in pixels, "
-                         f"got {size!r}")
-    return size
-
-
-def check_trained_image_size(ckpt_path: str | os.PathLike, image_size: Sequence[int]) -> None:
-    """Fail before any work when ``ckpt_path`` was trained at another size: the network would run and mispredict."""
-    trained, configured = trained_image_size(ckpt_path), [int(side) for side in image_size]
-    if trained is not None and trained != configured:
-        height, width = trained
-        raise ValueError(f"ckpt_path {ckpt_path} was trained at image_size {trained} (says {sidecar_path(ckpt_path)}), "
-                         f"but this run's image_size is {configured}: pass --image_size \"[{height},{width}]\"")
 
 
 def bundle_files(bundle_root: str | os.PathLike,
@@ -107,7 +75,8 @@ class RejectionKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Prediction:
-    """The class probabilities of one image, keyed by class name, and the most probable class."""
+    """The calibrated class probabilities of one image, keyed by class name, and the class the
+    decision rule picks (the most probable one unless the rule corrects for class frequency)."""
 
     class_name: str
     probability: float
@@ -158,6 +127,7 @@ class Predictor:
         self.weights = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
         if not self.weights.is_file():
             raise FileNotFoundError(f"model weights {self.weights} do not exist (train the bundle first)")
+        parser["ckpt_path"] = str(self.weights)  # the calibration is read from these weights' sidecar
         self._use_trained_image_size(parser)
         self.image_size: list[int] = [int(side) for side in parser.get_parsed_content("image_size")]
         self.device: torch.device = parser.get_parsed_content("device")
@@ -166,7 +136,9 @@ class Predictor:
         self.preprocessing = Compose(parser.get_parsed_content("preprocessing"))
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
+        self.calibration = parser.get_parsed_content("calibration")
         self.network = self._load_network(parser)
+        flush_denormal()  # as the bundle's runs do: arithmetic on denormals is many times slower on a CPU
 
     def _use_trained_image_size(self, parser: ConfigParser) -> None:
         """Resize to the size the weights were trained at; a model saved without a sidecar is served as configured."""
@@ -236,11 +208,12 @@ class Predictor:
         return ACCEPTED_FORMATS[image_format]
 
     def _probabilities(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """The config's inferer and postprocessing (softmax), image by image as the bundle's evaluator applies it."""
+        """The config's inferer and postprocessing (calibrated softmax), image by image as the bundle's evaluator
+        applies it."""
         with torch.inference_mode():
             logits = self.inferer(batch.to(self.device), self.network)
             return [self.postprocessing({"pred": item})["pred"].float().cpu() for item in logits]
 
     def _prediction(self, probabilities: torch.Tensor) -> Prediction:
-        values, top = probabilities.tolist(), int(probabilities.argmax())
+        values, top = probabilities.tolist(), int(self.calibration.decide(probabilities.numpy()))
         return Prediction(self.class_names[top], values[top], dict(zip(self.class_names, values)))

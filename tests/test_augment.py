@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.transforms import Flip, Rotate, Zoom
 
-from bundle.augment import BatchAugmentation
+from bundle.augment import LUMA, BatchAugmentation, RandColourJitterd, colour_jitter
 
 N = 20_000  # parameter draws for the statistical checks: a share's standard error is ~0.0035
 
@@ -111,3 +111,49 @@ def test_no_augmentation_is_the_identity():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="augmentation"):
         BatchAugmentation(**kwargs)
+
+
+def test_colour_jitter_factors_act_as_named():
+    image = _smooth_image()[None]
+    grey = (image * torch.tensor(LUMA).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+    one = torch.ones(1)
+    assert torch.allclose(colour_jitter(image.clone(), one, one, one), image, atol=1e-6), "factors 1: unchanged"
+    darker = colour_jitter(image.clone(), torch.tensor([0.8]), one, one)
+    assert torch.allclose(darker, image * 0.8, atol=1e-6)
+    flat = colour_jitter(image.clone(), one, torch.zeros(1), one)
+    assert flat.std(dim=(2, 3)).max().item() < 1e-6, "contrast 0: every pixel at the mean grey"
+    desaturated = colour_jitter(image.clone(), one, one, torch.zeros(1))
+    assert torch.allclose(desaturated, grey.expand_as(image), atol=1e-6), "saturation 0: the image's own grey"
+    bright = colour_jitter(image.clone(), torch.tensor([5.0]), one, one)
+    assert bright.min().item() >= 0 and bright.max().item() == 1.0, "clipped to the preprocessing's range"
+
+
+def test_batched_colour_jitter_draws_each_images_factors_in_range():
+    augmentation = BatchAugmentation(brightness=0.2, contrast=0.3, saturation=0.1, colour_prob=0.8, seed=0)
+    colour = augmentation.sample_parameters(N)["colour"]
+    jittered = (colour != 1).any(1)
+    assert jittered.float().mean().item() == pytest.approx(0.8, abs=0.015)
+    for column, strength in enumerate((0.2, 0.3, 0.1)):
+        values = colour[jittered, column]
+        assert values.min().item() >= 1 - strength and values.max().item() <= 1 + strength
+        assert values.mean().item() == pytest.approx(1.0, abs=0.005)
+
+
+def test_colour_jitter_leaves_the_spatial_stream_of_a_seed_unchanged():
+    plain = BatchAugmentation(seed=3).sample_parameters(100)
+    coloured = BatchAugmentation(brightness=0.2, seed=3).sample_parameters(100)
+    for key in ("angle", "zoom", "flip"):
+        assert torch.equal(plain[key], coloured[key])
+
+
+def test_the_chains_colour_jitter_uses_the_same_function_and_ranges():
+    transform = RandColourJitterd("image", brightness=0.2, contrast=0.2, saturation=0.2, prob=1.0)
+    transform.set_random_state(0)
+    image = _smooth_image()
+    for _ in range(20):
+        out = transform({"image": image.clone()})["image"]
+        assert all(0.8 <= f <= 1.2 for f in transform.factors)
+        assert torch.allclose(out, colour_jitter(image[None].clone(), *map(torch.tensor, transform.factors))[0],
+                              atol=1e-6)
+    never = RandColourJitterd("image", brightness=0.2, prob=0.0)
+    assert torch.equal(never({"image": image})["image"], image)

@@ -12,6 +12,7 @@ from monai.networks.nets import DenseNet121
 from PIL import Image
 
 from bundle import data
+from bundle.calibration import Calibration
 from bundle.labels import CLASS_NAMES
 from bundle.synthetic import generate
 from tests.bundle_runs import EVALUATE, FAST, INFERENCE, REPO, TRAIN, read_json, run_bundle
@@ -78,7 +79,7 @@ def test_evaluation_shows_the_network_learned(evaluated, trained):
     assert np.array(metrics["confusion_matrix"]).sum() == len(testing)
     for key in ("accuracy", "balanced_accuracy"):
         assert 0 <= metrics[key] <= 1
-    for name in ("roc_curves.png", "confusion_matrix.png", "training_curves.png"):
+    for name in ("roc_curves.png", "confusion_matrix.png", "training_curves.png", "reliability.png"):
         with Image.open(evaluated / name) as image:
             assert image.format == "PNG" and image.width > 300
 
@@ -100,10 +101,34 @@ def test_inference_on_a_folder_writes_one_row_per_image(trained, tmp_path):
     with open(tmp_path / "out" / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(row["image"] for row in rows) == sorted(str(folder / s.name) for s in sources)
+    rule = Calibration.from_sidecar(trained["bundle_root"] / "models" / "model.pt")
     for row in rows:
         p = np.array([float(row[f"p_{c}"]) for c in CLASS_NAMES])
         assert p.sum() == pytest.approx(1, abs=1e-4)
-        assert row["predicted_class"] == CLASS_NAMES[int(p.argmax())]
+        assert row["predicted_class"] == CLASS_NAMES[int(rule.decide(p))]
+
+
+def test_training_stores_the_calibration_fitted_on_validation(trained):
+    sidecar = read_json(trained["bundle_root"] / "models" / "model.json")
+    fit = sidecar["calibration"]["fit"]
+    assert fit["n_images"] == len(read_json(trained["datalist"])["validation"])
+    assert sidecar["calibration"]["temperature"] > 0 and len(sidecar["calibration"]["class_bias"]) == len(CLASS_NAMES)
+    assert fit["nll_after"] <= fit["nll_before"] + 1e-9, "the temperature minimises the validation NLL"
+    assert fit["balanced_accuracy_rule"] >= fit["balanced_accuracy_argmax"], "tau 0 (the argmax) is on the grid"
+
+
+def test_evaluation_reports_calibration_and_operating_points(evaluated, trained):
+    metrics = read_json(evaluated / "metrics.json")
+    stored = read_json(trained["bundle_root"] / "models" / "model.json")["calibration"]
+    calibration = metrics["calibration"]
+    assert calibration["temperature"] == stored["temperature"]
+    assert calibration["expected_calibration_error_after"] == metrics["expected_calibration_error"]
+    assert {"expected_calibration_error_before", "nll_before", "nll_after"} <= calibration.keys()
+    assert metrics["decision_rule"]["class_bias"] == stored["class_bias"]
+    assert 0 <= metrics["balanced_accuracy_argmax"] <= 1
+    for name, point in metrics["operating_points"].items():
+        assert point["at_sensitivity_0.95"]["sensitivity"] >= 0.95
+        assert 0 <= point["decision"]["specificity"] <= 1
 
 
 def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tmp_path):

@@ -75,3 +75,15 @@ def test_the_sampler_draws_classes_about_equally():
 def test_an_unknown_strategy_names_the_config_key():
     with pytest.raises(ValueError, match="'imbalance'"):
         imbalance.sampler("oversample", [{"label": 0}])
+
+
+def test_imbalance_power_softens_the_correction():
+    items = [{"label": 0}] * 900 + [{"label": 6}] * 100
+    counts = imbalance.class_counts(items, K)
+    weights = imbalance.loss_weights("loss", counts, power=0.5)
+    assert float(weights[6] / weights[0]) == pytest.approx(3.0)  # sqrt(900 / 100)
+    assert float(sum(weights[label] * n for label, n in enumerate(counts))) == pytest.approx(len(items))
+    drawn = torch.tensor([items[i]["label"] for i in imbalance.sampler("sampler", items, seed=0, power=0.5)])
+    assert (drawn == 6).float().mean() == pytest.approx(0.25, abs=0.04)  # 100 x 3 of 900 + 300
+    with pytest.raises(ValueError, match="'imbalance_power'"):
+        imbalance.loss_weights("loss", counts, power=1.5)
