@@ -12,6 +12,6 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 timeout "${GPU_CHECK_TIMEOUT:-260}" python scripts/gpu_check.py --dataset_dir "$dataset_dir" \
-    --work_dir "$out/gpu_check" --warm_rerun false --benchmark_epochs 2 || echo "gpu_check ended with $?"
+    --work_dir "$out/gpu_check" --warm_rerun False --benchmark_epochs 2 || echo "gpu_check ended with $?"
 timeout "${RECIPES_TIMEOUT:-300}" python scripts/run_recipes.py --dataset_dir "$dataset_dir" \
     --work_dir "$out/recipes" --runs "$runs" || echo "run_recipes ended with $?"
