@@ -25,7 +25,7 @@ from bundle import calibration
 from bundle.atomic import atomic_write
 from bundle.calibration import Calibration
 from bundle.metrics import balanced_accuracy, classification_report, expected_calibration_error, negative_log_likelihood
-from bundle.sidecar import sidecar_path, write_sidecar
+from bundle.sidecar import read_sidecar, sidecar_path, write_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -69,40 +69,20 @@ class BestModelSaver:
         self.metric_name = metric_name
         self.enabled = enabled  # False on all but one rank under DDP: every rank tracks, one writes
         self.image_size = None if image_size is None else [int(side) for side in image_size]
-        self.calibrate = calibrate
+        self.validation = ValidationLogits() if calibrate else None
         self.best_metric = -math.inf
         self.best_epoch = -1
-        self._logits: list[torch.Tensor] = []
-        self._labels: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
-        if self.calibrate:
-            engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        if self.validation is not None:
+            self.validation.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def _reset(self, engine: Engine) -> None:
-        self._logits, self._labels = [], []
-
-    def _collect(self, engine: Engine) -> None:
-        for item in engine.state.output:
-            self._logits.append(item["logits"].detach().float().cpu())
-            self._labels.append(torch.as_tensor(item["label"]).detach().cpu().reshape(-1))
-
-    def _calibration(self) -> Calibration | None:
-        """The calibration fitted on this validation run's predictions (a collective call under DDP)."""
-        if not self.calibrate:
-            return None
-        logits, labels = torch.stack(self._logits), torch.stack(self._labels)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            logits, labels = evenly_divisible_all_gather(logits), evenly_divisible_all_gather(labels)
-        labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0].long()  # one-hot after postprocessing
-        return calibration.fit(logits, labels, logits.shape[1])
 
     def __call__(self, engine: Engine) -> None:
         metric = float(engine.state.metrics[self.metric_name])
         improved = math.isfinite(metric) and metric > self.best_metric
-        fitted = self._calibration() if improved else None  # every rank sees the same (gathered) metric
+        # every rank sees the same (gathered) metric, so all of them join the gather or none does
+        fitted = self.validation.fit() if improved and self.validation is not None else None
         if not improved:
             return
         self.best_metric, self.best_epoch = metric, engine.state.epoch
@@ -125,6 +105,65 @@ class BestModelSaver:
 
     def load_state_dict(self, state: dict) -> None:
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+
+
+class ValidationLogits:
+    """Collects a validation run's logits (postprocessing's ``logits`` key) and labels, for the calibration fit.
+
+    ``fit()`` gathers them across ranks (a collective call under DDP: every rank must make it) and
+    returns ``bundle.calibration.fit`` of them.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+
+    def _reset(self, engine: Engine) -> None:
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def _collect(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            self._logits.append(item["logits"].detach().float().cpu())
+            self._labels.append(torch.as_tensor(item["label"]).detach().cpu().reshape(-1))
+
+    def fit(self) -> Calibration:
+        logits, labels = torch.stack(self._logits), torch.stack(self._labels)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            logits, labels = evenly_divisible_all_gather(logits), evenly_divisible_all_gather(labels)
+        labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0].long()  # one-hot after postprocessing
+        return calibration.fit(logits, labels, logits.shape[1])
+
+
+class CalibrationFitter:
+    """Fits the calibration of the weights ``ckpt_path`` on one validation run and stores it in
+    their sidecar (configs/calibrate.json). Training fits it itself; this is for a model trained
+    before calibration existed, or to re-fit on another validation split. The rest of the sidecar
+    is kept; weights without one get a new one recording ``image_size``.
+    """
+
+    def __init__(self, ckpt_path: str, image_size: Sequence[int], enabled: bool = True) -> None:
+        self.ckpt_path = ckpt_path
+        self.image_size = [int(side) for side in image_size]
+        self.enabled = enabled
+        self.validation = ValidationLogits()
+
+    def attach(self, engine: Engine) -> None:
+        self.validation.attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self._store)
+
+    def _store(self, engine: Engine) -> None:
+        fitted = self.validation.fit()
+        if not self.enabled:
+            return
+        record = read_sidecar(self.ckpt_path) or {"image_size": self.image_size, "class_names": list(CLASS_NAMES)}
+        record["calibration"] = fitted.to_json()
+        write_sidecar(self.ckpt_path, record)
+        logger.info("fitted on %d validation images: temperature %.3f (ECE %.4f -> %.4f), decision tau %.2f "
+                    "(balanced accuracy %.4f -> %.4f); stored in %s", fitted.fit["n_images"], fitted.temperature,
+                    fitted.fit["ece_before"], fitted.fit["ece_after"], fitted.fit["tau"],
+                    fitted.fit["balanced_accuracy_argmax"], fitted.fit["balanced_accuracy_rule"],
+                    sidecar_path(self.ckpt_path))
 
 
 class WeightAverage:

@@ -26,16 +26,16 @@ def sidecar_path(weights: str | os.PathLike) -> Path:
 
 
 def read_sidecar(weights: str | os.PathLike) -> dict | None:
-    """The sidecar of ``weights`` as a dict; None for weights saved without one."""
+    """The sidecar of ``weights`` as a dict (always with an ``image_size``); None for weights saved without one."""
     sidecar = sidecar_path(weights)
     if not sidecar.is_file():
         return None
     try:
         record = json.loads(sidecar.read_text())
-    except ValueError as error:
-        raise ValueError(f"{sidecar} (the sidecar of {weights}) is not valid JSON: {error}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{sidecar} (the sidecar of {weights}) must hold a JSON object, got {type(record).__name__}")
+        record["image_size"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{sidecar} (the sidecar of {weights}) is not a JSON object with an 'image_size': "
+                         f"{type(error).__name__}: {error}") from None
     return record
 
 
@@ -48,7 +48,7 @@ def trained_image_size(weights: str | os.PathLike) -> list[int] | None:
     record = read_sidecar(weights)
     if record is None:
         return None
-    size = record.get("image_size")
+    size = record["image_size"]
     if not (isinstance(size, list) and len(size) == 2
             and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
         raise ValueError(f"{sidecar_path(weights)} (the sidecar of {weights}): 'image_size' must be [height, width] "

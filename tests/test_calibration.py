@@ -160,3 +160,19 @@ def test_operating_points_reach_their_sensitivity():
             assert point["sensitivity"] >= target and point["sensitivity"] == pytest.approx(target, abs=0.01)
             assert 0 <= point["specificity"] <= 1
         assert set(points[name]["decision"]) == {"sensitivity", "specificity", "ppv"}
+
+
+def test_calibration_fitter_adds_the_fit_to_an_existing_sidecar(tmp_path):
+    from bundle.handlers import CalibrationFitter
+
+    logits, labels = _sampled(400, temperature=2.0, priors=(0.6, 0.3, 0.1), seed=5)
+    one_hot = torch.nn.functional.one_hot(labels, 3)
+    outputs = [{"logits": logits[i], "label": one_hot[i]} for i in range(len(labels))]
+    path = tmp_path / "model.pt"
+    (tmp_path / "model.json").write_text(json.dumps({"image_size": [128, 128], "epoch": 17}))
+    engine = Engine(lambda e, batch: batch)
+    CalibrationFitter(str(path), image_size=[128, 128]).attach(engine)
+    engine.run([outputs[:200], outputs[200:]], max_epochs=1)
+    record = json.loads((tmp_path / "model.json").read_text())
+    assert record["epoch"] == 17 and record["image_size"] == [128, 128], "the rest of the sidecar is kept"
+    assert Calibration.from_sidecar(path) == calibration.fit(logits, labels, 3)

@@ -1,6 +1,7 @@
 """The serving predictor gives the bundle run's probabilities for the same files, and rejects bad bytes one by one."""
 
 import csv
+import json
 import logging
 import random
 import shutil
@@ -236,3 +237,20 @@ def test_the_predictor_refuses_weights_with_a_malformed_sidecar(bundle_root, tmp
 def test_missing_weights_are_named(bundle_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         Predictor(bundle_root, weights=tmp_path / "nothing.pt", device="cpu")
+
+
+def test_the_calibration_beside_the_weights_is_served(bundle_root, predictor, good_jpeg, tmp_path):
+    """Temperature and decision rule come from the sidecar: probabilities softened, class from the rule."""
+    shutil.copy(bundle_root / "models" / "model.pt", tmp_path / "model.pt")
+    [plain] = predictor.predict([good_jpeg])
+    logits = np.log([plain.probabilities[c] for c in CLASS_NAMES])
+    weakest = int(np.argmin(logits))
+    bias = [0.0] * len(CLASS_NAMES)
+    bias[weakest] = 100.0  # a rule that always picks the least probable class
+    (tmp_path / "model.json").write_text(json.dumps({"image_size": [64, 64], "calibration": {
+        "temperature": 3.0, "class_bias": bias}}))
+    [calibrated] = Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu").predict([good_jpeg])
+    expected = torch.softmax(torch.tensor(logits) / 3.0, 0).numpy()
+    np.testing.assert_allclose([calibrated.probabilities[c] for c in CLASS_NAMES], expected, atol=1e-5)
+    assert calibrated.class_name == CLASS_NAMES[weakest]
+    assert calibrated.probability == calibrated.probabilities[calibrated.class_name]
