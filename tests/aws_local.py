@@ -1,0 +1,160 @@
+"""Offline AWS for the SageMaker tests: a moto server on loopback, and a training container's /opt/ml
+simulated from what a launched job uploaded.
+
+Here and nowhere else: moto's replies carry empty ``VpcConfig`` / ``DataCaptureConfig`` dicts that the
+SDK's v3 resource classes refuse, so ``strip_moto_empty_fields`` drops them on every SageMaker client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REGION, ACCOUNT = "eu-west-1", "123456789012"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/skin-lesion-sagemaker"
+BUCKET = "skin-lesion-test"
+
+
+def require(module: str):
+    """Import ``module``; skip without it locally, but fail under CI=true (CI must run these tests)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{module} is not installed ({error}): CI installs requirements-sagemaker.txt")
+        pytest.skip(f"{module} is not installed: pip install -r requirements-sagemaker.txt")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_aws(tmp_path: Path):
+    """A moto server on 127.0.0.1 with one bucket; yields the environment that points AWS clients at it."""
+    require("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    config = tmp_path / "sagemaker-config.yaml"
+    config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION,
+           "SAGEMAKER_VALIDATE_ROLE": "false",  # moto lacks iam:SimulatePrincipalPolicy
+           "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config)}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@contextlib.contextmanager
+def strip_moto_empty_fields():
+    """Drop the empty VpcConfig / DataCaptureConfig dicts from moto's SageMaker replies, in this process."""
+    import botocore.session
+
+    def strip(parsed, **_):
+        for key in ("VpcConfig", "DataCaptureConfig"):
+            if parsed.get(key) == {}:
+                del parsed[key]
+
+    original = botocore.session.Session.create_client
+
+    def create_client(self, service_name, *args, **kwargs):
+        client = original(self, service_name, *args, **kwargs)
+        if service_name == "sagemaker":
+            client.meta.events.register("after-call.sagemaker", strip)
+        return client
+
+    botocore.session.Session.create_client = create_client
+    try:
+        yield
+    finally:
+        botocore.session.Session.create_client = original
+
+
+def upload_folder(folder: Path, bucket: str, prefix: str) -> str:
+    import boto3
+
+    s3 = boto3.client("s3")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{bucket}/{prefix}/"
+
+
+def download_prefix(uri: str, folder: Path) -> None:
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(prefix):].lstrip("/")
+            if relative and "__pycache__" not in relative:
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, item["Key"], str(folder / relative))
+
+
+def simulated_container(job: dict, root: Path, host: str, master_port: int) -> Path:
+    """The /opt/ml of ``host`` for the training job ``job`` (describe_training_job's reply), under ``root``.
+
+    Every input channel (training data, the uploaded source code, the SDK's drivers with its
+    sm_train.sh) is downloaded from S3 as SageMaker does, and the config JSONs are written as it writes
+    them. The SDK's scripts hard-code /opt/ml, so their copies have it replaced by ``root``/opt/ml;
+    and the master host, algo-1 in a real cluster, is this machine's loopback at ``master_port``.
+    """
+    opt_ml = root / "opt" / "ml"
+    hosts = [f"algo-{index + 1}" for index in range(job["ResourceConfig"]["InstanceCount"])]
+    channels = {}
+    for channel in job["InputDataConfig"]:
+        download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"], opt_ml / "input" / "data" / channel["ChannelName"])
+        channels[channel["ChannelName"]] = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
+                                            "RecordWrapperType": "None"}
+    config = opt_ml / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "resourceconfig.json").write_text(json.dumps({
+        "current_host": host, "current_instance_type": job["ResourceConfig"]["InstanceType"], "hosts": hosts,
+        "network_interface_name": "lo", "current_group_name": "homogeneousCluster"}))
+    (config / "inputdataconfig.json").write_text(json.dumps(channels))
+    (config / "hyperparameters.json").write_text(json.dumps(job.get("HyperParameters", {})))
+    for folder in ("model", "output/data"):
+        (opt_ml / folder).mkdir(parents=True)
+    for script in (opt_ml / "input" / "data" / "sm_drivers").rglob("*"):
+        if script.suffix in (".sh", ".py"):
+            text = script.read_text().replace("/opt/ml", str(opt_ml))
+            text = text.replace('SM_MASTER_ADDR = "algo-1"', 'SM_MASTER_ADDR = "127.0.0.1"')
+            script.write_text(text.replace("SM_MASTER_PORT = 7777", f"SM_MASTER_PORT = {master_port}"))
+    return opt_ml
+
+
+def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
+    """Run the job's sm_train.sh as the container would (``/bin/bash -c``), with this venv's python first on PATH."""
+    env = dict(os.environ, TRAINING_JOB_NAME=job_name, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.Popen(["/bin/bash", str(opt_ml / "input" / "data" / "sm_drivers" / "sm_train.sh")], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
