@@ -137,3 +137,134 @@ def test_the_sdk_session_has_telemetry_opted_out(aws, monkeypatch):
 
     assert resolve_value_from_config(config_path=TELEMETRY_OPT_OUT_PATH, default_value=False,
                                      sagemaker_session=session) is True
+
+
+def load_model_dir(model_dir):
+    """The adapter the PyTorch inference container imports from the model directory's code/."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("job_inference_adapter", model_dir / "code" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(model_dir / "code"))  # as the container does: code/bundle is importable
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(model_dir / "code"))
+    return module
+
+
+def classify(model_dir, image_bytes) -> dict:
+    adapter = load_model_dir(model_dir)
+    predictor = adapter.model_fn(str(model_dir))
+    body, content_type = adapter.output_fn(adapter.predict_fn(adapter.input_fn(image_bytes, "image/jpeg"), predictor),
+                                           "application/json")
+    assert content_type == "application/json"
+    return json.loads(body)
+
+
+def assert_complete_model_dir(model_dir):
+    for path in ("configs/inference.json", "models/model.pt", "models/model.json", "code/inference.py",
+                 "code/requirements.txt", "code/bundle/predictor.py", "code/bundle/payloads.py"):
+        assert (model_dir / path).is_file(), path
+    assert json.loads((model_dir / "models" / "model.json").read_text())["image_size"] == [32, 32]
+
+
+@pytest.fixture(scope="module")
+def real_image(synthetic_dir):
+    """A real HAM10000 JPEG when HAM10000_DIR is set (CI sets it), else a synthetic one."""
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ["HAM10000_DIR"]) if os.environ.get("HAM10000_DIR") else synthetic_dir
+    return next(iter(sorted(folder.rglob("*.jpg")))).read_bytes()
+
+
+def test_one_host_job_runs_through_the_sdk_torchrun_driver_and_its_model_dir_serves(one_host_job, tmp_path,
+                                                                                    real_image):
+    opt_ml = simulated_container(one_host_job, tmp_path, "algo-1", free_port())
+    log = tmp_path / "container.log"
+    container = start_container(opt_ml, one_host_job["TrainingJobName"], log)
+    assert container.wait(timeout=600) == 0, log.read_text()[-6000:]
+    output = log.read_text()
+    assert "torchrun --nnodes=1 --nproc_per_node=1" in output and "scripts/sagemaker_entry.py --epochs 1" in output
+    assert_complete_model_dir(opt_ml / "model")
+    for name in ("metrics.json", "roc_curves.png", "confusion_matrix.png", "training_curves.png", "history.json"):
+        assert (opt_ml / "output" / "data" / name).is_file(), name
+    assert "auc_macro" in json.loads((opt_ml / "output" / "data" / "metrics.json").read_text())
+    answer = classify(opt_ml / "model", real_image)
+    assert set(answer) == {"class", "label", "probability", "probabilities"}
+    assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_two_hosts_train_their_shards_and_only_rank_0_writes(two_host_job, tmp_path, real_image):
+    port = free_port()
+    containers, logs = {}, {}
+    for host in ("algo-1", "algo-2"):
+        opt_ml = simulated_container(two_host_job, tmp_path / host, host, port)
+        logs[host] = tmp_path / f"{host}.log"
+        containers[host] = (opt_ml, start_container(opt_ml, two_host_job["TrainingJobName"], logs[host]))
+    for host, (_, process) in containers.items():
+        try:
+            assert process.wait(timeout=600) == 0, f"{host}:\n{logs[host].read_text()[-6000:]}"
+        finally:
+            for _, other in containers.values():
+                if other.poll() is None:
+                    other.kill()
+    worker_log = logs["algo-2"].read_text()
+    assert "--nnodes=2" in worker_log and "--node_rank=1" in worker_log
+    assert "training on 2 process(es)" in worker_log
+    master, worker = containers["algo-1"][0], containers["algo-2"][0]
+    assert_complete_model_dir(master / "model")
+    assert not any((worker / "model").iterdir()) and not any((worker / "output" / "data").iterdir())
+    answer = classify(master / "model", real_image)
+    assert answer["class"] in answer["probabilities"]
+
+
+def run_entry(tmp_path, env_changes: dict, *args) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, SM_MODEL_DIR=str(tmp_path / "model"), SM_OUTPUT_DATA_DIR=str(tmp_path / "output" / "data"),
+               SM_OUTPUT_FAILURE=str(tmp_path / "output" / "failure"))
+    (tmp_path / "output").mkdir(exist_ok=True)
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return subprocess.run([sys.executable, "scripts/sagemaker_entry.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no channel", "no 'training' data channel (SM_CHANNEL_TRAINING is not set)"),
+    ("empty channel", "is empty: the S3 prefix holds no files"),
+    ("not HAM10000", "no metadata CSV in"),
+    ("unknown hyperparameter", "unknown hyperparameter 'learningrate' (did you mean 'learning_rate'?)"),
+    ("bad job setting", "hyperparameter 'val_frac' must be a float, not 'lots'"),
+    ("dangling flag", "hyperparameter --epochs has no value"),
+    ("hosts without torchrun", "2 hosts but no torchrun"),
+])
+def test_the_entry_script_refuses_bad_input_before_any_work(tmp_path, synthetic_dir, case, expected):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a dataset")
+    env, args = {"SM_CHANNEL_TRAINING": str(synthetic_dir)}, ["--epochs", "1"]
+    if case == "no channel":
+        env["SM_CHANNEL_TRAINING"] = None
+    elif case == "empty channel":
+        env["SM_CHANNEL_TRAINING"] = str(tmp_path / "empty")
+    elif case == "not HAM10000":
+        env["SM_CHANNEL_TRAINING"] = str(tmp_path / "other")
+    elif case == "unknown hyperparameter":
+        args = ["--learningrate", "0.1"]
+    elif case == "bad job setting":
+        env["SM_HPS"] = json.dumps({"val_frac": "lots"})
+    elif case == "dangling flag":
+        args = ["--epochs"]
+    elif case == "hosts without torchrun":
+        env["SM_HOSTS"] = json.dumps(["algo-1", "algo-2"])
+    result = run_entry(tmp_path, env, *args)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert expected in result.stderr
+    assert expected in (tmp_path / "output" / "failure").read_text()  # SageMaker shows it as the FailureReason
+    assert not (tmp_path / "model").exists()
