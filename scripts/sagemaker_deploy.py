@@ -116,7 +116,11 @@ def delete(endpoint: str, region: str = None) -> None:
         resource = f"endpoint/{endpoint}/variant/{variant['VariantName']}"
         registered = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource],
                                                        ScalableDimension=SCALABLE_DIMENSION)["ScalableTargets"]
-        if registered:  # deregistering also removes its scaling policies
+        for policy in scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource,
+                                                        ScalableDimension=SCALABLE_DIMENSION)["ScalingPolicies"]:
+            scaling.delete_scaling_policy(PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker",
+                                          ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION)
+        if registered:
             scaling.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource,
                                                ScalableDimension=SCALABLE_DIMENSION)
     client.delete_endpoint(EndpointName=endpoint)
@@ -155,7 +159,7 @@ def _target(model, role, region, bucket, instance_type, kind, instance_count) ->
     """Checked settings; a local archive must exist and be a gzipped tar. The bucket defaults to the model's."""
     aws.instance_count(instance_count)
     aws.instance_type(instance_type, kind)
-    if str(model).startswith("s3://"):
+    if str(model).lower().startswith("s3:") or "://" in str(model):  # meant as a URI: must be an S3 one
         model_bucket, _ = aws.s3_uri(model, "--model")
     else:
         path = Path(model)
