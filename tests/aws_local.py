@@ -158,3 +158,48 @@ def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
         env.pop(key, None)
     return subprocess.Popen(["/bin/bash", str(opt_ml / "input" / "data" / "sm_drivers" / "sm_train.sh")], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def inference_toolkit(model_dir: Path, scratch: Path):
+    """AWS's PyTorch inference toolkit (the PyTorch inference container's server: TorchServe with its own
+    handler calling code/inference.py) serving ``model_dir`` on loopback, without Docker; yields its URL.
+
+    It writes /etc/sagemaker-ts.properties and refuses to start while another TorchServe runs here.
+    """
+    import shutil
+    import signal
+    import time
+
+    import requests
+
+    require("sagemaker_pytorch_serving_container")
+    base, cwd = scratch / "base", scratch / "cwd"
+    shutil.copytree(model_dir, base / "model")  # the container extracts model.tar.gz to <base>/model
+    cwd.mkdir()
+    port, metrics, grpc_inference, grpc_management = (free_port() for _ in range(4))
+    env = dict(os.environ, SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(port),
+               TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}", TS_GRPC_INFERENCE_PORT=str(grpc_inference),
+               TS_GRPC_MANAGEMENT_PORT=str(grpc_management), LOG_LOCATION=str(scratch / "logs"),
+               PIP_NO_INDEX="1",  # it pip-installs code/requirements.txt, here already satisfied
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    log = scratch / "toolkit.log"
+    server = subprocess.Popen([sys.executable, "-c", "from sagemaker_pytorch_serving_container import serving; "
+                               "serving.main()"], cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the toolkit's TorchServe did not answer /ping:\n" + log.read_text()[-4000:]
+            try:
+                if requests.get(f"{url}/ping", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        server.send_signal(signal.SIGTERM)  # it passes SIGTERM on to TorchServe
+        server.wait(timeout=120)

@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
-from tests.aws_local import (BUCKET, REGION, ROLE, free_port, local_aws, require, simulated_container,
-                             start_container, upload_folder)
+from tests.aws_local import (BUCKET, REGION, ROLE, free_port, inference_toolkit, local_aws, require,
+                             simulated_container, start_container, upload_folder)
 from tests.bundle_runs import REPO
 
 # Small and fast on 2 CPU cores; strings as SageMaker carries them.
@@ -179,21 +179,40 @@ def real_image(synthetic_dir):
     return next(iter(sorted(folder.rglob("*.jpg")))).read_bytes()
 
 
-def test_one_host_job_runs_through_the_sdk_torchrun_driver_and_its_model_dir_serves(one_host_job, tmp_path,
-                                                                                    real_image):
-    opt_ml = simulated_container(one_host_job, tmp_path, "algo-1", free_port())
-    log = tmp_path / "container.log"
+@pytest.fixture(scope="module")
+def one_host_container(one_host_job, tmp_path_factory):
+    """The one-host job run as its container would: the SDK's sm_train.sh, then its torchrun_driver.py."""
+    root = tmp_path_factory.mktemp("one_host")
+    opt_ml = simulated_container(one_host_job, root, "algo-1", free_port())
+    log = root / "container.log"
     container = start_container(opt_ml, one_host_job["TrainingJobName"], log)
     assert container.wait(timeout=600) == 0, log.read_text()[-6000:]
-    output = log.read_text()
+    return opt_ml, log.read_text()
+
+
+def test_one_host_job_runs_through_the_sdk_torchrun_driver_and_leaves_a_complete_model_dir(one_host_container):
+    opt_ml, output = one_host_container
     assert "torchrun --nnodes=1 --nproc_per_node=1" in output and "scripts/sagemaker_entry.py --epochs 1" in output
     assert_complete_model_dir(opt_ml / "model")
     for name in ("metrics.json", "roc_curves.png", "confusion_matrix.png", "training_curves.png", "history.json"):
         assert (opt_ml / "output" / "data" / name).is_file(), name
     assert "auc_macro" in json.loads((opt_ml / "output" / "data" / "metrics.json").read_text())
-    answer = classify(opt_ml / "model", real_image)
+
+
+def test_the_job_model_dir_classifies_through_the_adapter_and_aws_inference_toolkit(one_host_container, real_image,
+                                                                                    tmp_path):
+    import requests
+
+    model_dir = one_host_container[0] / "model"
+    answer = classify(model_dir, real_image)
     assert set(answer) == {"class", "label", "probability", "probabilities"}
     assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    with inference_toolkit(model_dir, tmp_path) as url:
+        served = requests.post(f"{url}/invocations", data=real_image, headers={"Content-Type": "image/jpeg"},
+                               timeout=120)
+    assert served.status_code == 200, served.text
+    assert served.json()["class"] == answer["class"]
+    assert served.json()["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-5)
 
 
 def test_two_hosts_train_their_shards_and_only_rank_0_writes(two_host_job, tmp_path, real_image):
