@@ -70,8 +70,8 @@ def instance_type(name: str, kind: str) -> str:
     if name not in known:
         family = str(name).rsplit(".", 1)[0]
         similar = sorted(t for t in known if t.startswith(family + "."))[:8]
-        raise SetupError(f"unknown {kind} instance type {name!r}"
-                         + (f"; {family} offers {', '.join(similar)}" if similar else " (e.g. ml.m5.xlarge, ml.g5.xlarge)"))
+        hint = f"; {family} offers {', '.join(similar)}" if similar else " (e.g. ml.m5.xlarge, ml.g5.xlarge)"
+        raise SetupError(f"unknown {kind} instance type {name!r}{hint}")
     return name
 
 

@@ -3,7 +3,8 @@
     python scripts/sagemaker_deploy.py deploy --model MODEL.tar.gz|s3://... [--endpoint skin-lesion]
         [--instance_type ml.m5.xlarge --instance_count 1] [--image URI] [--autoscale 1,4 --invocations_per_instance 100]
         [--wait] [--role ARN --region R --bucket B]
-    python scripts/sagemaker_deploy.py transform --model MODEL.tar.gz|s3://... --input s3://B/images/ --output s3://B/predictions/
+    python scripts/sagemaker_deploy.py transform --model MODEL.tar.gz|s3://...
+        --input s3://B/images/ --output s3://B/predictions/
         [--instance_type ml.m5.xlarge --instance_count 1] [--image URI] [--wait] [--role ARN --region R --bucket B]
     python scripts/sagemaker_deploy.py delete --endpoint skin-lesion [--region R]
     python scripts/sagemaker_deploy.py delete_model --model_name NAME [--region R]
@@ -50,15 +51,14 @@ def deploy(model: str, endpoint: str = "skin-lesion", instance_type: str = "ml.m
         scaling = _autoscale_range(autoscale, instance_count)
         if invocations_per_instance <= 0:
             raise aws.SetupError(f"--invocations_per_instance must be above 0, not {invocations_per_instance!r}")
-        target = _target(model, role, region, bucket, instance_type, "endpoint", instance_count)
-        wait = aws.boolean(wait, "--wait")
+        target = _target(model, role, region, bucket, instance_type, "endpoint", instance_count, wait)
     except aws.SetupError as error:
         sys.exit(f"error: {error}")
-    session = aws.session(target["region"], target["bucket"])
-    builder = _builder(session, target, image, f"{endpoint}-model")
+    builder = _builder(target, image, f"{endpoint}-model")
+    session = builder.sagemaker_session
     builder.deploy(endpoint_name=endpoint, initial_instance_count=instance_count, instance_type=instance_type,
                    wait=False)
-    if wait or scaling:  # registering with autoscaling needs the endpoint in service
+    if target["wait"] or scaling:  # registering with autoscaling needs the endpoint in service
         session.boto_session.client("sagemaker").get_waiter("endpoint_in_service").wait(EndpointName=endpoint)
     print(f"endpoint: {endpoint} (model {builder.built_model.model_name}, image {builder.image_uri})")
     if scaling:
@@ -75,20 +75,18 @@ def transform(model: str, input: str, output: str, instance_type: str = "ml.m5.x
     try:
         aws.s3_uri(input, "--input")
         aws.s3_uri(output, "--output")
-        target = _target(model, role, region, bucket, instance_type, "transform", instance_count)
-        wait = aws.boolean(wait, "--wait")
+        target = _target(model, role, region, bucket, instance_type, "transform", instance_count, wait)
     except aws.SetupError as error:
         sys.exit(f"error: {error}")
-    session = aws.session(target["region"], target["bucket"])
-    builder = _builder(session, target, image, f"skin-lesion-transform-{time.strftime('%Y%m%d%H%M%S')}")
+    builder = _builder(target, image, f"skin-lesion-transform-{time.strftime('%Y%m%d%H%M%S')}")
     from sagemaker.core.transformer import Transformer
 
     transformer = Transformer(model_name=builder.built_model.model_name, instance_count=instance_count,
                               instance_type=instance_type, output_path=output, accept="application/json",
-                              strategy="SingleRecord", assemble_with="None", sagemaker_session=session,
-                              base_transform_job_name="skin-lesion")
+                              strategy="SingleRecord", assemble_with="None",
+                              sagemaker_session=builder.sagemaker_session, base_transform_job_name="skin-lesion")
     transformer.transform(data=input, data_type="S3Prefix", content_type=TRANSFORM_CONTENT_TYPE, split_type="None",
-                          wait=wait, logs=wait)
+                          wait=target["wait"], logs=target["wait"])
     print(f"transform job: {transformer._current_job_name} (model {builder.built_model.model_name}); "
           f"answers: {output.rstrip('/')}/<image name>.out")
     print(f"remove the model afterwards: python scripts/sagemaker_deploy.py delete_model "
@@ -155,8 +153,8 @@ def _autoscale_range(autoscale, instance_count) -> tuple[int, int] | None:
     return values
 
 
-def _target(model, role, region, bucket, instance_type, kind, instance_count) -> dict:
-    """Checked settings; a local archive must exist and be a gzipped tar. The bucket defaults to the model's."""
+def _target(model, role, region, bucket, instance_type, kind, instance_count, wait) -> dict:
+    """Checked settings; a local archive must exist and be a tar. The bucket defaults to the model's."""
     aws.instance_count(instance_count)
     aws.instance_type(instance_type, kind)
     if str(model).lower().startswith("s3:") or "://" in str(model):  # meant as a URI: must be an S3 one
@@ -170,11 +168,12 @@ def _target(model, role, region, bucket, instance_type, kind, instance_count) ->
             raise aws.SetupError(f"--model {model} is not a tar archive")
         model_bucket = None
     return {"model": str(model), "instance_type": instance_type, "role": aws.role(role), "region": aws.region(region),
-            "bucket": aws.bucket(bucket or model_bucket)}
+            "bucket": aws.bucket(bucket or model_bucket), "wait": aws.boolean(wait, "--wait")}
 
 
-def _builder(session, target: dict, image: str | None, model_name: str):
+def _builder(target: dict, image: str | None, model_name: str):
     """A built ModelBuilder for the archive (uploaded first when local) on ``image`` or the PyTorch inference image."""
+    session = aws.session(target["region"], target["bucket"])
     model = target["model"]
     if not model.startswith("s3://"):
         key = f"skin-lesion/models/{model_name}/model.tar.gz"

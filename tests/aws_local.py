@@ -130,7 +130,8 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
     hosts = [f"algo-{index + 1}" for index in range(job["ResourceConfig"]["InstanceCount"])]
     channels = {}
     for channel in job["InputDataConfig"]:
-        download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"], opt_ml / "input" / "data" / channel["ChannelName"])
+        folder = opt_ml / "input" / "data" / channel["ChannelName"]
+        download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"], folder)
         channels[channel["ChannelName"]] = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
                                             "RecordWrapperType": "None"}
     config = opt_ml / "input" / "config"
@@ -192,7 +193,7 @@ def inference_toolkit(model_dir: Path, scratch: Path):
         deadline = time.monotonic() + 240
         while True:
             assert server.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, "the toolkit's TorchServe did not answer /ping:\n" + log.read_text()[-4000:]
+            assert time.monotonic() < deadline, f"no answer to /ping:\n{log.read_text()[-4000:]}"
             try:
                 if requests.get(f"{url}/ping", timeout=5).status_code == 200:
                     break

@@ -80,7 +80,8 @@ def test_the_container_command_serves_ping_and_invocations_and_stops_on_sigterm(
             time.sleep(0.5)
         assert f"serving {model_dir / 'skin_lesion.mar'}" in (tmp_path / "container.log").read_text()
         assert requests.get(f"{url}/ping", timeout=30).status_code == 200
-        image = sorted((generate(tmp_path / "data", n_images=42, image_size=(64, 48), seed=2) / "images").glob("*.jpg"))[0]
+        images = generate(tmp_path / "data", n_images=42, image_size=(64, 48), seed=2) / "images"
+        image = sorted(images.glob("*.jpg"))[0]
         response = requests.post(f"{url}/invocations", data=image.read_bytes(), headers={"Content-Type": JPEG},
                                  timeout=120)
         assert response.status_code == 200, response.text

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.aws_local import BUCKET, REGION, ROLE, local_aws, require, upload_folder
+from tests.aws_local import BUCKET, ROLE, local_aws, require, upload_folder
 from tests.bundle_runs import REPO
 from tests.serving import bundle_with_random_weights
 
@@ -59,6 +59,14 @@ def scaling():
     return boto3.client("application-autoscaling")
 
 
+def registered(resource: str) -> list[dict]:
+    return scaling().describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])["ScalableTargets"]
+
+
+def policies(resource: str) -> list[dict]:
+    return scaling().describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"]
+
+
 def bucket_keys() -> list[str]:
     import boto3
 
@@ -81,12 +89,13 @@ def test_deploy_with_autoscaling_then_delete_removes_everything(aws, archive):
     assert model["ExecutionRoleArn"] == ROLE
     assert container["ModelDataUrl"].removeprefix(f"s3://{BUCKET}/") in bucket_keys()
     resource = f"endpoint/lesions-rt/variant/{variant['VariantName']}"
-    (target,) = scaling().describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])["ScalableTargets"]
+    (target,) = registered(resource)
     assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 4)
-    (policy,) = scaling().describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"]
+    (policy,) = policies(resource)
     tracking = policy["TargetTrackingScalingPolicyConfiguration"]
     assert tracking["TargetValue"] == 50
-    assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
+    metric = tracking["PredefinedMetricSpecification"]["PredefinedMetricType"]
+    assert metric == "SageMakerVariantInvocationsPerInstance"
 
     deleted = deploy_cli(aws, "delete", "--endpoint", "lesions-rt")
     assert "deleted endpoint lesions-rt" in deleted.stdout
@@ -94,8 +103,7 @@ def test_deploy_with_autoscaling_then_delete_removes_everything(aws, archive):
     assert not [c for c in sagemaker().list_endpoint_configs()["EndpointConfigs"]
                 if c["EndpointConfigName"] == endpoint["EndpointConfigName"]]
     assert not [m for m in sagemaker().list_models()["Models"] if m["ModelName"] == variant["ModelName"]]
-    assert not scaling().describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])["ScalableTargets"]
-    assert not scaling().describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"]
+    assert not registered(resource) and not policies(resource)
 
 
 def test_a_training_artifact_in_s3_deploys_on_the_byoc_image_without_a_bucket_argument(aws, archive, tmp_path):
@@ -107,7 +115,8 @@ def test_a_training_artifact_in_s3_deploys_on_the_byoc_image_without_a_bucket_ar
                "--role", ROLE)
     assert len(bucket_keys()) == before  # nothing uploaded: the artifact is used where it is
     endpoint = sagemaker().describe_endpoint(EndpointName="lesions-byoc")
-    (variant,) = sagemaker().describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])["ProductionVariants"]
+    config = sagemaker().describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    (variant,) = config["ProductionVariants"]
     model = sagemaker().describe_model(ModelName=variant["ModelName"])
     container = model.get("PrimaryContainer") or model["Containers"][0]
     assert (container["Image"], container["ModelDataUrl"]) == (BYOC_IMAGE, artifact)
@@ -124,7 +133,8 @@ def test_batch_transform_over_a_prefix_then_its_model_is_deleted(aws, archive):
     assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/incoming/"
     assert job["TransformInput"]["ContentType"] == "application/x-image"
     assert job["TransformOutput"]["S3OutputPath"] == f"s3://{BUCKET}/predictions/"
-    assert (job["TransformResources"]["InstanceType"], job["TransformResources"]["InstanceCount"]) == ("ml.m5.2xlarge", 2)
+    resources = job["TransformResources"]
+    assert (resources["InstanceType"], resources["InstanceCount"]) == ("ml.m5.2xlarge", 2)
     model = sagemaker().describe_model(ModelName=job["ModelName"])
     assert (model.get("PrimaryContainer") or model["Containers"][0])["Image"] == INFERENCE_IMAGE
     deploy_cli(aws, "delete_model", "--model_name", job["ModelName"])

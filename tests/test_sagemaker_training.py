@@ -5,7 +5,6 @@ simulated /opt/ml, on one host and on two (two processes on loopback, gloo on th
 import json
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
@@ -31,7 +30,8 @@ def launched(result: subprocess.CompletedProcess) -> dict:
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     job = boto3.client("sagemaker").describe_training_job(TrainingJobName=lines["training job"])
-    assert lines["model artifact"] == f"{job['OutputDataConfig']['S3OutputPath']}/{job['TrainingJobName']}/output/model.tar.gz"
+    output_path = job["OutputDataConfig"]["S3OutputPath"]
+    assert lines["model artifact"] == f"{output_path}/{job['TrainingJobName']}/output/model.tar.gz"
     return job
 
 
@@ -83,7 +83,8 @@ def test_the_launched_job_has_the_image_instances_hyperparameters_data_and_sourc
     assert s3_text(code + "/configs/train.json") == (REPO / "configs" / "train.json").read_text()
     train_script = s3_text(channel(job, "sm_drivers") + "/sm_train.sh")
     assert "distributed_drivers/torchrun_driver.py" in train_script
-    assert json.loads(s3_text(channel(job, "sm_drivers") + "/sourcecode.json"))["entry_script"] == "scripts/sagemaker_entry.py"
+    source_code = json.loads(s3_text(channel(job, "sm_drivers") + "/sourcecode.json"))
+    assert source_code["entry_script"] == "scripts/sagemaker_entry.py"
 
 
 def test_torchrun_false_runs_one_plain_process(aws):
