@@ -41,7 +41,9 @@ class Container:
     model_dir: Path
     output_data_dir: Path
     data_dir: Path | None
+    host: str
     host_count: int
+    num_gpus: int
     rank: int
     world_size: int
     hyperparameters: dict
@@ -55,8 +57,9 @@ class Container:
         channel = env.get(f"SM_CHANNEL_{CHANNEL.upper()}")
         hosts = json.loads(env.get("SM_HOSTS") or "[]")
         return cls(model_dir=Path(env["SM_MODEL_DIR"]), output_data_dir=Path(env["SM_OUTPUT_DATA_DIR"]),
-                   data_dir=Path(channel) if channel else None,
+                   data_dir=Path(channel) if channel else None, host=env.get("SM_CURRENT_HOST", "local"),
                    host_count=int(env.get("SM_HOST_COUNT") or len(hosts) or 1),
+                   num_gpus=int(env.get("SM_NUM_GPUS") or 0),
                    rank=int(env.get("RANK", "0")), world_size=int(env.get("WORLD_SIZE", "1")),
                    hyperparameters=json.loads(env.get("SM_HPS") or "{}") | cli_hyperparameters(argv))
 
@@ -112,6 +115,11 @@ def run(container: Container, work_dir: Path) -> None:
         raise JobError(f"{container.host_count} hosts but no torchrun: launch multi-instance jobs with "
                        "--distributed (Torchrun), or each host would train on its own")
     data_dir = check_data_dir(container.data_dir)
+    if container.num_gpus > 1 and container.world_size == 1:
+        print(f"warning: {container.num_gpus} GPUs but one process, which uses one of them: launch with "
+              "--torchrun (one process per GPU)", file=sys.stderr, flush=True)
+    print(f"[{container.host} rank {container.rank} of {container.world_size}] data {data_dir}, "
+          f"hyperparameters {container.hyperparameters}", flush=True)
 
     from bundle import data  # after the cheap checks: imports numpy, PIL
 
