@@ -48,6 +48,10 @@ def local_aws(tmp_path: Path):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    import requests
+
+    # moto keeps its state per process, not per server: start each module's AWS empty
+    requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=30).raise_for_status()
     config = tmp_path / "sagemaker-config.yaml"
     config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
