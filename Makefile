@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# The SageMaker SDK and AWS's inference toolkit (~1.2 GB): for `make test` and the SageMaker scripts only.
+INSTALLED_SAGEMAKER := $(VENV)/.installed-sagemaker
 
 # The demo's data: the real HAM10000 folder when HAM10000_DIR is set, else the synthetic set.
 DATASET_DIR := $(if $(HAM10000_DIR),$(HAM10000_DIR),data/synthetic)
@@ -14,7 +16,7 @@ BUNDLE_RUN := $(PY) -m monai.bundle run --dataset_dir $(DATASET_DIR) --datalist 
 SERVE_RUN_DIR := runs/serve
 SERVE_DEMO_IMAGES ?= 3
 
-.PHONY: venv demo data train evaluate package serve-demo test clean
+.PHONY: venv venv-sagemaker demo data train evaluate package serve-demo test clean
 
 venv: $(INSTALLED)
 
@@ -22,6 +24,12 @@ $(INSTALLED): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+venv-sagemaker: $(INSTALLED_SAGEMAKER)
+
+$(INSTALLED_SAGEMAKER): $(INSTALLED) requirements-sagemaker.txt
+	$(VENV)/bin/pip install --quiet -r requirements-sagemaker.txt
 	touch $@
 
 data: venv
@@ -49,7 +57,7 @@ serve-demo: package
 
 demo: train evaluate serve-demo
 
-test: venv
+test: venv venv-sagemaker
 	$(VENV)/bin/pytest -q tests
 
 clean:

@@ -1,0 +1,210 @@
+"""Offline AWS for the SageMaker tests: a moto server on loopback, and a training container's /opt/ml
+simulated from what a launched job uploaded.
+
+Here and nowhere else: moto's replies carry empty ``VpcConfig`` / ``DataCaptureConfig`` dicts that the
+SDK's v3 resource classes refuse, so ``strip_moto_empty_fields`` drops them on every SageMaker client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REGION, ACCOUNT = "eu-west-1", "123456789012"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/skin-lesion-sagemaker"
+BUCKET = "skin-lesion-test"
+
+
+def require(module: str):
+    """Import ``module``; skip without it locally, but fail under CI=true (CI must run these tests)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{module} is not installed ({error}): CI installs requirements-sagemaker.txt")
+        pytest.skip(f"{module} is not installed: pip install -r requirements-sagemaker.txt")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_aws(tmp_path: Path):
+    """A moto server on 127.0.0.1 with one bucket; yields the environment that points AWS clients at it."""
+    require("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    import requests
+
+    # moto keeps its state per process, not per server: start each module's AWS empty
+    requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=30).raise_for_status()
+    config = tmp_path / "sagemaker-config.yaml"
+    config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION,
+           "SAGEMAKER_VALIDATE_ROLE": "false",  # moto lacks iam:SimulatePrincipalPolicy
+           "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config)}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@contextlib.contextmanager
+def strip_moto_empty_fields():
+    """Drop the empty VpcConfig / DataCaptureConfig dicts from moto's SageMaker replies, in this process."""
+    import botocore.session
+
+    def strip(parsed, **_):
+        for key in ("VpcConfig", "DataCaptureConfig"):
+            if parsed.get(key) == {}:
+                del parsed[key]
+
+    original = botocore.session.Session.create_client
+
+    def create_client(self, service_name, *args, **kwargs):
+        client = original(self, service_name, *args, **kwargs)
+        if service_name == "sagemaker":
+            client.meta.events.register("after-call.sagemaker", strip)
+        return client
+
+    botocore.session.Session.create_client = create_client
+    try:
+        yield
+    finally:
+        botocore.session.Session.create_client = original
+
+
+def upload_folder(folder: Path, bucket: str, prefix: str) -> str:
+    import boto3
+
+    s3 = boto3.client("s3")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{bucket}/{prefix}/"
+
+
+def download_prefix(uri: str, folder: Path) -> None:
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(prefix):].lstrip("/")
+            if relative and "__pycache__" not in relative:
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, item["Key"], str(folder / relative))
+
+
+def simulated_container(job: dict, root: Path, host: str, master_port: int) -> Path:
+    """The /opt/ml of ``host`` for the training job ``job`` (describe_training_job's reply), under ``root``.
+
+    Every input channel (training data, the uploaded source code, the SDK's drivers with its
+    sm_train.sh) is downloaded from S3 as SageMaker does, and the config JSONs are written as it writes
+    them. The SDK's scripts hard-code /opt/ml, so their copies have it replaced by ``root``/opt/ml;
+    and the master host, algo-1 in a real cluster, is this machine's loopback at ``master_port``.
+    """
+    opt_ml = root / "opt" / "ml"
+    hosts = [f"algo-{index + 1}" for index in range(job["ResourceConfig"]["InstanceCount"])]
+    channels = {}
+    for channel in job["InputDataConfig"]:
+        folder = opt_ml / "input" / "data" / channel["ChannelName"]
+        download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"], folder)
+        channels[channel["ChannelName"]] = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
+                                            "RecordWrapperType": "None"}
+    config = opt_ml / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "resourceconfig.json").write_text(json.dumps({
+        "current_host": host, "current_instance_type": job["ResourceConfig"]["InstanceType"], "hosts": hosts,
+        "network_interface_name": "lo", "current_group_name": "homogeneousCluster"}))
+    (config / "inputdataconfig.json").write_text(json.dumps(channels))
+    (config / "hyperparameters.json").write_text(json.dumps(job.get("HyperParameters", {})))
+    for folder in ("model", "output/data"):
+        (opt_ml / folder).mkdir(parents=True)
+    for script in (opt_ml / "input" / "data" / "sm_drivers").rglob("*"):
+        if script.suffix in (".sh", ".py"):
+            text = script.read_text().replace("/opt/ml", str(opt_ml))
+            text = text.replace('SM_MASTER_ADDR = "algo-1"', 'SM_MASTER_ADDR = "127.0.0.1"')
+            script.write_text(text.replace("SM_MASTER_PORT = 7777", f"SM_MASTER_PORT = {master_port}"))
+    return opt_ml
+
+
+def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
+    """Run the job's sm_train.sh as the container would (``/bin/bash -c``), with this venv's python first on PATH."""
+    env = dict(os.environ, TRAINING_JOB_NAME=job_name, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.Popen(["/bin/bash", str(opt_ml / "input" / "data" / "sm_drivers" / "sm_train.sh")], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def inference_toolkit(model_dir: Path, scratch: Path):
+    """AWS's PyTorch inference toolkit (the PyTorch inference container's server: TorchServe with its own
+    handler calling code/inference.py) serving ``model_dir`` on loopback, without Docker; yields its URL.
+
+    It writes /etc/sagemaker-ts.properties and refuses to start while another TorchServe runs here.
+    """
+    import shutil
+    import signal
+    import time
+
+    import requests
+
+    require("sagemaker_pytorch_serving_container")
+    base, cwd = scratch / "base", scratch / "cwd"
+    shutil.copytree(model_dir, base / "model")  # the container extracts model.tar.gz to <base>/model
+    cwd.mkdir()
+    port, metrics, grpc_inference, grpc_management = (free_port() for _ in range(4))
+    env = dict(os.environ, SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(port),
+               TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}", TS_GRPC_INFERENCE_PORT=str(grpc_inference),
+               TS_GRPC_MANAGEMENT_PORT=str(grpc_management), LOG_LOCATION=str(scratch / "logs"),
+               PIP_NO_INDEX="1",  # it pip-installs code/requirements.txt, here already satisfied
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    log = scratch / "toolkit.log"
+    server = subprocess.Popen([sys.executable, "-c", "from sagemaker_pytorch_serving_container import serving; "
+                               "serving.main()"], cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, f"no answer to /ping:\n{log.read_text()[-4000:]}"
+            try:
+                if requests.get(f"{url}/ping", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        server.send_signal(signal.SIGTERM)  # it passes SIGTERM on to TorchServe
+        server.wait(timeout=120)

@@ -1,0 +1,94 @@
+"""The bring-your-own container (docker/), without Docker: its Dockerfile's COPY lines laid out under a
+temporary root, then its `serve` command run as SageMaker runs it, answering /ping and /invocations from
+the real TorchServe on loopback. Skipped without Java or TorchServe, except under CI=true."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from bundle.synthetic import generate
+from tests.bundle_runs import REPO
+from tests.serving import JPEG, bundle_with_random_weights
+from tests.test_torchserve import _free_ports, _package, _require_torchserve
+
+COPY = re.compile(r"^COPY\s+(?P<source>\S+)\s+(?P<target>/\S+)\s*$", re.MULTILINE)
+
+
+def image_root(root, mar):
+    """The files the Dockerfile copies, where it copies them, under ``root``; dist/ from ``mar``."""
+    copies = COPY.findall((REPO / "docker" / "Dockerfile").read_text())
+    assert copies, "no COPY lines in docker/Dockerfile"
+    for source, target in copies:
+        origin = mar if source == "dist/skin_lesion.mar" else REPO / source
+        assert origin.is_file(), f"docker/Dockerfile copies {source}, which does not exist"
+        destination = root / target.lstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(origin, destination)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mar(tmp_path_factory):
+    _require_torchserve()
+    root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"), trained_image_size=[32, 32])
+    return _package(root, tmp_path_factory.mktemp("dist"))
+
+
+def serve_env(root, model_dir, run_dir, python=sys.executable) -> dict:
+    env = dict(os.environ, SKIN_LESION_HOME=str(root / "opt" / "program"), SM_MODEL_DIR=str(model_dir),
+               SERVE_RUN_DIR=str(run_dir), PYTHON=python)
+    env.pop("SKIN_LESION_MAR", None)
+    return env
+
+
+def test_without_a_mar_in_the_model_archive_the_baked_in_one_is_served(mar, tmp_path):
+    root = image_root(tmp_path / "image", mar)
+    (tmp_path / "model").mkdir()
+    result = subprocess.run([str(root / "usr" / "local" / "bin" / "serve"), "serve"], capture_output=True, text=True,
+                            env=serve_env(root, tmp_path / "model", tmp_path / "run", python="echo"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    baked = root / "opt" / "program" / "dist" / "skin_lesion.mar"
+    assert f"start --sagemaker --foreground --mar {baked} --run_dir {tmp_path / 'run'}" in result.stdout
+
+
+def test_the_container_command_serves_ping_and_invocations_and_stops_on_sigterm(mar, tmp_path):
+    root = image_root(tmp_path / "image", mar)
+    model_dir = tmp_path / "opt_ml_model"
+    model_dir.mkdir()
+    shutil.copy(mar, model_dir / "skin_lesion.mar")  # as extracted from the endpoint's model.tar.gz
+    inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
+    log = (tmp_path / "container.log").open("w")
+    container = subprocess.Popen(
+        [str(root / "usr" / "local" / "bin" / "serve"), "serve", "--inference_port", str(inference),
+         "--management_port", str(management), "--metrics_port", str(metrics), "--grpc_inference_port",
+         str(grpc_inference), "--grpc_management_port", str(grpc_management), "--timeout_s", "240"],
+        env=serve_env(root, model_dir, tmp_path / "run"), stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{inference}"
+    try:
+        deadline = time.monotonic() + 240
+        while "serving skin_lesion" not in (tmp_path / "container.log").read_text():
+            assert container.poll() is None, (tmp_path / "container.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the container did not become ready"
+            time.sleep(0.5)
+        assert f"serving {model_dir / 'skin_lesion.mar'}" in (tmp_path / "container.log").read_text()
+        assert requests.get(f"{url}/ping", timeout=30).status_code == 200
+        images = generate(tmp_path / "data", n_images=42, image_size=(64, 48), seed=2) / "images"
+        image = sorted(images.glob("*.jpg"))[0]
+        response = requests.post(f"{url}/invocations", data=image.read_bytes(), headers={"Content-Type": JPEG},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        assert set(response.json()) == {"class", "label", "probability", "probabilities"}
+    finally:
+        container.send_signal(signal.SIGTERM)
+        code = container.wait(timeout=120)
+    assert code == 0, (tmp_path / "container.log").read_text()[-4000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/ping", timeout=5)
