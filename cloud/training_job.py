@@ -27,7 +27,8 @@ TRAIN_DDP = "['configs/train.json','configs/multi_gpu_train.json']"
 EVALUATE = "['configs/train.json','configs/evaluate.json']"
 # What evaluation and training leave that belongs in SM_OUTPUT_DATA_DIR (SageMaker uploads it as output.tar.gz).
 OUTPUTS = ("eval/metrics.json", "eval/predictions.csv", "eval/roc_curves.png", "eval/confusion_matrix.png",
-           "eval/training_curves.png", "models/history.json", "models/model.json", "datalist.json")
+           "eval/reliability.png", "eval/training_curves.png", "models/history.json", "models/model.json",
+           "datalist.json")
 
 
 class JobError(RuntimeError):
