@@ -174,3 +174,18 @@ def test_evaluation_falls_back_to_validation_without_a_testing_split(trained, tm
     run_bundle(EVALUATE, bundle_root=trained["bundle_root"], dataset_dir=trained["dataset_dir"],
                datalist=datalist, output_dir=tmp_path / "eval", **FAST)
     assert read_json(tmp_path / "eval" / "metrics.json")["n_images"] == len(content["validation"])
+
+
+def test_calibrate_json_refits_a_models_calibration_in_place(trained, tmp_path):
+    """A model whose sidecar has no calibration (trained elsewhere, or before) gets one from the validation split."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes((trained["bundle_root"] / "models" / "model.pt").read_bytes())
+    stored = read_json(trained["bundle_root"] / "models" / "model.json")
+    (models / "model.json").write_text(json.dumps({k: v for k, v in stored.items() if k != "calibration"}))
+    run_bundle("['configs/train.json','configs/calibrate.json']", bundle_root=tmp_path,
+               dataset_dir=trained["dataset_dir"], datalist=trained["datalist"], **FAST)
+    refitted = read_json(models / "model.json")
+    assert refitted["epoch"] == stored["epoch"], "the rest of the sidecar is kept"
+    assert refitted["calibration"]["fit"]["n_images"] == len(read_json(trained["datalist"])["validation"])
+    assert refitted["calibration"]["temperature"] == pytest.approx(stored["calibration"]["temperature"], rel=0.05)
