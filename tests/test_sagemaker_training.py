@@ -223,13 +223,13 @@ def test_two_hosts_train_their_shards_and_only_rank_0_writes(two_host_job, tmp_p
         opt_ml = simulated_container(two_host_job, tmp_path / host, host, port)
         logs[host] = tmp_path / f"{host}.log"
         containers[host] = (opt_ml, start_container(opt_ml, two_host_job["TrainingJobName"], logs[host]))
-    for host, (_, process) in containers.items():
-        try:
+    try:  # every host must end on its own; only a failure stops the others
+        for host, (_, process) in containers.items():
             assert process.wait(timeout=600) == 0, f"{host}:\n{logs[host].read_text()[-6000:]}"
-        finally:
-            for _, other in containers.values():
-                if other.poll() is None:
-                    other.kill()
+    finally:
+        for _, process in containers.values():
+            if process.poll() is None:
+                process.kill()
     worker_log = logs["algo-2"].read_text()
     assert "--nnodes=2" in worker_log and "--node_rank=1" in worker_log
     assert "training on 2 process(es)" in worker_log
