@@ -121,17 +121,9 @@ def scaled_learning_rate(learning_rate: float, batch_size: int, reference_batch_
 
 def seed_run(seed: int, cudnn_benchmark: bool) -> None:
     """MONAI's ``set_determinism``, then cuDNN autotuning back on if asked (it switches it off):
-    autotuned convolutions are much faster on a GPU but not bit-reproducible. Also flushes denormal
-    floats to zero on the CPU (``flush_denormal``)."""
+    autotuned convolutions are much faster on a GPU but not bit-reproducible."""
     set_determinism(seed=seed)
-    flush_denormal()
     if cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = False
 
-
-def flush_denormal() -> None:
-    """Treat denormal floats as zero on the CPU. A trained DenseNet's activations underflow into them,
-    and x86 arithmetic on denormals is 10-100x slower: evaluating 1,500 32-px images took 2 minutes
-    instead of 10 s on 2 cores. The values involved are below 1e-38, so results don't change."""
-    torch.set_flush_denormal(True)

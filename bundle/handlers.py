@@ -357,8 +357,9 @@ class PredictionWriter:
 
     def write(self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None,
               logits: np.ndarray | None = None) -> None:
-        predicted = self.calibration.decide(probabilities)
+        self._write_csv(images, probabilities, self.calibration.decide(probabilities))
 
+    def _write_csv(self, images: list[str], probabilities: np.ndarray, predicted: np.ndarray) -> None:
         def write_csv(tmp):
             with open(tmp, "w", newline="") as f:
                 out = csv.writer(f)
@@ -390,8 +391,8 @@ class EvaluationReport(PredictionWriter):
 
         if labels is None:
             raise ValueError("evaluation needs labelled images: the datalist items have no 'label'")
-        super().write(images, probabilities, labels)
         predicted = self.calibration.decide(probabilities)
+        self._write_csv(images, probabilities, predicted)
         report = classification_report(probabilities, labels, self.class_names, predicted=predicted)
         report["balanced_accuracy_argmax"] = balanced_accuracy(labels, probabilities.argmax(1), len(self.class_names))
         report["decision_rule"] = {"class_bias": self.calibration.to_json()["class_bias"],

@@ -37,15 +37,9 @@ def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, num_classes: in
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: the gap between confidence and accuracy, averaged over confidence bins."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in np.unique(bins):
-        in_bin = bins == b
-        ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
-    return float(ece)
+    """Top-label ECE: the gap between confidence and accuracy, averaged over confidence bins (``reliability_bins``)."""
+    bins = reliability_bins(probabilities, labels, n_bins)
+    return float(sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / len(labels))
 
 
 def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:

@@ -32,7 +32,6 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from PIL import Image, UnidentifiedImageError
 
-from bundle.fastpath import flush_denormal
 from bundle.imageio import decode_problem
 from bundle.labels import CLASS_LABELS
 from bundle.sidecar import sidecar_path, trained_image_size
@@ -138,7 +137,6 @@ class Predictor:
         self.postprocessing = parser.get_parsed_content("postprocessing")
         self.calibration = parser.get_parsed_content("calibration")
         self.network = self._load_network(parser)
-        flush_denormal()  # as the bundle's runs do: arithmetic on denormals is many times slower on a CPU
 
     def _use_trained_image_size(self, parser: ConfigParser) -> None:
         """Resize to the size the weights were trained at; a model saved without a sidecar is served as configured."""

@@ -32,10 +32,12 @@ def read_sidecar(weights: str | os.PathLike) -> dict | None:
         return None
     try:
         record = json.loads(sidecar.read_text())
-        record["image_size"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{sidecar} (the sidecar of {weights}) is not a JSON object with an 'image_size': "
-                         f"{type(error).__name__}: {error}") from None
+    except ValueError as error:
+        record, problem = None, f": {error}"
+    else:
+        problem = ""
+    if not isinstance(record, dict) or "image_size" not in record:
+        raise ValueError(f"{sidecar} (the sidecar of {weights}) is not a JSON object with an 'image_size'{problem}")
     return record
 
 
