@@ -16,14 +16,15 @@ BUNDLE_RUN := $(PY) -m monai.bundle run --dataset_dir $(DATASET_DIR) --datalist 
 SERVE_RUN_DIR := runs/serve
 SERVE_DEMO_IMAGES ?= 3
 
-.PHONY: venv venv-sagemaker demo data train evaluate package serve-demo test clean
+.PHONY: venv venv-sagemaker demo data train evaluate package serve-demo test lint clean
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements.txt
+# The pinned environment plus this project, editable: bundle, handler and cloud import from the checkout.
+$(INSTALLED): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet -r requirements.txt -e .
 	touch $@
 
 venv-sagemaker: $(INSTALLED_SAGEMAKER)
@@ -59,6 +60,11 @@ demo: train evaluate serve-demo
 
 test: venv venv-sagemaker
 	$(VENV)/bin/pytest -q tests
+
+# The style pyproject.toml configures (ruff: lint rules and formatting); CI checks it before the tests.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf models eval cache data/synthetic $(DATALIST) dist $(SERVE_RUN_DIR)

@@ -24,18 +24,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without installing
+import fire
+import numpy as np
+import package_mar
+import psutil
+import requests
+import serve
 
-import fire  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import requests  # noqa: E402
-
-import package_mar  # noqa: E402
-import serve  # noqa: E402
-from bundle.predictor import Predictor  # noqa: E402
-from bundle.synthetic import generate  # noqa: E402
+from bundle.predictor import Predictor
+from bundle.synthetic import generate
 
 BAD_IMAGES = (b"", b"not an image", b"\xff\xd8\xff\xe0 truncated jpeg")
 

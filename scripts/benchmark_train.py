@@ -20,20 +20,18 @@ out of img/s, and reported in the wall-time column.
 import math
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import fire
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+from bundle import data, fastpath, synthetic
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the configs `$import bundle`
-
-import fire  # noqa: E402
-import torch  # noqa: E402
-from ignite.engine import Events  # noqa: E402
-from monai.bundle import ConfigParser  # noqa: E402
-
-from bundle import data, fastpath, synthetic  # noqa: E402
 
 
 class RepeatedBatch:

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import fire
 import torch
+from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the configs `$import bundle`
-from monai.bundle import ConfigParser
 
 
 def _run(command: list[str], log: Path) -> float:

@@ -4,13 +4,10 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+import fire
 
-import fire  # noqa: E402
-
-from bundle.synthetic import generate  # noqa: E402
+from bundle.synthetic import generate
 
 
 def main(output_dir: str, n_images: int = 1400, image_size: tuple = (200, 150), seed: int = 0) -> None:

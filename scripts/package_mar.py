@@ -16,12 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import fire
+
+from bundle.predictor import MAX_PIXELS, bundle_files
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without installing
-
-import fire  # noqa: E402
-
-from bundle.predictor import MAX_PIXELS, bundle_files  # noqa: E402
 
 MODEL_NAME = "skin_lesion"
 HANDLER = REPO / "handler" / "handler.py"

@@ -7,13 +7,10 @@ is described in ``cloud/model_dir.py``; a SageMaker training job leaves the same
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+import fire
 
-import fire  # noqa: E402
-
-from cloud.model_dir import model_files, write_archive  # noqa: E402
+from cloud.model_dir import model_files, write_archive
 
 
 def package(bundle_root: str = ".", weights: str | None = None, output: str = "dist/model.tar.gz") -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import fire
 import requests
-
 from serve import DEFAULT_RUN_DIR, MODEL_NAME, auth_headers, read_server
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}

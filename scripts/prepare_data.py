@@ -5,14 +5,11 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+import fire
 
-import fire  # noqa: E402
-
-from bundle.data import SPLIT_KEYS, read_ham10000, split_by_lesion, write_datalist  # noqa: E402
-from bundle.labels import CLASS_NAMES  # noqa: E402
+from bundle.data import SPLIT_KEYS, read_ham10000, split_by_lesion, write_datalist
+from bundle.labels import CLASS_NAMES
 
 
 def main(dataset_dir: str, output: str, seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.15) -> None:

@@ -22,10 +22,9 @@ from pathlib import Path
 import fire
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the configs `$import bundle`
+from bundle import data
 
-from bundle import data  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BUNDLE_RUN = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
 

@@ -27,12 +27,9 @@ import tarfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without installing
+import fire
 
-import fire  # noqa: E402
-
-from cloud import aws  # noqa: E402
+from cloud import aws
 
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"

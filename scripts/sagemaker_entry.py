@@ -13,11 +13,8 @@ SM_CHANNEL_TRAINING. See ``cloud/training_job.py``.
 
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: configs/, bundle/, cloud/
-
-from cloud.training_job import main  # noqa: E402
+from cloud.training_job import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], dict(os.environ)))

@@ -20,17 +20,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import fire
+
+from cloud import aws
+from cloud.hyperparameters import HyperparameterError, as_strings, split
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
-import fire  # noqa: E402
-
-from cloud import aws  # noqa: E402
-from cloud.hyperparameters import HyperparameterError, as_strings, split  # noqa: E402
-
-ENTRY_SCRIPT = "scripts/sagemaker_entry.py"
-# The training job's source code: what the entry script and the bundle run need, nothing else.
-SOURCE = ("configs", "bundle", "cloud", "handler/inference.py", ENTRY_SCRIPT)
+# The entry script sits at the source root in the container, so Python puts the root, with bundle/
+# and cloud/ beside it, on the import path: nothing is installed there but the requirements.
+ENTRY_SCRIPT = "sagemaker_entry.py"
+# The training job's source code, by its path there: what the entry script and the bundle run need.
+SOURCE = {"configs": "configs", "bundle": "bundle", "cloud": "cloud", "handler/inference.py": "handler/inference.py",
+          ENTRY_SCRIPT: "scripts/sagemaker_entry.py"}
 # Installed by the SDK's driver in the training container, whose image brings torch.
 CONTAINER_REQUIREMENTS = "monai[fire,pillow,ignite,tqdm,tensorboard]==1.6.1\nmatplotlib\n"
 CHANNEL = "training"
@@ -38,8 +40,8 @@ CHANNEL = "training"
 
 def stage_source(folder: Path) -> Path:
     """Copy the job's source code into ``folder``, with its requirements.txt."""
-    for name in SOURCE:
-        source, target = REPO / name, folder / name
+    for name, path in SOURCE.items():
+        source, target = REPO / path, folder / name
         if source.is_dir():
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:

@@ -8,8 +8,18 @@ import sys
 
 import pytest
 
-from tests.aws_local import (BUCKET, REGION, ROLE, free_port, inference_toolkit, local_aws, require,
-                             simulated_container, start_container, upload_folder)
+from tests.aws_local import (
+    BUCKET,
+    REGION,
+    ROLE,
+    free_port,
+    inference_toolkit,
+    local_aws,
+    require,
+    simulated_container,
+    start_container,
+    upload_folder,
+)
 from tests.bundle_runs import REPO
 
 # Small and fast on 2 CPU cores; strings as SageMaker carries them.
@@ -79,12 +89,12 @@ def test_the_launched_job_has_the_image_instances_hyperparameters_data_and_sourc
     code = channel(job, "code")
     assert code.startswith(f"s3://{BUCKET}/")
     assert "monai" in s3_text(code + "/requirements.txt")
-    assert s3_text(code + "/scripts/sagemaker_entry.py") == (REPO / "scripts" / "sagemaker_entry.py").read_text()
+    assert s3_text(code + "/sagemaker_entry.py") == (REPO / "scripts" / "sagemaker_entry.py").read_text()
     assert s3_text(code + "/configs/train.json") == (REPO / "configs" / "train.json").read_text()
     train_script = s3_text(channel(job, "sm_drivers") + "/sm_train.sh")
     assert "distributed_drivers/torchrun_driver.py" in train_script
     source_code = json.loads(s3_text(channel(job, "sm_drivers") + "/sourcecode.json"))
-    assert source_code["entry_script"] == "scripts/sagemaker_entry.py"
+    assert source_code["entry_script"] == "sagemaker_entry.py"
 
 
 def test_torchrun_false_runs_one_plain_process(aws):
@@ -193,7 +203,7 @@ def one_host_container(one_host_job, tmp_path_factory):
 
 def test_one_host_job_runs_through_the_sdk_torchrun_driver_and_leaves_a_complete_model_dir(one_host_container):
     opt_ml, output = one_host_container
-    assert "torchrun --nnodes=1 --nproc_per_node=1" in output and "scripts/sagemaker_entry.py --epochs 1" in output
+    assert "torchrun --nnodes=1 --nproc_per_node=1" in output and "sagemaker_entry.py --epochs 1" in output
     assert_complete_model_dir(opt_ml / "model")
     for name in ("metrics.json", "roc_curves.png", "confusion_matrix.png", "training_curves.png", "history.json"):
         assert (opt_ml / "output" / "data" / name).is_file(), name

@@ -1,0 +1,6 @@
+"""TorchServe and SageMaker serving: the handler, the SageMaker adapter and the server settings.
+
+``handler.py`` and ``inference.py`` are copied into the archives as top-level files (TorchServe and
+the SageMaker container import them by path, beside the ``bundle`` package); as a package here they
+are importable by the tests and tools.
+"""
