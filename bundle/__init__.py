@@ -6,12 +6,24 @@ imports bind only the top-level name). Submodules load on first use, so that the
 """
 
 import importlib
+from pathlib import Path
 
 SUBMODULES = ("atomic", "augment", "cache", "calibration", "data", "fastpath", "handlers", "imageio", "imbalance", "inferers",
-              "labels", "metrics", "plots", "predictor", "sidecar", "synthetic")
+              "labels", "metrics", "plots", "predictor", "sidecar", "synthetic", "training")
 
 
 def __getattr__(name: str):
     if name in SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# What a served model runs (the Predictor, its checks and calibration): the archives ship these
+# modules and no others, so training, plotting and the synthetic generator stay out of production.
+SERVING_MODULES = ("__init__", "atomic", "calibration", "imageio", "inferers", "labels", "metrics", "payloads",
+                   "predictor", "sidecar")
+
+
+def serving_files() -> list[Path]:
+    """The source files of ``SERVING_MODULES``."""
+    return [Path(__file__).with_name(f"{name}.py") for name in SERVING_MODULES]

@@ -113,7 +113,7 @@ class _Decode(torch.utils.data.Dataset):
         if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
             raise ValueError(f"{item[self.image_key]}: the preprocessing gives values in [{low:.3g}, {high:.3g}], "
                              "but the cached data path stores images as uint8 and needs them in [0, 1]; "
-                             "end the preprocessing in [0, 1] or train with --data_path chain")
+                             "end the preprocessing in [0, 1] or train with configs/train_chain.json")
         return (image * 255).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 

@@ -1,7 +1,7 @@
 """The cached data path: batches cut straight from an ``ImageCache``, augmented on their device.
 
-Selected by the config key ``data_path``: "fast" (this module) or "chain" (the per-sample MONAI
-chain in DataLoader workers, the tutorial's way, kept for comparison). With the cache on the GPU a
+The default in train.json; ``configs/train_chain.json`` swaps in the per-sample MONAI chain in
+DataLoader workers (the tutorial's way, kept for comparison). With the cache on the GPU a
 batch is an ``index_select`` and one warp on the GPU: no workers, no collation, no host-to-device
 copy. With a memory-mapped cache a background thread (MONAI's ``ThreadBuffer``) reads the next
 batch's rows while the current one trains.
@@ -12,13 +12,9 @@ from collections.abc import Iterator
 
 import torch
 from monai.data import ThreadBuffer
-from monai.utils import set_determinism
 
 from bundle.augment import BatchAugmentation
 from bundle.cache import ImageCache
-
-DATA_PATHS = ("fast", "chain")
-LR_SCALING = ("linear", "sqrt", "none")
 
 
 class CachedBatchLoader:
@@ -86,44 +82,3 @@ class CachedBatchLoader:
             batches = ThreadBuffer(batches, buffer_size=2, timeout=0.01)
         for batch in batches:
             yield self._to_float(batch)
-
-
-def undecollated_iteration(engine, batchdata) -> list[dict]:
-    """SupervisedTrainer's own iteration, its whole-batch output handed on as a one-item list.
-
-    MONAI's handlers (StatsHandler, MLFlowHandler, ...) read the loss with
-    ``from_engine(["loss"], first=True)``, i.e. from the first item of a decollated batch. Decollating
-    a training batch splits it per image and turns each label into a Python int: one GPU sync per
-    label, about a tenth of a 64-px step. The trainer runs with ``decollate: false`` and this
-    iteration instead, so the loss is where those handlers look and nothing is split.
-    """
-    return [engine._iteration(engine, batchdata)]
-
-
-def select_loader(data_path: str, fast, chain):
-    """The loader ``data_path`` names; the other one is disabled in the config (None)."""
-    if data_path not in DATA_PATHS:
-        raise ValueError(f"config key 'data_path' must be one of {DATA_PATHS}, got {data_path!r}")
-    return fast if data_path == "fast" else chain
-
-
-def scaled_learning_rate(learning_rate: float, batch_size: int, reference_batch_size: int, scaling: str) -> float:
-    """``learning_rate`` (tuned at ``reference_batch_size``) scaled to ``batch_size``.
-
-    "sqrt" (the default; suits Adam) multiplies by sqrt(batch_size / reference), "linear" by the
-    ratio itself (suits SGD), "none" leaves it.
-    """
-    if scaling not in LR_SCALING:
-        raise ValueError(f"config key 'lr_scaling' must be one of {LR_SCALING}, got {scaling!r}")
-    ratio = int(batch_size) / int(reference_batch_size)
-    return float(learning_rate) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scaling]
-
-
-def seed_run(seed: int, cudnn_benchmark: bool) -> None:
-    """MONAI's ``set_determinism``, then cuDNN autotuning back on if asked (it switches it off):
-    autotuned convolutions are much faster on a GPU but not bit-reproducible."""
-    set_determinism(seed=seed)
-    if cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.deterministic = False
-

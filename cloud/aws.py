@@ -14,6 +14,8 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+from bundle.atomic import atomic_write
+
 # Newest PyTorch images this SDK release knows: training 2.10 (py313); inference 2.6 (py312, the last
 # inference image). Pass an image URI to use another (e.g. the 2.13 training image by its URI).
 TRAINING_FRAMEWORK = ("2.10", "py313")
@@ -108,9 +110,7 @@ def opt_out_of_telemetry() -> None:
         return
     path = Path(tempfile.gettempdir()) / "skin-lesion-sagemaker-config.yaml"
     if not path.is_file() or path.read_text() != TELEMETRY_OPT_OUT:
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(TELEMETRY_OPT_OUT)
-        partial.replace(path)
+        atomic_write(path, lambda partial: partial.write_text(TELEMETRY_OPT_OUT))
     os.environ["SAGEMAKER_USER_CONFIG_OVERRIDE"] = str(path)
 
 

@@ -72,7 +72,7 @@ def split(hyperparameters: dict) -> tuple[dict[str, str], dict[str, str]]:
 def known() -> list[str]:
     """The names a user is most likely to mean, for error messages."""
     common = ["epochs", "image_size", "batch_size", "learning_rate", "imbalance", "augment", "val_interval",
-              "data_path", "seed", "amp"]
+              "seed", "amp"]
     return common + list(JOB_SETTINGS)
 
 

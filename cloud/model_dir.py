@@ -3,7 +3,7 @@
 The container extracts the archive to /opt/ml/model, the bundle root the Predictor reads:
 ``configs/``, ``models/model.pt`` (or ``model.ts``) and its sidecar ``models/model.json`` (the
 trained image size, when training wrote one), ``code/inference.py`` (model_fn, input_fn,
-predict_fn, output_fn), ``code/bundle/`` (importable, since the container puts code/ on sys.path)
+predict_fn, output_fn), ``code/bundle/`` (the serving modules; importable, since the container puts code/ on sys.path)
 and ``code/requirements.txt`` (installed by the container at start-up).
 
 Written two ways from one list: as an archive (``scripts/package_sagemaker.py``) and as a folder
@@ -18,6 +18,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from bundle import serving_files
+from bundle.atomic import atomic_write
 from bundle.predictor import bundle_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ def model_files(bundle_root: str | os.PathLike = REPO,
     if sidecar:
         files[f"models/{sidecar.name}"] = sidecar
     files["code/inference.py"] = REPO / "handler" / "inference.py"
-    files |= _tree(REPO / "bundle", "code/bundle")
+    files |= {f"code/bundle/{source.name}": source for source in serving_files()}
     files["code/requirements.txt"] = CONTAINER_REQUIREMENTS.encode()
     return files
 
@@ -50,18 +52,18 @@ def _tree(folder: Path, prefix: str) -> dict[str, Path]:
 
 def write_archive(files: dict[str, Path | bytes], output: str | os.PathLike) -> Path:
     """Write ``files`` as a gzipped tar; it appears under ``output`` only once complete."""
+    def write(partial: Path) -> None:
+        with tarfile.open(partial, "w:gz") as archive:
+            for name, source in files.items():
+                if isinstance(source, bytes):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(source)
+                    archive.addfile(info, io.BytesIO(source))
+                else:
+                    archive.add(source, name)
+
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    with tarfile.open(partial, "w:gz") as archive:
-        for name, source in files.items():
-            if isinstance(source, bytes):
-                info = tarfile.TarInfo(name)
-                info.size = len(source)
-                archive.addfile(info, io.BytesIO(source))
-            else:
-                archive.add(source, name)
-    partial.replace(output)  # never leave half an archive under the final name
+    atomic_write(output, write)
     return output
 
 

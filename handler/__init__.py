@@ -4,3 +4,6 @@
 the SageMaker container import them by path, beside the ``bundle`` package); as a package here they
 are importable by the tests and tools.
 """
+
+# The name TorchServe serves the model under (/predictions/skin_lesion) and the archive's file name.
+MODEL_NAME = "skin_lesion"

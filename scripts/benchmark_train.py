@@ -6,8 +6,8 @@
 Measures, with the bundle's own configs/train.json (the same network, loss, optimizer, trainer and
 data paths that ``monai.bundle run`` uses):
   (a) model only: training steps on one batch already on the device;
-  (b) the per-sample chain (``--data_path chain``) end to end: loader workers + training;
-  (c) the cached fast path (``--data_path fast``) end to end: cache + batched device augmentation
+  (b) the per-sample chain (train.json + ``configs/train_chain.json``) end to end: loader workers + training;
+  (c) the cached fast path (train.json alone) end to end: cache + batched device augmentation
       + training;
   and the two data paths alone, with no model (what a CPU can show).
 Data: ``--dataset_dir``, else $HAM10000_DIR, else a synthetic set generated in a temporary folder.
@@ -29,9 +29,11 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from bundle import data, fastpath, synthetic
+from bundle import data, synthetic, training
 
 REPO = Path(__file__).resolve().parents[1]
+# Each data path is its configs: the fast path is train.json's default, the chain its overlay.
+DATA_PATH_CONFIGS = {"fast": ["train.json"], "chain": ["train.json", "train_chain.json"]}
 
 
 class RepeatedBatch:
@@ -77,9 +79,9 @@ class Bench:
 
     def parser(self, data_path: str, **overrides) -> ConfigParser:
         parser = ConfigParser()
-        parser.read_config(str(REPO / "configs" / "train.json"))
-        parser.update({**self.overrides, "data_path": data_path, "train#handlers": [], **overrides})
-        fastpath.seed_run(parser.get_parsed_content("seed"), parser.get_parsed_content("cudnn_benchmark"))
+        parser.read_config([str(REPO / "configs" / name) for name in DATA_PATH_CONFIGS[data_path]])
+        parser.update({**self.overrides, "train#handlers": [], **overrides})
+        training.seed_run(parser.get_parsed_content("seed"), parser.get_parsed_content("cudnn_benchmark"))
         return parser
 
     def row(self, name: str, images: int, seconds: float, wall: float, device: torch.device, **extra) -> float:
@@ -154,7 +156,7 @@ class Bench:
         """Cold (decode everything) and warm (reuse the file) construction of the training cache."""
         for label in ("cold", "warm"):
             started = time.perf_counter()
-            cache = self.parser("fast").get_parsed_content("train#cache")
+            cache = self.parser("fast").get_parsed_content("train#dataset")
             seconds = time.perf_counter() - started
             self.rows.append({"name": f"cache build, {label}", "img_s": len(cache) / seconds, "wall_s": seconds,
                               "gpu_gib": _peak_gib(device), "host_gib": _host_peak_gib(),

@@ -4,7 +4,7 @@
         [--batch_size 8 --max_batch_delay_ms 1 --min_workers 1 --max_workers 1 --response_timeout_s 60]
 
 The archive holds everything the handler needs, laid out like the bundle: ``configs/`` (the
-bundle's, from ``bundle_root``), the ``bundle`` Python package and ``handler.py`` (from this
+bundle's, from ``bundle_root``), the serving modules of the ``bundle`` package and ``handler.py`` (from this
 repository), the weights (``model.pt``, or a TorchScript ``model.ts``) and, at the archive root beside
 them where the handler's Predictor looks, their sidecar (``model.json``: the trained image size) when
 training wrote one, and ``model-config.yaml`` (batching, workers, timeouts, the handler's pixel limit).
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import fire
 
+from bundle import serving_files
 from bundle.predictor import MAX_PIXELS, bundle_files
+from handler import MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
-MODEL_NAME = "skin_lesion"
 HANDLER = REPO / "handler" / "handler.py"
 
 
@@ -46,7 +47,9 @@ def package(bundle_root: str = ".", weights: str | None = None, export_path: str
         # the archiver copies a folder's contents to the archive root, so stage the folders one level down
         extra = Path(staging) / "extra"
         shutil.copytree(bundle_root / "configs", extra / "configs")
-        shutil.copytree(REPO / "bundle", extra / "bundle", ignore=shutil.ignore_patterns("__pycache__"))
+        (extra / "bundle").mkdir()
+        for source in serving_files():
+            shutil.copy(source, extra / "bundle" / source.name)
         if sidecar:
             shutil.copy(sidecar, extra / sidecar.name)
         model_config = Path(staging) / "model-config.yaml"

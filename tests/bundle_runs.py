@@ -8,7 +8,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "configs/train.json"
+TRAIN_CHAIN = "['configs/train.json','configs/train_chain.json']"
 EVALUATE = "['configs/train.json','configs/evaluate.json']"
+EVALUATE_CHAIN = "['configs/train.json','configs/train_chain.json','configs/evaluate.json']"
 MULTI_GPU = "['configs/train.json','configs/multi_gpu_train.json']"
 INFERENCE = "configs/inference.json"
 

@@ -15,7 +15,7 @@ from bundle import data
 from bundle.calibration import Calibration
 from bundle.labels import CLASS_NAMES
 from bundle.synthetic import generate
-from tests.bundle_runs import EVALUATE, FAST, INFERENCE, REPO, TRAIN, read_json, run_bundle
+from tests.bundle_runs import EVALUATE, EVALUATE_CHAIN, FAST, INFERENCE, REPO, TRAIN, read_json, run_bundle
 
 EPOCHS = 4
 
@@ -138,8 +138,8 @@ def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tm
     probabilities by about a percent and doesn't change its answers."""
     run_bundle(INFERENCE, bundle_root=trained["bundle_root"], input=trained["datalist"],
                dataset_dir=trained["dataset_dir"], output_dir=tmp_path / "inference", **FAST)
-    run_bundle(EVALUATE, bundle_root=trained["bundle_root"], dataset_dir=trained["dataset_dir"],
-               datalist=trained["datalist"], output_dir=tmp_path / "chain", data_path="chain", **FAST)
+    run_bundle(EVALUATE_CHAIN, bundle_root=trained["bundle_root"], dataset_dir=trained["dataset_dir"],
+               datalist=trained["datalist"], output_dir=tmp_path / "chain", **FAST)
     inferred = _predictions(tmp_path / "inference" / "predictions.csv")
     by_chain = _predictions(tmp_path / "chain" / "predictions.csv")
     by_fast_path = _predictions(evaluated / "predictions.csv")

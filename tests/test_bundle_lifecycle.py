@@ -13,7 +13,7 @@ import torch
 
 from bundle import data
 from bundle.labels import CLASS_NAMES
-from tests.bundle_runs import (EVALUATE, FAST, MULTI_GPU, REPO, TRAIN, bundle_command, bundle_env, read_json,
+from tests.bundle_runs import (EVALUATE, FAST, MULTI_GPU, REPO, TRAIN, TRAIN_CHAIN, bundle_command, bundle_env, read_json,
                                run_bundle)
 
 
@@ -55,8 +55,8 @@ def test_resume_false_starts_over(dataset, tmp_path):
 
 
 def test_the_per_sample_chain_still_trains(dataset, tmp_path):
-    """--data_path chain: MONAI transforms per sample in loader workers, no cache files."""
-    run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, data_path="chain", **dataset, **dict(FAST, num_workers=2))
+    """configs/train_chain.json: MONAI transforms per sample in loader workers, no cache files."""
+    run_bundle(TRAIN_CHAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **dict(FAST, num_workers=2))
     assert (tmp_path / "models" / "model.pt").exists()
     assert not (tmp_path / "cache").exists()
 
@@ -71,11 +71,6 @@ def test_a_second_run_reuses_the_cache_even_memory_mapped(dataset, tmp_path):
     assert read_json(tmp_path / "models" / "history.json")[0]["val_auc"] > 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")} == files
     assert (again.stdout + again.stderr).count("reusing the image cache") == 2
-
-
-def test_an_unknown_data_path_is_named(dataset, tmp_path):
-    result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=1, data_path="fats", **dataset, **FAST)
-    assert "config key 'data_path' must be one of ('fast', 'chain'), got 'fats'" in result.stderr
 
 
 def test_two_process_ddp_on_cpu_with_gloo(dataset, tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 from bundle import cache as cache_module
 from bundle.augment import BatchAugmentation
 from bundle.cache import ImageCache, fingerprint
-from bundle.fastpath import CachedBatchLoader, scaled_learning_rate, select_loader
+from bundle.fastpath import CachedBatchLoader
 from bundle.imbalance import sampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_memmap_storage_serves_the_same_batches_from_disk(tmp_path):
 def test_preprocessing_that_leaves_0_1_is_refused_with_the_way_out(tmp_path):
     items = write_images(tmp_path / "images", n=2)
     no_scaling = [t for t in preprocessing() if type(t).__name__ != "ScaleIntensityRanged"]
-    with pytest.raises(ValueError, match="data_path chain"):
+    with pytest.raises(ValueError, match="train_chain.json"):
         ImageCache(items, no_scaling, str(tmp_path / "cache"), num_workers=0, progress=False)
     assert npy_files(tmp_path / "cache") == []
 
@@ -212,14 +212,3 @@ def test_channels_last_batches(tmp_path):
     assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert batch["image"].dtype == torch.float32 and 0 <= batch["image"].min() and batch["image"].max() <= 1
 
-
-def test_learning_rate_scaling_and_data_path_choice():
-    assert scaled_learning_rate(1e-3, 256, 64, "sqrt") == pytest.approx(2e-3)
-    assert scaled_learning_rate(1e-3, 256, 64, "linear") == pytest.approx(4e-3)
-    assert scaled_learning_rate(1e-3, 256, 64, "none") == pytest.approx(1e-3)
-    with pytest.raises(ValueError, match="lr_scaling"):
-        scaled_learning_rate(1e-3, 256, 64, "cubic")
-    assert select_loader("fast", fast="F", chain=None) == "F"
-    assert select_loader("chain", fast=None, chain="C") == "C"
-    with pytest.raises(ValueError, match="data_path"):
-        select_loader("fats", fast=None, chain=None)
