@@ -30,7 +30,7 @@ from cloud.hyperparameters import HyperparameterError, as_strings, split  # noqa
 
 ENTRY_SCRIPT = "scripts/sagemaker_entry.py"
 # The training job's source code: what the entry script and the bundle run need, nothing else.
-SOURCE = ("configs", "bundle", "cloud", "handler/inference.py", ENTRY_SCRIPT)
+SOURCE = ("configs", "bundle", "cloud", "handler/inference.py", "handler/handler.py", ENTRY_SCRIPT)
 # Installed by the SDK's driver in the training container, whose image brings torch.
 CONTAINER_REQUIREMENTS = "monai[fire,pillow,ignite,tqdm,tensorboard]==1.6.1\nmatplotlib\n"
 CHANNEL = "training"
