@@ -2,9 +2,18 @@
 
 The container extracts the archive to /opt/ml/model, the bundle root the Predictor reads:
 ``configs/``, ``models/model.pt`` (or ``model.ts``) and its sidecar ``models/model.json`` (the
-trained image size, when training wrote one), ``code/inference.py`` (model_fn, input_fn,
-predict_fn, output_fn), ``code/bundle/`` (the serving modules; importable, since the container puts code/ on sys.path)
-and ``code/requirements.txt`` (installed by the container at start-up).
+trained image size, when training wrote one), whatever the weights were called where they came from,
+``code/bundle/`` (the serving modules; importable, since the container puts code/ on sys.path) and
+``code/requirements.txt`` (installed by the container at start-up).
+
+Which code answers requests: the container's toolkit starts TorchServe over /opt/ml/model, and
+TorchServe takes the handler that ``MAR-INF/MANIFEST.json`` names over the toolkit's own. That is
+``code/skin_lesion_handler.py``, the TorchServe handler of ``handler/handler.py``, which answers every
+request of a batch on its own (its own content type, its own status). The toolkit's handler cannot:
+it applies the first request's content type to the whole batch and, when one item raises, answers
+the whole batch with one error, which TorchServe turns into 503 for every request of the batch.
+``code/inference.py`` (model_fn, input_fn, predict_fn, output_fn) stays for a container that ignores
+the manifest; it is correct there only with ``SAGEMAKER_TS_BATCH_SIZE=1``.
 
 Written two ways from one list: as an archive (``scripts/package_sagemaker.py``) and as a folder
 (the training job's SM_MODEL_DIR, which SageMaker archives into the job's own model.tar.gz).
@@ -13,6 +22,7 @@ Written two ways from one list: as an archive (``scripts/package_sagemaker.py``)
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -25,6 +35,12 @@ from bundle.predictor import bundle_files
 REPO = Path(__file__).resolve().parents[1]
 # What the container's Python lacks; torch and Pillow come with the PyTorch image.
 CONTAINER_REQUIREMENTS = "monai==1.6.1\n"
+HANDLER = "skin_lesion_handler.py"
+# The toolkit registers the model as "model", version "1.0"; its SAGEMAKER_TS_* settings (batch size,
+# workers, timeouts) are keyed by that name and version, so the manifest must say "1.0" too. No
+# configFile: a model-config.yaml's batch size would override SAGEMAKER_TS_BATCH_SIZE.
+MANIFEST = {"runtime": "python", "archiverVersion": "0.12.0",
+            "model": {"modelName": "model", "modelVersion": "1.0", "handler": HANDLER}}
 
 
 def model_files(bundle_root: str | os.PathLike = REPO,
@@ -34,11 +50,18 @@ def model_files(bundle_root: str | os.PathLike = REPO,
     Raises FileNotFoundError or ValueError (a malformed sidecar) naming the file, before anything is written.
     """
     bundle_root, weights, sidecar = bundle_files(bundle_root, weights)
+    # Stored under the names model_fn and the handler load, whatever they were called (e.g. --weights
+    # best.pt); the Predictor reads any suffix but .ts as a state_dict.
+    stored = "models/model.ts" if weights.suffix == ".ts" else "models/model.pt"
     files: dict[str, Path | bytes] = {}
     files |= _tree(bundle_root / "configs", "configs")
-    files[f"models/{weights.name}"] = weights
+    files[stored] = weights
     if sidecar:
-        files[f"models/{sidecar.name}"] = sidecar
+        files["models/model.json"] = sidecar
+    manifest = json.loads(json.dumps(MANIFEST))
+    manifest["model"]["serializedFile"] = stored
+    files["MAR-INF/MANIFEST.json"] = json.dumps(manifest, indent=1).encode()
+    files[f"code/{HANDLER}"] = REPO / "handler" / "handler.py"
     files["code/inference.py"] = REPO / "handler" / "inference.py"
     files |= {f"code/bundle/{source.name}": source for source in serving_files()}
     files["code/requirements.txt"] = CONTAINER_REQUIREMENTS.encode()

@@ -1,9 +1,15 @@
 """SageMaker PyTorch inference container adapter: the toolkit's four functions over the bundle's Predictor.
 
-The container extracts model.tar.gz (built by ``scripts/package_sagemaker.py``) to /opt/ml/model and
-imports this file from ``code/``; the bundle package sits beside it. One request carries one image:
-raw JPEG/PNG bytes or JSON ``{"image": "<base64>"}``. Concurrent requests are batched by the
-container's TorchServe (``SAGEMAKER_TS_BATCH_SIZE``, ``SAGEMAKER_TS_MAX_BATCH_DELAY``).
+The container extracts model.tar.gz (built by ``scripts/package_sagemaker.py``) to /opt/ml/model; the
+bundle package sits beside this file in ``code/``. One request carries one image: raw JPEG/PNG bytes
+or JSON ``{"image": "<base64>"}``.
+
+The archive's ``MAR-INF/MANIFEST.json`` makes the container's TorchServe answer requests with
+``code/skin_lesion_handler.py`` instead of the toolkit's handler, which would call these functions:
+the toolkit gives every request of a batch the first one's content type and answers the whole batch
+with one error when one item raises (TorchServe then says 503 to all of them), and it appends a
+Python traceback to every error body. These four functions serve a container that ignores the
+manifest, and are correct there only with ``SAGEMAKER_TS_BATCH_SIZE=1`` (cloud/model_dir.py).
 """
 
 from __future__ import annotations

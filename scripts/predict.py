@@ -17,7 +17,7 @@ from pathlib import Path
 
 import fire
 import requests
-from serve import DEFAULT_RUN_DIR, MODEL_NAME, auth_headers, read_server
+from serve import DEFAULT_RUN_DIR, MODEL_NAME, ServeError, authorised_request, read_server
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
@@ -30,20 +30,35 @@ def _content_type(image: Path) -> str:
 
 
 def _torchserve_sender(url: str | None, key: str | None, run_dir: str, model: str, timeout: float):
-    if url is None:  # the server scripts/serve.py started
-        url, headers = read_server(run_dir)["inference_url"], auth_headers(run_dir)
-    else:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+    server = read_server(run_dir) if url is None else None  # None: the server scripts/serve.py started
+
+    def post(target: str, **kwargs) -> requests.Response:
+        if server is None:
+            return requests.post(target, headers={**kwargs.pop("headers"), **({"Authorization": f"Bearer {key}"}
+                                                                           if key else {})}, **kwargs)
+        if not server["token_auth"]:
+            return requests.post(target, **kwargs)
+        return authorised_request(run_dir, "POST", target, **kwargs)  # re-reads (and renews) an expired key
 
     def send(body: bytes, content_type: str) -> tuple[int, dict]:
-        response = requests.post(f"{url.rstrip('/')}/predictions/{model}", data=body, timeout=timeout,
-                                 headers={**headers, "Content-Type": content_type})
-        try:
-            return response.status_code, response.json()
-        except ValueError:
-            return response.status_code, {"error": response.text.strip()}
+        base = server["inference_url"] if server else url
+        response = post(f"{base.rstrip('/')}/predictions/{model}", data=body, timeout=timeout,
+                        headers={"Content-Type": content_type})
+        return response.status_code, _answer(response.text)
 
     return send
+
+
+def _answer(text: str) -> dict:
+    """The response as JSON, or a one-line error: never a traceback or a whole HTML page."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict):
+        return answer
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "no response body")
+    return {"error": line[:200]}
 
 
 def _sagemaker_sender(endpoint: str, region: str | None):
@@ -58,19 +73,19 @@ def _sagemaker_sender(endpoint: str, region: str | None):
                                                Accept="application/json", Body=body)
         except ClientError as error:  # SageMaker reports the model's 4xx as a ModelError with its body
             details = error.response.get("OriginalMessage") or error.response["Error"].get("Message", "")
-            try:
-                return error.response.get("OriginalStatusCode", 400), json.loads(details)
-            except ValueError:
-                return error.response.get("OriginalStatusCode", 400), {"error": details}
-        return 200, json.loads(response["Body"].read())
+            return error.response.get("OriginalStatusCode", 400), _answer(details)
+        return 200, _answer(response["Body"].read().decode(errors="replace"))
 
     return send
 
 
-def describe(answer: dict) -> str:
+def describe(status: int, answer: dict) -> str:
+    if status == 200 and "label" in answer:
+        return f"class: {answer['label']}, probability: {round(100 * answer['probability'])} percent"
     if "error" in answer:
         return f"refused: {answer['error']}"
-    return f"class: {answer['label']}, probability: {round(100 * answer['probability'])} percent"
+    # TorchServe's own refusals: {"code": ..., "type": ..., "message": ...}
+    return f"refused: HTTP {status}: {answer.get('message') or answer.get('type') or 'no reason given'}"
 
 
 def predict(*images: str, url: str | None = None, key: str | None = None, endpoint: str | None = None,
@@ -78,15 +93,21 @@ def predict(*images: str, url: str | None = None, key: str | None = None, endpoi
             json: bool = False, as_json: bool = False, timeout: float = 60) -> None:  # `json`: the flag is --json
     if not images:
         sys.exit("name at least one image")
-    send = _sagemaker_sender(endpoint, region) if endpoint else _torchserve_sender(url, key, run_dir, model, timeout)
+    try:
+        send = _sagemaker_sender(endpoint, region) if endpoint else _torchserve_sender(url, key, run_dir, model, timeout)
+    except ServeError as error:
+        sys.exit(f"error: {error}")
     refused = 0
     for image in map(Path, images):
         body, content_type = image.read_bytes(), _content_type(image)
         if as_json:
             body, content_type = _json_body(body), "application/json"
-        status, answer = send(body, content_type)
+        try:
+            status, answer = send(body, content_type)
+        except (requests.RequestException, ServeError) as error:
+            sys.exit(f"error: {image}: {error}")
         refused += status != 200
-        print(_json_line(image, status, answer) if json else f"{image}: {describe(answer)}")
+        print(_json_line(image, status, answer) if json else f"{image}: {describe(status, answer)}")
     if refused:
         sys.exit(1)
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPT = "sagemaker_entry.py"
 # The training job's source code, by its path there: what the entry script and the bundle run need.
 SOURCE = {"configs": "configs", "bundle": "bundle", "cloud": "cloud", "handler/inference.py": "handler/inference.py",
-          ENTRY_SCRIPT: "scripts/sagemaker_entry.py"}
+          "handler/handler.py": "handler/handler.py", ENTRY_SCRIPT: "scripts/sagemaker_entry.py"}
 # Installed by the SDK's driver in the training container, whose image brings torch.
 CONTAINER_REQUIREMENTS = "monai[fire,pillow,ignite,tqdm,tensorboard]==1.6.1\nmatplotlib\n"
 CHANNEL = "training"

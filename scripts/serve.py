@@ -3,8 +3,10 @@
 Classify with ``scripts/predict.py``, which finds the server and its key through the run folder.
 
     python scripts/serve.py start [--mar dist/skin_lesion.mar] [--run_dir runs/serve]
-        [--inference_port 8080 --management_port 8081 --metrics_port 8082]
-        [--grpc_inference_port 7070 --grpc_management_port 7071] [--sagemaker] [--foreground]
+        [--inference_port 8080 --management_port 8081] [--metrics_port PORT]
+        [--grpc_inference_port 7070 --grpc_management_port 7071] [--token_expiration_min 1440]
+        [--sagemaker] [--foreground]
+    python scripts/serve.py rotate_keys [--run_dir runs/serve]
     python scripts/serve.py stop [--run_dir runs/serve]
 
 TorchServe runs with ``handler/config.properties`` and its working directory in the run folder, which
@@ -13,10 +15,23 @@ collects everything of one server: ``logs/`` (ts_log.log, model_log.log, access 
 clients) and ``tmp/`` (the extracted archive and TorchServe's pid file, so that servers in different
 run folders don't see each other).
 
-Token authorisation is on: clients send ``Authorization: Bearer <key>`` with the key
-``read_inference_key(run_dir)`` returns. The model-management API (register, scale, unregister) is
-off. ``--sagemaker`` serves /ping and /invocations on 0.0.0.0 (port 8080, the default, is what a
-SageMaker bring-your-own container must use) without token authorisation (SageMaker sends no token).
+What listens where (README, "What listens where"):
+- inference (/ping, /predictions, /invocations): 127.0.0.1:``inference_port``, the inference key;
+  with ``--sagemaker`` 0.0.0.0:``inference_port`` without a key (SageMaker sends none; port 8080, the
+  default, is what a SageMaker bring-your-own container must use);
+- management (describe, scale workers, the token API; registering models is off): 127.0.0.1:
+  ``management_port``, the management key. With ``--sagemaker`` there is no key to require, so it
+  listens on no port at all but on the Unix socket ``<run_dir>/management.sock``, which only the
+  server's user can open;
+- metrics: off, unless ``--metrics_port`` is given (127.0.0.1, no key);
+- gRPC: 127.0.0.1:``grpc_inference_port`` and ``grpc_management_port`` (TorchServe 0.12 always opens
+  them), the same keys; with ``--sagemaker`` without a key.
+
+Keys expire ``token_expiration_min`` after they were issued (config.properties: 1440, a day). The API
+key in key_file.json never expires, and TorchServe's token API renews the others with it:
+``rotate_keys`` does that (run it from cron or a timer more often than the expiry), and
+``authorised_request`` (which scripts/predict.py uses) renews an expired key itself, re-reading
+key_file.json whenever the server refuses a key.
 
 Health, as TorchServe 0.12 behaves (read from its frontend and measured): /ping answers 200
 "Healthy" while the worker is still loading the model, and while a worker that fails to load is
@@ -50,6 +65,9 @@ DEFAULT_RUN_DIR = REPO / "runs" / "serve"
 LOG_TAIL_LINES = 40
 # What TorchServe's ts_log.log says when a worker dies while loading the model.
 LOAD_FAILURE_SIGNS = ("Load model failed", "Backend worker process died")
+# What TorchServe answers (400) when a key is wrong or expired.
+KEY_REFUSED = "Token Authorization failed"
+MANAGEMENT_SOCKET = "management.sock"
 
 
 class ServeError(RuntimeError):
@@ -57,24 +75,26 @@ class ServeError(RuntimeError):
 
 
 def start(mar: str = str(DEFAULT_MAR), run_dir: str = str(DEFAULT_RUN_DIR), inference_port: int = 8080,
-          management_port: int = 8081, metrics_port: int = 8082, grpc_inference_port: int = 7070,
+          management_port: int = 8081, metrics_port: int | None = None, grpc_inference_port: int = 7070,
           grpc_management_port: int = 7071, sagemaker: bool = False, timeout_s: float = 300,
-          foreground: bool = False) -> None:
+          foreground: bool = False, token_expiration_min: float | None = None) -> None:
     """Start TorchServe with the archive ``mar``, wait until the model answers, print the URLs.
 
     Every port must be free, the gRPC ones too (TorchServe always opens them, on loopback).
     ``foreground`` then blocks until the server ends (a container's main process); SIGTERM stops it.
+    ``metrics_port``: serve TorchServe's metrics API there (off by default). ``token_expiration_min``:
+    the keys' lifetime (default: config.properties, 1440).
     """
     try:
         server = start_server(mar, run_dir, inference_port, management_port, metrics_port, grpc_inference_port,
-                              grpc_management_port, sagemaker, timeout_s)
+                              grpc_management_port, sagemaker, timeout_s, token_expiration_min)
     except ServeError as error:
         sys.exit(f"error: {error}")
     print(f"serving {MODEL_NAME}: POST {server['inference_url']}/predictions/{MODEL_NAME}"
           f"{' and /invocations' if sagemaker else ''}; logs in {Path(run_dir) / 'logs'}")
     if server["token_auth"]:
         print(f"token authorisation on: send 'Authorization: Bearer <key>', the inference key in "
-              f"{Path(run_dir) / 'key_file.json'}")
+              f"{Path(run_dir) / 'key_file.json'}; keys expire, renew them with scripts/serve.py rotate_keys")
     if foreground:
         def stop_and_exit(signum, frame):
             stop(run_dir)
@@ -85,8 +105,9 @@ def start(mar: str = str(DEFAULT_MAR), run_dir: str = str(DEFAULT_RUN_DIR), infe
 
 
 def start_server(mar: str | os.PathLike, run_dir: str | os.PathLike, inference_port: int = 8080,
-                 management_port: int = 8081, metrics_port: int = 8082, grpc_inference_port: int = 7070,
-                 grpc_management_port: int = 7071, sagemaker: bool = False, timeout_s: float = 300) -> dict:
+                 management_port: int = 8081, metrics_port: int | None = None, grpc_inference_port: int = 7070,
+                 grpc_management_port: int = 7071, sagemaker: bool = False, timeout_s: float = 300,
+                 token_expiration_min: float | None = None) -> dict:
     """Start TorchServe and wait until the model is ready; return the server description (see ``read_server``).
 
     On failure the server is stopped again and ``ServeError`` says why, with the end of the logs.
@@ -98,16 +119,22 @@ def start_server(mar: str | os.PathLike, run_dir: str | os.PathLike, inference_p
     if _server_pid(run_dir) is not None:
         raise ServeError(f"a TorchServe from {run_dir} is already running: scripts/serve.py stop --run_dir {run_dir}")
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    for stale in ("key_file.json", "server.json"):
+    run_dir.chmod(0o700)  # the key file and the management socket are the server user's alone
+    for stale in ("key_file.json", "server.json", MANAGEMENT_SOCKET):
         (run_dir / stale).unlink(missing_ok=True)
     host = "0.0.0.0" if sagemaker else "127.0.0.1"
+    # Without token authorisation no key can guard management: a Unix socket, not a port, then.
+    management = f"unix:{run_dir / MANAGEMENT_SOCKET}" if sagemaker else f"http://127.0.0.1:{management_port}"
     env = _environment(run_dir) | {
         "TS_INFERENCE_ADDRESS": f"http://{host}:{inference_port}",
-        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{management_port}",
-        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics_port}",
+        "TS_MANAGEMENT_ADDRESS": management,
         "TS_GRPC_INFERENCE_PORT": str(grpc_inference_port),
         "TS_GRPC_MANAGEMENT_PORT": str(grpc_management_port),
     }
+    if metrics_port is not None:
+        env |= {"TS_ENABLE_METRICS_API": "true", "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics_port}"}
+    if token_expiration_min is not None:
+        env["TS_TOKEN_EXPIRATION_TIME_MIN"] = str(token_expiration_min)  # TorchServe's variable for token_expiration_min
     command = [torchserve, "--start", "--ncs", "--ts-config", str(TS_CONFIG), "--model-store", str(mar.parent),
                "--models", f"{MODEL_NAME}={mar.name}"]
     if sagemaker:
@@ -118,8 +145,10 @@ def start_server(mar: str | os.PathLike, run_dir: str | os.PathLike, inference_p
     if pid is None:
         raise ServeError(f"TorchServe did not start:\n{_log_tail(run_dir)}")
     server = {"pid": pid, "inference_url": f"http://127.0.0.1:{inference_port}",
-              "management_url": f"http://127.0.0.1:{management_port}",
-              "metrics_url": f"http://127.0.0.1:{metrics_port}", "model": MODEL_NAME, "token_auth": not sagemaker}
+              "management_url": None if sagemaker else f"http://127.0.0.1:{management_port}",
+              "management_socket": str(run_dir / MANAGEMENT_SOCKET) if sagemaker else None,
+              "metrics_url": None if metrics_port is None else f"http://127.0.0.1:{metrics_port}",
+              "model": MODEL_NAME, "token_auth": not sagemaker}
     (run_dir / "server.json").write_text(json.dumps(server, indent=2))
     try:
         _wait_until_ready(server, run_dir, log_start, time.monotonic() + timeout_s)
@@ -163,16 +192,87 @@ def auth_headers(run_dir: str | os.PathLike = DEFAULT_RUN_DIR, api: str = "infer
     return {"Authorization": f"Bearer {_read_key(run_dir, api)}"} if read_server(run_dir)["token_auth"] else {}
 
 
+def rotate_keys(run_dir: str = str(DEFAULT_RUN_DIR), apis: tuple[str, ...] = ("inference", "management")) -> None:
+    """Issue new keys (valid for another ``token_expiration_min``) through TorchServe's token API; the old ones
+    stop working at once. TorchServe rewrites key_file.json, where clients find the new keys."""
+    server = read_server(run_dir)
+    if not server["token_auth"]:
+        raise ServeError(f"the server from {run_dir} runs without token authorisation: there are no keys to renew")
+    for api in apis:
+        response = requests.post(f"{server['management_url']}/token", params={"type": api},
+                                 headers={"Authorization": f"Bearer {_read_key(run_dir, 'API')}"}, timeout=30)
+        if response.status_code != 200:
+            raise ServeError(f"TorchServe refused to renew the {api} key: {response.status_code} {response.text.strip()}")
+
+
+def authorised_request(run_dir: str | os.PathLike, method: str, url: str, api: str = "inference",
+                       **kwargs) -> requests.Response:
+    """``requests.request`` with the current key of ``api``. When the server refuses the key, read key_file.json
+    again (another client may have renewed it) and, if the key there is the refused one, renew it (it expired)."""
+    headers = kwargs.pop("headers", {})
+    for attempt in range(3):
+        key = _read_key(run_dir, api)
+        response = requests.request(method, url, headers={**headers, "Authorization": f"Bearer {key}"}, **kwargs)
+        if not _key_refused(response) or attempt == 2:
+            return response
+        if _read_key(run_dir, api) == key:
+            try:
+                rotate_keys(run_dir, (api,))
+            except ServeError:
+                pass  # another client renewed it a moment earlier: its key is in the file
+    return response
+
+
+def _key_refused(response: requests.Response) -> bool:
+    return response.status_code in (400, 401) and KEY_REFUSED in response.text
+
+
+def management_request(server: dict, method: str, path: str, run_dir: str | os.PathLike, **kwargs) -> requests.Response:
+    """A management API call, over the port with the management key, or (``--sagemaker``) over the Unix socket."""
+    if server.get("management_socket"):
+        return _unix_socket_request(server["management_socket"], method, path, kwargs.get("timeout", 30))
+    return authorised_request(run_dir, method, f"{server['management_url']}{path}", "management", **kwargs)
+
+
+def _unix_socket_request(socket_path: str, method: str, path: str, timeout: float) -> requests.Response:
+    """An HTTP request over a Unix socket (requests cannot address one), answered as a ``requests.Response``."""
+    import http.client
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(socket_path)
+
+    connection = UnixConnection("localhost", timeout=timeout)
+    try:
+        connection.request(method, path)
+        answer = connection.getresponse()
+        response = requests.Response()
+        response.status_code, response._content = answer.status, answer.read()
+        response.headers = requests.structures.CaseInsensitiveDict(answer.getheaders())
+        return response
+    except OSError as error:
+        raise requests.ConnectionError(str(error)) from error
+    finally:
+        connection.close()
+
+
 def _read_key(run_dir: str | os.PathLike, api: str) -> str:
     path = Path(run_dir) / "key_file.json"
-    if not path.is_file():
-        raise ServeError(f"no key_file.json in {run_dir}: is the server running, with token authorisation on?")
-    return json.loads(path.read_text())[api]["key"]
+    for _ in range(20):
+        if not path.is_file():
+            raise ServeError(f"no key_file.json in {run_dir}: is the server running, with token authorisation on?")
+        try:
+            return json.loads(path.read_text())[api]["key"]
+        except ValueError:  # TorchServe rewrites the file in place while renewing a key
+            time.sleep(0.05)
+    raise ServeError(f"{path} is not valid JSON")
 
 
 def _wait_until_ready(server: dict, run_dir: Path, log_start: int, deadline: float) -> None:
     """Poll until a worker is READY and /ping says Healthy; fail as soon as a worker dies loading the model."""
-    describe_url = f"{server['management_url']}/models/{MODEL_NAME}"
     while True:
         if not psutil.pid_exists(server["pid"]):
             raise ServeError(f"TorchServe exited while starting:\n{_log_tail(run_dir)}")
@@ -180,7 +280,7 @@ def _wait_until_ready(server: dict, run_dir: Path, log_start: int, deadline: flo
         if failure:
             raise ServeError(f"the model failed to load ({failure}):\n{_log_tail(run_dir)}")
         try:
-            workers = requests.get(describe_url, headers=auth_headers(run_dir, "management"), timeout=5).json()[0]["workers"]
+            workers = management_request(server, "GET", f"/models/{MODEL_NAME}", run_dir, timeout=5).json()[0]["workers"]
             ping = requests.get(f"{server['inference_url']}/ping", headers=auth_headers(run_dir), timeout=5)
         except (requests.ConnectionError, ServeError, KeyError, IndexError, ValueError):
             workers, ping = [], None  # not listening yet, or the key file is not written yet
@@ -261,5 +361,13 @@ def _torchserve_executable() -> str:
     return str(launcher)
 
 
+def _rotate_keys_command(run_dir: str = str(DEFAULT_RUN_DIR)) -> None:
+    try:
+        rotate_keys(run_dir)
+    except ServeError as error:
+        sys.exit(f"error: {error}")
+    print(f"renewed the inference and management keys in {Path(run_dir) / 'key_file.json'}")
+
+
 if __name__ == "__main__":
-    fire.Fire({"start": start, "stop": stop})
+    fire.Fire({"start": start, "stop": stop, "rotate_keys": _rotate_keys_command})

@@ -57,8 +57,13 @@ def jpeg(tmp_path_factory):
 
 def test_the_archive_has_the_container_layout(model_dir):
     for path in ("configs/inference.json", "models/model.pt", "models/model.json", "code/inference.py",
-                 "code/requirements.txt", "code/bundle/predictor.py", "code/bundle/labels.py"):
+                 "code/skin_lesion_handler.py", "code/requirements.txt", "code/bundle/predictor.py",
+                 "code/bundle/labels.py"):
         assert (model_dir / path).is_file(), path
+    # TorchServe in the container takes this handler over the toolkit's (tests/test_sagemaker_container.py)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+    assert manifest["handler"] == "skin_lesion_handler.py" and manifest["serializedFile"] == "models/model.pt"
+    assert manifest["modelVersion"] == "1.0"  # the version the toolkit's SAGEMAKER_TS_* settings are keyed by
     assert "monai==" in (model_dir / "code" / "requirements.txt").read_text()
     assert not list(model_dir.rglob("__pycache__"))
 
