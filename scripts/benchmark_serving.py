@@ -26,13 +26,13 @@ from pathlib import Path
 
 import fire
 import numpy as np
-import package_mar
 import psutil
 import requests
-import serve
 
 from bundle.predictor import Predictor
 from bundle.synthetic import generate
+from handler import MODEL_NAME, control
+from handler.mar import write_mar
 
 BAD_IMAGES = (b"", b"not an image", b"\xff\xd8\xff\xe0 truncated jpeg")
 
@@ -170,14 +170,14 @@ def benchmark(bundle_root: str = ".", weights: str | None = None, n_images: int 
     scratch = Path(tempfile.mkdtemp(prefix="benchmark-serving-"))
     images = _images(n_images, scratch)
     weights = weights or str(Path(bundle_root) / "models" / "model.pt")
-    package_mar.package(bundle_root, weights, export_path=str(scratch), batch_size=batch_size,
+    write_mar(bundle_root, weights, export_path=str(scratch), batch_size=batch_size,
                         max_batch_delay_ms=max_batch_delay_ms)
     ports = dict(zip(("inference_port", "management_port", "metrics_port", "grpc_inference_port",
                       "grpc_management_port"), (_free_port() for _ in range(5))))
-    server = serve.start_server(scratch / f"{serve.MODEL_NAME}.mar", scratch / "run", **ports)
+    server = control.start_server(scratch / f"{MODEL_NAME}.mar", scratch / "run", **ports)
     try:
-        client = Client(server, serve.auth_headers(scratch / "run"))
-        management = serve.auth_headers(scratch / "run", api="management")
+        client = Client(server, control.auth_headers(scratch / "run"))
+        management = control.auth_headers(scratch / "run", api="management")
         rss = lambda: _worker_rss_mb(server, management)  # noqa: E731
         if soak:
             report = _soak(client, images, soak, rss)
@@ -191,7 +191,7 @@ def benchmark(bundle_root: str = ".", weights: str | None = None, n_images: int 
         latency = _batch_one_latencies(client, predictor, images, requests)
         worker_mb = rss()
     finally:
-        serve.stop(scratch / "run")
+        control.stop_server(scratch / "run")
     # measured after the server is gone, so the two don't share the CPU
     local_img_per_s = _in_process_throughput(predictor, images, requests, batch_size)
     best_ts = max(v for k, v in ts.items() if k.startswith("img_per_s"))

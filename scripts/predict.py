@@ -17,7 +17,9 @@ from pathlib import Path
 
 import fire
 import requests
-from serve import DEFAULT_RUN_DIR, MODEL_NAME, ServeError, authorised_request, read_server
+
+from handler import MODEL_NAME
+from handler.control import DEFAULT_RUN_DIR, ServeError, authorised_request, read_server
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bundle import SERVING_MODULES
-from tests.bundle_runs import REPO
 from bundle.synthetic import generate
+from tests.bundle_runs import REPO
 from tests.serving import bundle_with_random_weights
 
 SHIPPED = sorted(f"{name}.py" for name in SERVING_MODULES)

@@ -13,8 +13,18 @@ import torch
 
 from bundle import data
 from bundle.labels import CLASS_NAMES
-from tests.bundle_runs import (EVALUATE, FAST, MULTI_GPU, REPO, TRAIN, TRAIN_CHAIN, bundle_command, bundle_env, read_json,
-                               run_bundle)
+from tests.bundle_runs import (
+    EVALUATE,
+    FAST,
+    MULTI_GPU,
+    REPO,
+    TRAIN,
+    TRAIN_CHAIN,
+    bundle_command,
+    bundle_env,
+    read_json,
+    run_bundle,
+)
 
 
 @pytest.fixture(scope="module")

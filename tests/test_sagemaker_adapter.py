@@ -19,7 +19,6 @@ from bundle.synthetic import generate
 from tests.bundle_runs import REPO
 from tests.serving import bundle_with_random_weights, encode
 
-
 TRAINED_IMAGE_SIZE = [32, 32]  # not inference.json's 64 x 64: the sidecar must travel with the weights
 
 

@@ -4,7 +4,6 @@ Real TorchServe on loopback, on free ports. Skipped without Java or TorchServe, 
 """
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import requests
 
 from bundle.synthetic import generate
-from scripts import serve
+from handler import control
 from tests.bundle_runs import REPO
 from tests.serving import JPEG, bundle_with_random_weights
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
@@ -45,7 +44,7 @@ def _start(archive, run_dir, *extra) -> dict:
          str(grpc_inference), "--grpc_management_port", str(grpc_management), "--timeout_s", "240", *extra],
         cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
-    return {**serve.read_server(run_dir), "ports": {"inference": inference, "management": management,
+    return {**control.read_server(run_dir), "ports": {"inference": inference, "management": management,
                                                     "grpc_inference": grpc_inference, "grpc_management": grpc_management}}
 
 
@@ -56,7 +55,7 @@ def server(archive, tmp_path_factory):
     try:
         yield {**_start(archive, run_dir, "--token_expiration_min", str(EXPIRY_MIN)), "run_dir": run_dir}
     finally:
-        serve.stop(run_dir)
+        control.stop_server(run_dir)
 
 
 def _keys(run_dir) -> dict:
@@ -69,7 +68,7 @@ def _classify(server, image, key) -> requests.Response:
 
 
 def _refused(response: requests.Response) -> bool:
-    return response.status_code == 400 and serve.KEY_REFUSED in response.text
+    return response.status_code == 400 and control.KEY_REFUSED in response.text
 
 
 def _listening(pid: int) -> set[tuple[str, int]]:
@@ -129,11 +128,11 @@ def test_under_sagemaker_management_is_a_socket_only_the_server_user_opens(archi
         # no key exists to guard management, so it is on no port: inference on all interfaces, gRPC on loopback
         assert _listening(server["pid"]) == {("0.0.0.0", ports["inference"]), ("127.0.0.1", ports["grpc_inference"]),
                                              ("127.0.0.1", ports["grpc_management"])}
-        socket_path = run_dir / serve.MANAGEMENT_SOCKET
+        socket_path = run_dir / control.MANAGEMENT_SOCKET
         assert server["management_socket"] == str(socket_path) and stat.S_ISSOCK(socket_path.stat().st_mode)
         assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700  # nobody else reaches the socket or the logs
-        describe = serve.management_request(server, "GET", "/models/skin_lesion", run_dir)
+        describe = control.management_request(server, "GET", "/models/skin_lesion", run_dir)
         assert describe.status_code == 200 and describe.json()[0]["workers"], describe.text
         assert requests.get(f"{server['inference_url']}/ping", timeout=30).status_code == 200
     finally:
-        serve.stop(run_dir)
+        control.stop_server(run_dir)

@@ -4,8 +4,8 @@ Skipped without Java or TorchServe, except under CI=true, where that is a failur
 """
 
 import base64
-import json
 import concurrent.futures
+import json
 import os
 import random
 import re
@@ -23,10 +23,18 @@ import requests
 
 from bundle.labels import CLASS_LABELS, CLASS_NAMES
 from bundle.predictor import Predictor
-from scripts import serve
+from handler import control
 from tests.bundle_runs import REPO
-from tests.serving import (JPEG, PNG, bundle_with_random_weights, decoded_rgb, encode, malformed_requests,
-                           mode_variants, zero_filled_png)
+from tests.serving import (
+    JPEG,
+    PNG,
+    bundle_with_random_weights,
+    decoded_rgb,
+    encode,
+    malformed_requests,
+    mode_variants,
+    zero_filled_png,
+)
 
 BATCH_SIZE = 4
 MAX_BATCH_DELAY_MS = 100
@@ -99,9 +107,9 @@ def server(archive, tmp_path_factory):
         result = _serve(*_start_args(archive, run_dir))
         assert result.returncode == 0, result.stdout + result.stderr
         assert "serving skin_lesion" in result.stdout
-        yield {**serve.read_server(run_dir), "run_dir": run_dir}
+        yield {**control.read_server(run_dir), "run_dir": run_dir}
     finally:
-        serve.stop(run_dir)
+        control.stop_server(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +126,13 @@ def expected(bundle_root, images) -> dict[str, dict]:
 
 
 def _post(server: dict, route: str = "predictions/skin_lesion", authorised: bool = True, **kwargs) -> requests.Response:
-    headers = {**kwargs.pop("headers", {}), **(serve.auth_headers(server["run_dir"]) if authorised else {})}
+    headers = {**kwargs.pop("headers", {}), **(control.auth_headers(server["run_dir"]) if authorised else {})}
     return requests.post(f"{server['inference_url']}/{route}", headers=headers, timeout=120, **kwargs)
 
 
 def _worker_pids(server: dict) -> list[int]:
     response = requests.get(f"{server['management_url']}/models/skin_lesion",
-                            headers=serve.auth_headers(server["run_dir"], "management"), timeout=30)
+                            headers=control.auth_headers(server["run_dir"], "management"), timeout=30)
     response.raise_for_status()
     return sorted(worker["pid"] for worker in response.json()[0]["workers"])
 
@@ -238,7 +246,7 @@ def test_concurrent_batches_mixing_good_and_bad_images(server, images, expected)
 
 
 def test_ping_says_healthy(server):
-    response = requests.get(f"{server['inference_url']}/ping", headers=serve.auth_headers(server["run_dir"]), timeout=30)
+    response = requests.get(f"{server['inference_url']}/ping", headers=control.auth_headers(server["run_dir"]), timeout=30)
     assert response.status_code == 200 and response.json()["status"] == "Healthy"
 
 
@@ -249,7 +257,7 @@ def test_token_auth_rejects_requests_without_the_right_key(server, images):
     management = requests.get(f"{server['management_url']}/models/skin_lesion", timeout=30)
     for response in (without_key, wrong_key, management):
         assert 400 <= response.status_code < 500, response.text
-    assert serve.read_inference_key(server["run_dir"])
+    assert control.read_inference_key(server["run_dir"])
 
 
 def test_oversize_request_is_refused_by_the_frontend(server):
@@ -259,7 +267,7 @@ def test_oversize_request_is_refused_by_the_frontend(server):
 
 def test_model_management_api_is_off(server, archive):
     response = requests.post(f"{server['management_url']}/models", params={"url": archive.name, "model_name": "other"},
-                             headers=serve.auth_headers(server["run_dir"], "management"), timeout=30)
+                             headers=control.auth_headers(server["run_dir"], "management"), timeout=30)
     assert 400 <= response.status_code < 500, response.text
 
 
@@ -268,7 +276,7 @@ def test_sagemaker_mode_serves_ping_and_invocations_without_a_token(archive, ima
     try:
         result = _serve(*_start_args(archive, run_dir, "--sagemaker"))
         assert result.returncode == 0, result.stdout + result.stderr
-        server = serve.read_server(run_dir)
+        server = control.read_server(run_dir)
         assert requests.get(f"{server['inference_url']}/ping", timeout=30).status_code == 200
         name, data = next(iter(images.items()))
         response = requests.post(f"{server['inference_url']}/invocations", data=data,
@@ -277,7 +285,7 @@ def test_sagemaker_mode_serves_ping_and_invocations_without_a_token(archive, ima
         _assert_same_prediction(response.json(), expected[name])
         assert not (run_dir / "key_file.json").exists()
     finally:
-        serve.stop(run_dir)
+        control.stop_server(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -298,9 +306,9 @@ def test_start_fails_loudly_and_stops_the_server_when_the_model_cannot_load(brok
         assert result.returncode != 0
         assert "the model failed to load" in result.stderr and "model_log.log" in result.stderr, result.stderr
         assert time.monotonic() - started < 120
-        assert serve._server_pid(run_dir) is None, "the failed server was left running"
+        assert control._server_pid(run_dir) is None, "the failed server was left running"
     finally:
-        serve.stop(run_dir)
+        control.stop_server(run_dir)
 
 
 def test_ping_turns_unhealthy_once_workers_keep_failing_past_max_retry_timeout(broken_archive, tmp_path):
@@ -315,7 +323,7 @@ def test_ping_turns_unhealthy_once_workers_keep_failing_past_max_retry_timeout(b
                TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{management}", TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}",
                TS_GRPC_INFERENCE_PORT=str(grpc_inference), TS_GRPC_MANAGEMENT_PORT=str(grpc_management))
     command = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--disable-token-auth",
-               "--ts-config", str(serve.TS_CONFIG), "--model-store", str(broken_archive.parent),
+               "--ts-config", str(control.TS_CONFIG), "--model-store", str(broken_archive.parent),
                "--models", f"skin_lesion={broken_archive.name}"]
     try:
         with open(run_dir / "torchserve.out", "wb") as out:
@@ -331,7 +339,7 @@ def test_ping_turns_unhealthy_once_workers_keep_failing_past_max_retry_timeout(b
         assert statuses and statuses[-1] == 500, statuses
         assert requests.get(f"http://127.0.0.1:{inference}/ping", timeout=10).json()["status"] == "Unhealthy"
     finally:
-        serve.stop(run_dir)
+        control.stop_server(run_dir)
 
 
 def test_the_predict_client_prints_a_sentence_per_image_and_refusals(server, tmp_path, images):
