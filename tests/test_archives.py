@@ -78,3 +78,19 @@ def test_the_sagemaker_model_ships_the_serving_modules_and_serves_with_them_alon
     model_dir = tmp_path / "model"
     answer = _serve_one_image(model_dir / "code", model_dir, model_dir / "models" / "model.pt", image)
     assert answer[0] in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc") and answer[1:] == ["no", "synthetic"]
+
+
+def test_the_project_installs_as_a_package_into_a_fresh_venv(tmp_path):
+    """`pip install .`: bundle, handler (with its server settings) and cloud import from site-packages.
+    The wheel goes in without its dependencies, which `import bundle, handler, cloud` doesn't load."""
+    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
+          str(tmp_path / "wheel"), str(REPO)])
+    _run([sys.executable, "-m", "venv", str(tmp_path / "venv")])
+    python = tmp_path / "venv" / "bin" / "python"
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)])
+    where = _run([str(python), "-I", "-c", "import bundle, handler, cloud, pathlib; "
+                  "print(pathlib.Path(bundle.__file__).parents[1]); "
+                  "print((pathlib.Path(handler.__file__).parent / 'config.properties').is_file()); "
+                  "print(handler.MODEL_NAME)"], cwd=tmp_path).split()
+    assert where[0].endswith("site-packages") and where[1:] == ["True", "skin_lesion"]
