@@ -53,7 +53,7 @@ def loss_weights(strategy: str, counts: Sequence[int], power: float = 1.0) -> to
     if strategy != "loss":
         return None
     raw = [c ** -power if c else 0.0 for c in counts]
-    per_image = sum(w * c for w, c in zip(raw, counts)) / sum(counts)
+    per_image = sum(w * c for w, c in zip(raw, counts, strict=True)) / sum(counts)
     return torch.tensor([w / per_image for w in raw], dtype=torch.float32)
 
 

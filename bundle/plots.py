@@ -21,7 +21,7 @@ def _save(fig, path: Path) -> None:
 def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                     aucs: Sequence[float | None], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 6))
-    for c, (name, auc) in enumerate(zip(class_names, aucs)):
+    for c, (name, auc) in enumerate(zip(class_names, aucs, strict=True)):
         if auc is None:
             continue
         fpr, tpr = roc_curve(probabilities[:, c], labels == c)
@@ -58,7 +58,7 @@ def plot_training_curves(history: Sequence[dict], path: Path) -> None:
     for key in val_keys:
         points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
         if points:
-            val_ax.plot(*zip(*points), marker=".", label=key)
+            val_ax.plot(*zip(*points, strict=True), marker=".", label=key)
     val_ax.set(xlabel="epoch", title="validation")
     if val_keys:
         val_ax.legend()

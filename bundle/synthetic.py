@@ -147,7 +147,7 @@ def _images_per_class(n_images: int, low: int) -> dict[str, int]:
     counts = floor + np.floor(share).astype(int)
     leftover = n_images - counts.sum()
     counts[np.argsort(-(share - np.floor(share)), kind="stable")[:leftover]] += 1  # largest remainders
-    return dict(zip(CLASS_NAMES, counts.tolist()))
+    return dict(zip(CLASS_NAMES, counts.tolist(), strict=True))
 
 
 def _lesion_sizes(n_images: int, low: int, high: int, rng: np.random.Generator) -> list[int]:

@@ -126,7 +126,7 @@ def test_evaluation_reports_calibration_and_operating_points(evaluated, trained)
     assert {"expected_calibration_error_before", "nll_before", "nll_after"} <= calibration.keys()
     assert metrics["decision_rule"]["class_bias"] == stored["class_bias"]
     assert 0 <= metrics["balanced_accuracy_argmax"] <= 1
-    for name, point in metrics["operating_points"].items():
+    for point in metrics["operating_points"].values():
         assert point["at_sensitivity_0.95"]["sensitivity"] >= 0.95
         assert 0 <= point["decision"]["specificity"] <= 1
 

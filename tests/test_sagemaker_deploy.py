@@ -161,7 +161,7 @@ def test_bad_arguments_fail_before_anything_is_uploaded_or_created(aws, archive,
     options = {"--model": str(archive), "--role": ROLE, "--bucket": BUCKET}
     if command == "transform":
         options |= {"--input": f"s3://{BUCKET}/incoming/", "--output": f"s3://{BUCKET}/predictions/"}
-    for flag, value in zip(rest[::2], rest[1::2]):
+    for flag, value in zip(rest[::2], rest[1::2], strict=True):
         options[flag] = value
     keys, models = bucket_keys(), sagemaker().list_models()["Models"]
     result = deploy_cli(aws, command, *[item for pair in options.items() if pair[1] != "" for item in pair],

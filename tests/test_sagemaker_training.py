@@ -129,7 +129,7 @@ def test_bad_launch_arguments_fail_before_anything_is_uploaded(aws, args, expect
     before = boto3.client("s3").list_objects_v2(Bucket=BUCKET)["KeyCount"]
     jobs = len(boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"])
     defaults = {"--data": aws["data"], "--role": ROLE, "--bucket": BUCKET}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         defaults[flag] = value
     result = launch(*[item for pair in defaults.items() for item in pair if pair[1] != ""])
     assert result.returncode != 0
