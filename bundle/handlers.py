@@ -24,8 +24,10 @@ from bundle.labels import CLASS_NAMES
 from bundle import calibration
 from bundle.atomic import atomic_write
 from bundle.calibration import Calibration
+from bundle.flags import as_bool
 from bundle.metrics import balanced_accuracy, classification_report, expected_calibration_error, negative_log_likelihood
-from bundle.sidecar import read_sidecar, sidecar_path, write_sidecar
+from bundle.sidecar import (complete_interrupted_save, load_weights, new_record, save_pair, sidecar_path,
+                            verified_sidecar, write_sidecar)
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +37,6 @@ def plain_state_dict(network: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in _unwrapped(network).state_dict().items()}
 
 
-def as_bool(value: bool | str, key: str) -> bool:
-    """A config flag that may arrive from the command line as text (``--resume false``)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
-
-
 class BestModelSaver:
     """Saves the network's plain state_dict to ``save_path`` whenever the key metric improves.
 
@@ -54,26 +44,31 @@ class BestModelSaver:
     is in this handler's ``state_dict()``: put the handler in the resume checkpoint and a resumed run
     never replaces a better model with a worse one.
 
-    Given the ``image_size`` [height, width] the network is trained at, it also writes the weights'
-    sidecar (``bundle.sidecar``: ``model.json`` beside ``model.pt``) with that size, the class names,
-    the epoch and the score, since a DenseNet served at another size runs and mispredicts. With
-    ``calibrate`` it collects the validation logits (postprocessing's ``logits`` key) and labels of
-    every validation run, gathered across ranks, and stores in the sidecar the temperature and
-    decision rule fitted on those of the saved model (``bundle.calibration``).
+    With the weights it writes their sidecar (``bundle.sidecar``: ``model.json`` beside ``model.pt``):
+    the ``image_size`` [height, width] the network is trained at (a DenseNet served at another size
+    runs and mispredicts), the class names, the epoch, the score and the weights' fingerprint, as one
+    pair (``bundle.sidecar.save_pair``: a kill between the two writes leaves nothing a loader accepts,
+    and the next run completes it). With ``calibrate`` it collects the validation logits
+    (postprocessing's ``logits`` key) and labels of every validation run, gathered across ranks, and
+    stores in the sidecar the temperature and decision rule fitted on those of the saved model
+    (``bundle.calibration``).
     """
 
-    def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str, enabled: bool = True,
-                 image_size: Sequence[int] | None = None, calibrate: bool = False) -> None:
+    def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str, image_size: Sequence[int],
+                 enabled: bool = True, calibrate: bool = False) -> None:
         self.network = network
         self.save_path = save_path
         self.metric_name = metric_name
         self.enabled = enabled  # False on all but one rank under DDP: every rank tracks, one writes
-        self.image_size = None if image_size is None else [int(side) for side in image_size]
+        self.image_size = [int(side) for side in image_size]
         self.validation = ValidationLogits() if calibrate else None
         self.best_metric = -math.inf
         self.best_epoch = -1
 
     def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            # a resumed run that never beats its restored best would otherwise never repair the pair
+            complete_interrupted_save(self.save_path)
         if self.validation is not None:
             self.validation.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -88,14 +83,12 @@ class BestModelSaver:
         self.best_metric, self.best_epoch = metric, engine.state.epoch
         if not self.enabled:
             return
-        sidecar_path(self.save_path).unlink(missing_ok=True)  # killed between the writes, new weights keep no old size
-        atomic_write(self.save_path, lambda tmp: torch.save(plain_state_dict(self.network), tmp))
-        if self.image_size is not None:
-            record = {"image_size": self.image_size, "class_names": list(CLASS_NAMES), "epoch": self.best_epoch,
-                      "metric": {self.metric_name: self.best_metric}}
-            if fitted is not None:
-                record["calibration"] = fitted.to_json()
-            write_sidecar(self.save_path, record)
+        state = plain_state_dict(self.network)
+        record = {**new_record(state, self.image_size), "epoch": self.best_epoch,
+                  "metric": {self.metric_name: self.best_metric}}
+        if fitted is not None:
+            record["calibration"] = fitted.to_json()
+        save_pair(self.save_path, state, record)
         logger.info("epoch %d: %s improved to %.4f, saved %s%s", self.best_epoch, self.metric_name, metric,
                     self.save_path, "" if fitted is None else f" (temperature {fitted.temperature:.3f}, "
                     f"decision tau {fitted.fit['tau']:.2f})")
@@ -139,13 +132,17 @@ class CalibrationFitter:
     """Fits the calibration of the weights ``ckpt_path`` on one validation run and stores it in
     their sidecar (configs/calibrate.json). Training fits it itself; this is for a model trained
     before calibration existed, or to re-fit on another validation split. The rest of the sidecar
-    is kept; weights without one get a new one recording ``image_size``.
+    is kept. Weights without a sidecar, or with one from before sidecars recorded the weights'
+    fingerprint, are refused unless ``allow_missing_sidecar``: then they get a full one recording
+    ``image_size``, the class order and the fingerprint, and every loader accepts them from then on.
     """
 
-    def __init__(self, ckpt_path: str, image_size: Sequence[int], enabled: bool = True) -> None:
+    def __init__(self, ckpt_path: str, image_size: Sequence[int], enabled: bool = True,
+                 allow_missing_sidecar: bool | str = False) -> None:
         self.ckpt_path = ckpt_path
         self.image_size = [int(side) for side in image_size]
         self.enabled = enabled
+        self.allow_missing_sidecar = as_bool(allow_missing_sidecar, "allow_missing_sidecar")
         self.validation = ValidationLogits()
 
     def attach(self, engine: Engine) -> None:
@@ -156,8 +153,10 @@ class CalibrationFitter:
         fitted = self.validation.fit()
         if not self.enabled:
             return
-        record = read_sidecar(self.ckpt_path) or {"image_size": self.image_size, "class_names": list(CLASS_NAMES)}
-        record["calibration"] = fitted.to_json()
+        weights = load_weights(self.ckpt_path)
+        record = verified_sidecar(self.ckpt_path, weights, self.allow_missing_sidecar) or {}
+        record = {**record, **new_record(weights, record.get("image_size", self.image_size)),
+                  "calibration": fitted.to_json()}
         write_sidecar(self.ckpt_path, record)
         logger.info("fitted on %d validation images: temperature %.3f (ECE %.4f -> %.4f), decision tau %.2f "
                     "(balanced accuracy %.4f -> %.4f); stored in %s", fitted.fit["n_images"], fitted.temperature,

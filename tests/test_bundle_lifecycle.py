@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,12 @@ import torch
 
 from bundle import data
 from bundle.labels import CLASS_NAMES
-from tests.bundle_runs import (EVALUATE, FAST, MULTI_GPU, REPO, TRAIN, bundle_command, bundle_env, read_json,
-                               run_bundle)
+from bundle.sidecar import verified_sidecar
+from tests.bundle_runs import (EVALUATE, FAST, INFERENCE, MULTI_GPU, REPO, TRAIN, bundle_command, bundle_env,
+                               read_json, run_bundle)
+from tests.serving import bundle_with_random_weights
+
+CALIBRATE = "['configs/train.json','configs/calibrate.json']"
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +57,37 @@ def test_resume_false_starts_over(dataset, tmp_path):
     again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", **dataset, **FAST)  # as typed
     assert "resumed from" not in again.stdout
     assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1]
+
+
+def test_every_bundle_config_refuses_weights_without_a_sidecar_unless_allowed(dataset, tmp_path):
+    root = bundle_with_random_weights(tmp_path / "bundle", trained_image_size=[32, 32])
+    weights = root / "models" / "model.pt"
+    (root / "models" / "model.json").unlink()
+    for config, extra in [(EVALUATE, {}), (CALIBRATE, {}), (INFERENCE, {"input": dataset["datalist"]})]:
+        result = run_bundle(config, expect_ok=False, bundle_root=root, **dataset, **FAST, **extra)
+        assert f"weights {weights} have no sidecar {root / 'models' / 'model.json'}" in result.stderr, result.stderr
+        assert "--allow_missing_sidecar true" in result.stderr
+    # the way in for weights trained elsewhere: calibrate.json writes the sidecar, which every loader then accepts
+    run_bundle(CALIBRATE, bundle_root=root, allow_missing_sidecar="true", **dataset, **FAST)
+    record = verified_sidecar(weights)
+    assert record["image_size"] == [32, 32] and record["class_names"] == list(CLASS_NAMES)
+    assert record["calibration"]["fit"]["n_images"] == len(read_json(dataset["datalist"])["validation"])
+
+
+def test_inference_over_a_datalist_runs_the_preflight(synthetic_dir, tmp_path):
+    dataset_dir = tmp_path / "dataset"
+    shutil.copytree(synthetic_dir, dataset_dir)
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(next((dataset_dir / "images").glob("*.jpg")), outside)
+    (dataset_dir / "images" / "link.jpg").symlink_to(outside)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": [{"image": "images/link.jpg"}, {"image": "images/absent.jpg"}]}))
+    root = bundle_with_random_weights(tmp_path / "bundle", trained_image_size=[32, 32])
+    result = run_bundle(INFERENCE, expect_ok=False, bundle_root=root, input=datalist, dataset_dir=dataset_dir,
+                        output_dir=tmp_path / "out", **FAST)
+    assert f"testing[0] images/link.jpg: resolves to {outside.resolve()}, outside dataset_dir" in result.stderr
+    assert "testing[1] images/absent.jpg: file not found" in result.stderr
+    assert not (tmp_path / "out" / "predictions.csv").exists()
 
 
 def test_the_per_sample_chain_still_trains(dataset, tmp_path):
