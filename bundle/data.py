@@ -7,6 +7,7 @@ seen in another image, so an image-level split would put the same lesion in trai
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -326,6 +327,14 @@ def load_datalist(path: str | os.PathLike, key: str, dataset_dir: str | os.PathL
     if dataset_dir is None:
         return [dict(item) for item in items]
     return [{**item, "image": os.path.join(dataset_dir, item["image"])} for item in items]
+
+
+def datalist_fingerprint(path: str | os.PathLike, keys: Sequence[str] = ("training", "validation")) -> str:
+    """sha256 of the items of splits ``keys`` (what training trains and selects on), independent of the
+    file's formatting and of its other splits."""
+    content = _read_datalist(path)
+    items = {key: content.get(key, []) for key in keys}
+    return "sha256:" + hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
 
 
 def _read_datalist(path: str | os.PathLike) -> dict:

@@ -5,6 +5,7 @@ per-epoch history on disk, and turn a finished evaluation or inference into file
 """
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -208,6 +209,45 @@ def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
 
 
+def training_fingerprint(datalist: str | os.PathLike, image_size: Sequence[int], network: torch.nn.Module) -> dict:
+    """What a training run trains on, as the resume checkpoint records it: the datalist's training and
+    validation items (``bundle.data.datalist_fingerprint``), the image size, and the network's
+    architecture (its class and every parameter's and buffer's name, shape and dtype)."""
+    from bundle.data import datalist_fingerprint
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_unwrapped(network).state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
+    return {"datalist": datalist_fingerprint(datalist), "image_size": [int(side) for side in image_size],
+            "network": f"{type(_unwrapped(network)).__name__}:sha256:{digest.hexdigest()}"}
+
+
+def check_resume(path: str | os.PathLike, resume: bool | str, trained_on: dict,
+                 checkpoint: dict | None = None) -> None:
+    """Before any work: with ``resume``, the checkpoint at ``path`` (if any) was trained on ``trained_on``.
+
+    Resuming another run's checkpoint would continue it and keep its best score, so the new run's
+    model.pt might never be written; a mismatch is an error naming ``--resume false``.
+    """
+    path = Path(path)
+    if not (as_bool(resume, "resume") and path.exists()):
+        return
+    if checkpoint is None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    recorded = checkpoint.get("trained_on")
+    if recorded is None:
+        differences = ["it records nothing about what it was trained on (written before checkpoints did)"]
+    else:
+        differences = [f"{key} {recorded.get(key)!r}, this run's is {value!r}"
+                       for key, value in trained_on.items() if recorded.get(key) != value]
+    if differences:
+        best = checkpoint.get("best_model_saver", {}).get("best_metric")
+        raise ValueError(
+            f"cannot resume from {path}: it was trained on something else: " + "; ".join(differences) + ". "
+            f"Resuming would continue that run and keep its best score ({best}), so this run's model might never "
+            "be saved. Pass --resume false to start over (it replaces that checkpoint), or another --ckpt_dir")
+
+
 class ResumeCheckpoint:
     """Keeps ``path`` holding everything needed to resume training, rewritten after every epoch.
 
@@ -216,15 +256,19 @@ class ResumeCheckpoint:
     killed run loses at most the epoch in progress. The file is replaced atomically: a kill during
     the write leaves the previous checkpoint intact. Attach it after the ValidationHandler so the
     saved state includes that epoch's validation (e.g. BestModelSaver's best score).
+
+    ``trained_on`` (``training_fingerprint``) is saved with it; a checkpoint trained on anything else
+    is refused (``check_resume``, which train.json's initialize also runs, before any work).
     """
 
     def __init__(self, path: str, to_save: dict, resume: bool = True, enabled: bool = True,
-                 map_location: str | torch.device | None = "cpu") -> None:
+                 map_location: str | torch.device | None = "cpu", trained_on: dict | None = None) -> None:
         self.path = Path(path)
         self.to_save = dict(to_save)
         self.resume = as_bool(resume, "resume")
         self.enabled = enabled
         self.map_location = map_location
+        self.trained_on = trained_on
 
     def attach(self, engine: Engine) -> None:
         self.to_save["trainer"] = engine
@@ -238,6 +282,8 @@ class ResumeCheckpoint:
             return
         max_epochs = engine.state.max_epochs
         checkpoint = torch.load(self.path, map_location=self.map_location, weights_only=True)
+        if self.trained_on is not None:
+            check_resume(self.path, self.resume, self.trained_on, checkpoint)
         Checkpoint.load_objects(to_load=self.to_save, checkpoint=checkpoint)
         if engine.state.epoch > max_epochs:
             raise ValueError(f"{self.path} is at epoch {engine.state.epoch}, past max_epochs={max_epochs}: "
@@ -249,6 +295,8 @@ class ResumeCheckpoint:
     def _save(self, engine: Engine) -> None:
         if self.enabled:
             state = {name: obj.state_dict() for name, obj in self.to_save.items()}
+            if self.trained_on is not None:
+                state["trained_on"] = self.trained_on
             atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
 

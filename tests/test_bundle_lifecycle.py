@@ -59,6 +59,28 @@ def test_resume_false_starts_over(dataset, tmp_path):
     assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1]
 
 
+def test_resume_refuses_a_checkpoint_trained_on_another_datalist_size_or_network(dataset, tmp_path):
+    """Before any work: no cache is built, model.pt is untouched, and the error names --resume false."""
+    run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **FAST)
+    model, checkpoint = tmp_path / "models" / "model.pt", tmp_path / "models" / "checkpoint_last.pt"
+    saved, caches = model.read_bytes(), sorted((tmp_path / "cache").iterdir())
+    content = read_json(dataset["datalist"])
+    content["training"] = content["training"][1:]
+    other = tmp_path / "one_image_less.json"
+    other.write_text(json.dumps(content))
+    growth_rate_16 = {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 3, "out_channels": 7,
+                      "growth_rate": 16}
+    for overrides, named in [({"image_size": "[48,48]"}, "image_size [32, 32], this run's is [48, 48]"),
+                             ({"datalist": other}, "datalist 'sha256:"),
+                             ({"network_def": json.dumps(growth_rate_16)}, "network 'DenseNet121:sha256:")]:
+        result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=2,
+                            **{**dataset, **FAST, **overrides})
+        assert f"cannot resume from {checkpoint}: it was trained on something else: " in result.stderr, result.stderr
+        assert named in result.stderr and "Pass --resume false to start over" in result.stderr
+        assert "preflight" not in result.stdout + result.stderr, "stopped before checking, let alone caching, images"
+        assert model.read_bytes() == saved and sorted((tmp_path / "cache").iterdir()) == caches
+
+
 def test_every_bundle_config_refuses_weights_without_a_sidecar_unless_allowed(dataset, tmp_path):
     root = bundle_with_random_weights(tmp_path / "bundle", trained_image_size=[32, 32])
     weights = root / "models" / "model.pt"

@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle import sidecar
-from bundle.handlers import BestModelSaver, as_bool, atomic_write
+from bundle.handlers import BestModelSaver, as_bool, atomic_write, check_resume, training_fingerprint
 from bundle.labels import CLASS_NAMES
 from bundle.predictor import trained_image_size
 from bundle.sidecar import SidecarError, verified_sidecar, weights_fingerprint
@@ -140,3 +140,32 @@ def test_a_kill_before_the_new_weights_keeps_the_old_pair(tmp_path, monkeypatch)
     _run(BestModelSaver(net, str(path), "val_auc", image_size=[32, 32]), [])  # the next run's start
     assert path.read_bytes() == old and verified_sidecar(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"], "the stale pending one is gone"
+
+
+def test_a_checkpoint_trained_on_something_else_is_refused_naming_resume_false(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    items = [{"image": f"images/{i}.jpg", "label": i % 7} for i in range(6)]
+    datalist.write_text(json.dumps({"training": items[:4], "validation": items[4:], "testing": []}))
+    trained_on = training_fingerprint(datalist, [32, 32], torch.nn.Linear(2, 7))
+    checkpoint = tmp_path / "checkpoint_last.pt"
+    torch.save({"trained_on": trained_on, "best_model_saver": {"best_metric": 0.9, "best_epoch": 3}}, checkpoint)
+
+    check_resume(checkpoint, True, trained_on)
+    reformatted = tmp_path / "same.json"  # same items, other formatting and another testing split
+    reformatted.write_text(json.dumps({"testing": items[:1], "validation": items[4:], "training": items[:4]}, indent=3))
+    check_resume(checkpoint, "true", training_fingerprint(reformatted, [32, 32], torch.nn.Linear(2, 7)))
+
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps({"training": items[:3], "validation": items[4:]}))
+    for other, what in [(training_fingerprint(fewer, [32, 32], torch.nn.Linear(2, 7)), "datalist"),
+                        (training_fingerprint(datalist, [64, 64], torch.nn.Linear(2, 7)), "image_size [32, 32]"),
+                        (training_fingerprint(datalist, [32, 32], torch.nn.Linear(3, 7)), "network 'Linear:")]:
+        with pytest.raises(ValueError) as error:
+            check_resume(checkpoint, True, other)
+        assert what in str(error.value) and "Pass --resume false to start over" in str(error.value)
+        assert "keep its best score (0.9)" in str(error.value)
+        check_resume(checkpoint, "false", other)  # starting over is always allowed
+
+    torch.save({"model": {}}, checkpoint)  # written before checkpoints recorded what they were trained on
+    with pytest.raises(ValueError, match="records nothing about what it was trained on.*--resume false"):
+        check_resume(checkpoint, True, trained_on)
