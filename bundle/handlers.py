@@ -21,7 +21,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
-from bundle.labels import CLASS_NAMES
 from bundle import calibration
 from bundle.atomic import atomic_write
 from bundle.calibration import Calibration
