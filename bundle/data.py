@@ -7,6 +7,7 @@ seen in another image, so an image-level split would put the same lesion in trai
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -328,6 +329,14 @@ def load_datalist(path: str | os.PathLike, key: str, dataset_dir: str | os.PathL
     return [{**item, "image": os.path.join(dataset_dir, item["image"])} for item in items]
 
 
+def datalist_fingerprint(path: str | os.PathLike, keys: Sequence[str] = ("training", "validation")) -> str:
+    """sha256 of the items of splits ``keys`` (what training trains and selects on), independent of the
+    file's formatting and of its other splits."""
+    content = _read_datalist(path)
+    items = {key: content.get(key, []) for key in keys}
+    return "sha256:" + hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+
+
 def _read_datalist(path: str | os.PathLike) -> dict:
     try:
         with open(path, encoding="utf-8") as file:
@@ -362,15 +371,19 @@ def preflight(
     datalist: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     keys: Sequence[str] = ("training", "validation"),
+    labels: bool = True,
 ) -> None:
-    """Check every item of the ``keys`` splits before training starts; raise one ``DatasetError`` listing all.
+    """Check every item of the ``keys`` splits before any work; raise one ``DatasetError`` listing all.
 
-    Per item: the image path is relative and stays inside ``dataset_dir``, the file exists and
-    decodes to RGB, and the label is an integer class index. Each split must exist and be non-empty.
+    Per item: the image path is relative and, once resolved (symlinks followed), stays inside
+    ``dataset_dir``; the file exists and decodes to RGB; with ``labels``, the label is an integer
+    class index (batch inference passes False: its images need none). Each split must exist and be
+    non-empty.
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise DatasetError(f"dataset_dir {dataset_dir} is not a directory")
+    root = dataset_dir.resolve()
     content = _read_datalist(datalist)
     problems: list[str] = []
     to_decode: list[tuple[str, Path]] = []  # (problem prefix, file)
@@ -384,9 +397,15 @@ def preflight(
             problems.append(f"{key}: split is empty")
         for index, item in enumerate(items):
             prefix = f"{key}[{index}] {item['image']}"
-            problems += [f"{prefix}: {reason}" for reason in _item_problems(item)]
+            item_problems = _item_problems(item, labels)
             if _is_safe_relative(item["image"]):
-                to_decode.append((prefix, dataset_dir / item["image"]))
+                # the text can stay inside while a symlink on the way leads out: check where it really is
+                resolved = (dataset_dir / item["image"]).resolve()
+                if resolved.is_relative_to(root):
+                    to_decode.append((prefix, dataset_dir / item["image"]))
+                else:
+                    item_problems.append(f"resolves to {resolved}, outside dataset_dir {root}")
+            problems += [f"{prefix}: {reason}" for reason in item_problems]
     problems += _decode_problems(to_decode)
     if problems:
         shown = problems[:MAX_REPORTED]
@@ -399,10 +418,12 @@ def preflight(
     logger.info("preflight: %d images OK", len(to_decode))
 
 
-def _item_problems(item: dict) -> list[str]:
+def _item_problems(item: dict, labels: bool = True) -> list[str]:
     problems = []
     if not _is_safe_relative(item["image"]):
         problems.append("image path must be relative to dataset_dir, without '..'")
+    if not labels:
+        return problems
     label = item.get("label")
     if isinstance(label, bool) or not isinstance(label, int):
         problems.append(f"label {label!r} is not an integer")
@@ -457,6 +478,7 @@ def inference_items(source: str | os.PathLike, dataset_dir: str | os.PathLike, s
             raise DatasetError(f"input folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
         return [{"image": str(p)} for p in images]
     if path.suffix == ".json":
+        preflight(path, dataset_dir, keys=[split], labels=False)  # the same checks as training and evaluation
         return load_datalist(path, split, dataset_dir)
     raise DatasetError(f"config key 'input' must be a folder of images or a datalist .json, got {path}")
 

@@ -5,6 +5,7 @@ per-epoch history on disk, and turn a finished evaluation or inference into file
 """
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -20,12 +21,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
-from bundle.labels import CLASS_NAMES
 from bundle import calibration
 from bundle.atomic import atomic_write
 from bundle.calibration import Calibration
+from bundle.flags import as_bool
 from bundle.metrics import balanced_accuracy, classification_report, expected_calibration_error, negative_log_likelihood
-from bundle.sidecar import read_sidecar, sidecar_path, write_sidecar
+from bundle.sidecar import (complete_interrupted_save, load_weights, new_record, save_pair, sidecar_path,
+                            verified_sidecar, write_sidecar)
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +37,6 @@ def plain_state_dict(network: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in _unwrapped(network).state_dict().items()}
 
 
-def as_bool(value: bool | str, key: str) -> bool:
-    """A config flag that may arrive from the command line as text (``--resume false``)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
-
-
 class BestModelSaver:
     """Saves the network's plain state_dict to ``save_path`` whenever the key metric improves.
 
@@ -54,26 +44,31 @@ class BestModelSaver:
     is in this handler's ``state_dict()``: put the handler in the resume checkpoint and a resumed run
     never replaces a better model with a worse one.
 
-    Given the ``image_size`` [height, width] the network is trained at, it also writes the weights'
-    sidecar (``bundle.sidecar``: ``model.json`` beside ``model.pt``) with that size, the class names,
-    the epoch and the score, since a DenseNet served at another size runs and mispredicts. With
-    ``calibrate`` it collects the validation logits (postprocessing's ``logits`` key) and labels of
-    every validation run, gathered across ranks, and stores in the sidecar the temperature and
-    decision rule fitted on those of the saved model (``bundle.calibration``).
+    With the weights it writes their sidecar (``bundle.sidecar``: ``model.json`` beside ``model.pt``):
+    the ``image_size`` [height, width] the network is trained at (a DenseNet served at another size
+    runs and mispredicts), the class names, the epoch, the score and the weights' fingerprint, as one
+    pair (``bundle.sidecar.save_pair``: a kill between the two writes leaves nothing a loader accepts,
+    and the next run completes it). With ``calibrate`` it collects the validation logits
+    (postprocessing's ``logits`` key) and labels of every validation run, gathered across ranks, and
+    stores in the sidecar the temperature and decision rule fitted on those of the saved model
+    (``bundle.calibration``).
     """
 
-    def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str, enabled: bool = True,
-                 image_size: Sequence[int] | None = None, calibrate: bool = False) -> None:
+    def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str, image_size: Sequence[int],
+                 enabled: bool = True, calibrate: bool = False) -> None:
         self.network = network
         self.save_path = save_path
         self.metric_name = metric_name
         self.enabled = enabled  # False on all but one rank under DDP: every rank tracks, one writes
-        self.image_size = None if image_size is None else [int(side) for side in image_size]
+        self.image_size = [int(side) for side in image_size]
         self.validation = ValidationLogits() if calibrate else None
         self.best_metric = -math.inf
         self.best_epoch = -1
 
     def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            # a resumed run that never beats its restored best would otherwise never repair the pair
+            complete_interrupted_save(self.save_path)
         if self.validation is not None:
             self.validation.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -88,14 +83,12 @@ class BestModelSaver:
         self.best_metric, self.best_epoch = metric, engine.state.epoch
         if not self.enabled:
             return
-        sidecar_path(self.save_path).unlink(missing_ok=True)  # killed between the writes, new weights keep no old size
-        atomic_write(self.save_path, lambda tmp: torch.save(plain_state_dict(self.network), tmp))
-        if self.image_size is not None:
-            record = {"image_size": self.image_size, "class_names": list(CLASS_NAMES), "epoch": self.best_epoch,
-                      "metric": {self.metric_name: self.best_metric}}
-            if fitted is not None:
-                record["calibration"] = fitted.to_json()
-            write_sidecar(self.save_path, record)
+        state = plain_state_dict(self.network)
+        record = {**new_record(state, self.image_size), "epoch": self.best_epoch,
+                  "metric": {self.metric_name: self.best_metric}}
+        if fitted is not None:
+            record["calibration"] = fitted.to_json()
+        save_pair(self.save_path, state, record)
         logger.info("epoch %d: %s improved to %.4f, saved %s%s", self.best_epoch, self.metric_name, metric,
                     self.save_path, "" if fitted is None else f" (temperature {fitted.temperature:.3f}, "
                     f"decision tau {fitted.fit['tau']:.2f})")
@@ -139,13 +132,17 @@ class CalibrationFitter:
     """Fits the calibration of the weights ``ckpt_path`` on one validation run and stores it in
     their sidecar (configs/calibrate.json). Training fits it itself; this is for a model trained
     before calibration existed, or to re-fit on another validation split. The rest of the sidecar
-    is kept; weights without one get a new one recording ``image_size``.
+    is kept. Weights without a sidecar, or with one from before sidecars recorded the weights'
+    fingerprint, are refused unless ``allow_missing_sidecar``: then they get a full one recording
+    ``image_size``, the class order and the fingerprint, and every loader accepts them from then on.
     """
 
-    def __init__(self, ckpt_path: str, image_size: Sequence[int], enabled: bool = True) -> None:
+    def __init__(self, ckpt_path: str, image_size: Sequence[int], enabled: bool = True,
+                 allow_missing_sidecar: bool | str = False) -> None:
         self.ckpt_path = ckpt_path
         self.image_size = [int(side) for side in image_size]
         self.enabled = enabled
+        self.allow_missing_sidecar = as_bool(allow_missing_sidecar, "allow_missing_sidecar")
         self.validation = ValidationLogits()
 
     def attach(self, engine: Engine) -> None:
@@ -156,8 +153,10 @@ class CalibrationFitter:
         fitted = self.validation.fit()
         if not self.enabled:
             return
-        record = read_sidecar(self.ckpt_path) or {"image_size": self.image_size, "class_names": list(CLASS_NAMES)}
-        record["calibration"] = fitted.to_json()
+        weights = load_weights(self.ckpt_path)
+        record = verified_sidecar(self.ckpt_path, weights, self.allow_missing_sidecar) or {}
+        record = {**record, **new_record(weights, record.get("image_size", self.image_size)),
+                  "calibration": fitted.to_json()}
         write_sidecar(self.ckpt_path, record)
         logger.info("fitted on %d validation images: temperature %.3f (ECE %.4f -> %.4f), decision tau %.2f "
                     "(balanced accuracy %.4f -> %.4f); stored in %s", fitted.fit["n_images"], fitted.temperature,
@@ -209,6 +208,45 @@ def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
 
 
+def training_fingerprint(datalist: str | os.PathLike, image_size: Sequence[int], network: torch.nn.Module) -> dict:
+    """What a training run trains on, as the resume checkpoint records it: the datalist's training and
+    validation items (``bundle.data.datalist_fingerprint``), the image size, and the network's
+    architecture (its class and every parameter's and buffer's name, shape and dtype)."""
+    from bundle.data import datalist_fingerprint
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_unwrapped(network).state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
+    return {"datalist": datalist_fingerprint(datalist), "image_size": [int(side) for side in image_size],
+            "network": f"{type(_unwrapped(network)).__name__}:sha256:{digest.hexdigest()}"}
+
+
+def check_resume(path: str | os.PathLike, resume: bool | str, trained_on: dict,
+                 checkpoint: dict | None = None) -> None:
+    """Before any work: with ``resume``, the checkpoint at ``path`` (if any) was trained on ``trained_on``.
+
+    Resuming another run's checkpoint would continue it and keep its best score, so the new run's
+    model.pt might never be written; a mismatch is an error naming ``--resume false``.
+    """
+    path = Path(path)
+    if not (as_bool(resume, "resume") and path.exists()):
+        return
+    if checkpoint is None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    recorded = checkpoint.get("trained_on")
+    if recorded is None:
+        differences = ["it records nothing about what it was trained on (written before checkpoints did)"]
+    else:
+        differences = [f"{key} {recorded.get(key)!r}, this run's is {value!r}"
+                       for key, value in trained_on.items() if recorded.get(key) != value]
+    if differences:
+        best = checkpoint.get("best_model_saver", {}).get("best_metric")
+        raise ValueError(
+            f"cannot resume from {path}: it was trained on something else: " + "; ".join(differences) + ". "
+            f"Resuming would continue that run and keep its best score ({best}), so this run's model might never "
+            "be saved. Pass --resume false to start over (it replaces that checkpoint), or another --ckpt_dir")
+
+
 class ResumeCheckpoint:
     """Keeps ``path`` holding everything needed to resume training, rewritten after every epoch.
 
@@ -217,15 +255,19 @@ class ResumeCheckpoint:
     killed run loses at most the epoch in progress. The file is replaced atomically: a kill during
     the write leaves the previous checkpoint intact. Attach it after the ValidationHandler so the
     saved state includes that epoch's validation (e.g. BestModelSaver's best score).
+
+    ``trained_on`` (``training_fingerprint``) is saved with it; a checkpoint trained on anything else
+    is refused (``check_resume``, which train.json's initialize also runs, before any work).
     """
 
     def __init__(self, path: str, to_save: dict, resume: bool = True, enabled: bool = True,
-                 map_location: str | torch.device | None = "cpu") -> None:
+                 map_location: str | torch.device | None = "cpu", trained_on: dict | None = None) -> None:
         self.path = Path(path)
         self.to_save = dict(to_save)
         self.resume = as_bool(resume, "resume")
         self.enabled = enabled
         self.map_location = map_location
+        self.trained_on = trained_on
 
     def attach(self, engine: Engine) -> None:
         self.to_save["trainer"] = engine
@@ -239,6 +281,8 @@ class ResumeCheckpoint:
             return
         max_epochs = engine.state.max_epochs
         checkpoint = torch.load(self.path, map_location=self.map_location, weights_only=True)
+        if self.trained_on is not None:
+            check_resume(self.path, self.resume, self.trained_on, checkpoint)
         Checkpoint.load_objects(to_load=self.to_save, checkpoint=checkpoint)
         if engine.state.epoch > max_epochs:
             raise ValueError(f"{self.path} is at epoch {engine.state.epoch}, past max_epochs={max_epochs}: "
@@ -250,6 +294,8 @@ class ResumeCheckpoint:
     def _save(self, engine: Engine) -> None:
         if self.enabled:
             state = {name: obj.state_dict() for name, obj in self.to_save.items()}
+            if self.trained_on is not None:
+                state["trained_on"] = self.trained_on
             atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
 

@@ -12,7 +12,9 @@ with that image. One bad image never fails the others.
 The weights' sidecar (``bundle.sidecar``: ``models/model.json``) gives the image size they were
 trained at, which serving resizes to, and the calibration fitted on validation, which the config's
 postprocessing applies: served probabilities are temperature-scaled and the class is the decision
-rule's, exactly as in the bundle's batch inference and evaluation.
+rule's, exactly as in the bundle's batch inference and evaluation. Weights whose sidecar is missing,
+belongs to other weights or lists the classes in another order are refused
+(``bundle.sidecar.verified_sidecar``), so nothing is served at a guessed size or in a wrong class order.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from bundle.imageio import decode_problem
 from bundle.labels import CLASS_LABELS
-from bundle.sidecar import sidecar_path, trained_image_size
+from bundle.sidecar import load_weights, sidecar_path, trained_image_size, verified_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +51,19 @@ MAX_PIXELS = 25_000_000
 ACCEPTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png"}
 
 
-def bundle_files(bundle_root: str | os.PathLike,
-                 weights: str | os.PathLike | None = None) -> tuple[Path, Path, Path | None]:
-    """The bundle root, its weights (default ``models/model.pt``) and their sidecar (None when there is none),
-    checked: what packaging needs. A malformed sidecar fails here, not later in the server."""
+def bundle_files(bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None,
+                 allow_missing_sidecar: bool = False) -> tuple[Path, Path, Path | None]:
+    """The bundle root, its weights (default ``models/model.pt``) and their sidecar (None only when
+    ``allow_missing_sidecar`` and there is none), checked as the Predictor checks them: what packaging
+    needs. A malformed sidecar, or one that does not belong to the weights, fails here, not later in the server."""
     bundle_root = Path(bundle_root)
     weights = Path(weights) if weights else bundle_root / "models" / "model.pt"
     if not (bundle_root / INFERENCE_CONFIG).is_file():
         raise FileNotFoundError(f"{bundle_root / INFERENCE_CONFIG} not found: --bundle_root must be the bundle's root")
     if not weights.is_file():
         raise FileNotFoundError(f"weights {weights} not found: train the bundle first, or pass --weights")
-    return bundle_root, weights, None if trained_image_size(weights) is None else sidecar_path(weights)
+    record = verified_sidecar(weights, allow_missing_sidecar=allow_missing_sidecar)
+    return bundle_root, weights, None if record is None else sidecar_path(weights)
 
 
 class RejectionKind(enum.StrEnum):
@@ -113,11 +117,13 @@ class Predictor:
     ``weights`` defaults to the config's ``ckpt_path`` (``models/model.pt``, a state_dict); a ``.ts``
     file is loaded as TorchScript (``monai.bundle ckpt_export``). ``device`` defaults to the config's
     (the GPU when there is one). Images are resized to the weights' trained ``image_size`` (their
-    sidecar's), whatever the config says; without a sidecar, to the config's.
+    sidecar's), whatever the config says. Weights without a verified sidecar are refused unless
+    ``allow_missing_sidecar``: then they are served at the config's size, uncalibrated.
     """
 
     def __init__(self, bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, max_pixels: int = MAX_PIXELS) -> None:
+                 device: str | torch.device | None = None, max_pixels: int = MAX_PIXELS,
+                 allow_missing_sidecar: bool = False) -> None:
         parser = ConfigParser()
         parser.read_config(Path(bundle_root) / INFERENCE_CONFIG)
         parser["bundle_root"] = str(bundle_root)
@@ -127,7 +133,11 @@ class Predictor:
         if not self.weights.is_file():
             raise FileNotFoundError(f"model weights {self.weights} do not exist (train the bundle first)")
         parser["ckpt_path"] = str(self.weights)  # the calibration is read from these weights' sidecar
-        self._use_trained_image_size(parser)
+        loaded = load_weights(self.weights)
+        # checked against the very tensors served, so no other file can slip in between check and load
+        self.sidecar = verified_sidecar(self.weights, loaded, allow_missing_sidecar)
+        if self.sidecar is not None:
+            parser["image_size"] = trained_image_size(self.weights)
         self.image_size: list[int] = [int(side) for side in parser.get_parsed_content("image_size")]
         self.device: torch.device = parser.get_parsed_content("device")
         self.class_names: list[str] = list(parser.get_parsed_content("class_names"))
@@ -136,24 +146,14 @@ class Predictor:
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
         self.calibration = parser.get_parsed_content("calibration")
-        self.network = self._load_network(parser)
+        self.network = self._network(parser, loaded)
 
-    def _use_trained_image_size(self, parser: ConfigParser) -> None:
-        """Resize to the size the weights were trained at; a model saved without a sidecar is served as configured."""
-        trained = trained_image_size(self.weights)
-        if trained is None:
-            logger.warning("%s has no sidecar %s: cannot verify the model was trained at the configured image_size "
-                           "%s; if it was not, its predictions are wrong", self.weights,
-                           sidecar_path(self.weights).name, parser["image_size"])
-        else:
-            parser["image_size"] = trained
-
-    def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
-        if self.weights.suffix == ".ts":
-            network = torch.jit.load(str(self.weights), map_location=self.device)
+    def _network(self, parser: ConfigParser, loaded: dict | torch.nn.Module) -> torch.nn.Module:
+        if isinstance(loaded, torch.nn.Module):  # TorchScript
+            network = loaded
         else:
             network = parser.get_parsed_content("network_def")
-            network.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True))
+            network.load_state_dict(loaded)
         return network.to(self.device).eval()
 
     def predict(self, images: Sequence[bytes]) -> list[Prediction | Rejection]:

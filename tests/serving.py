@@ -16,6 +16,7 @@ from monai.networks.nets import DenseNet121
 from PIL import Image
 
 from bundle.labels import CLASS_NAMES
+from bundle.sidecar import new_record, save_pair
 from tests.bundle_runs import REPO
 
 JPEG, PNG = "image/jpeg", "image/png"
@@ -23,15 +24,15 @@ JPEG, PNG = "image/jpeg", "image/png"
 
 def bundle_with_random_weights(root: Path, seed: int = 0, trained_image_size: list[int] | None = None) -> Path:
     """The repository's configs plus a randomly initialised DenseNet121 as models/model.pt: parity
-    between serving and the bundle run does not need a trained network. With ``trained_image_size``,
-    also the sidecar (models/model.json) training writes, saying the weights were trained at that size."""
+    between serving and the bundle run does not need a trained network. Beside it the sidecar
+    (models/model.json) training writes, saying the weights were trained at ``trained_image_size``
+    (default: the size configs/inference.json declares)."""
     shutil.copytree(REPO / "configs", root / "configs")
     (root / "models").mkdir()
     torch.manual_seed(seed)
     network = DenseNet121(spatial_dims=2, in_channels=3, out_channels=len(CLASS_NAMES))
-    torch.save(network.state_dict(), root / "models" / "model.pt")
-    if trained_image_size is not None:
-        (root / "models" / "model.json").write_text(json.dumps({"image_size": trained_image_size}))
+    size = trained_image_size or json.loads((REPO / "configs" / "inference.json").read_text())["image_size"]
+    save_pair(root / "models" / "model.pt", network.state_dict(), new_record(network.state_dict(), size))
     return root
 
 

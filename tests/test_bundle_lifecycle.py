@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,18 +14,12 @@ import torch
 
 from bundle import data
 from bundle.labels import CLASS_NAMES
-from tests.bundle_runs import (
-    EVALUATE,
-    FAST,
-    MULTI_GPU,
-    REPO,
-    TRAIN,
-    TRAIN_CHAIN,
-    bundle_command,
-    bundle_env,
-    read_json,
-    run_bundle,
-)
+from bundle.sidecar import verified_sidecar
+from tests.bundle_runs import (EVALUATE, FAST, INFERENCE, MULTI_GPU, REPO, TRAIN, TRAIN_CHAIN, bundle_command,
+                               bundle_env, read_json, run_bundle)
+from tests.serving import bundle_with_random_weights
+
+CALIBRATE = "['configs/train.json','configs/calibrate.json']"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +57,59 @@ def test_resume_false_starts_over(dataset, tmp_path):
     again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", **dataset, **FAST)  # as typed
     assert "resumed from" not in again.stdout
     assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1]
+
+
+def test_resume_refuses_a_checkpoint_trained_on_another_datalist_size_or_network(dataset, tmp_path):
+    """Before any work: no cache is built, model.pt is untouched, and the error names --resume false."""
+    run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **FAST)
+    model, checkpoint = tmp_path / "models" / "model.pt", tmp_path / "models" / "checkpoint_last.pt"
+    saved, caches = model.read_bytes(), sorted((tmp_path / "cache").iterdir())
+    content = read_json(dataset["datalist"])
+    content["training"] = content["training"][1:]
+    other = tmp_path / "one_image_less.json"
+    other.write_text(json.dumps(content))
+    growth_rate_16 = {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 3, "out_channels": 7,
+                      "growth_rate": 16}
+    for overrides, named in [({"image_size": "[48,48]"}, "image_size [32, 32], this run's is [48, 48]"),
+                             ({"datalist": other}, "datalist 'sha256:"),
+                             ({"network_def": json.dumps(growth_rate_16)}, "network 'DenseNet121:sha256:")]:
+        result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=2,
+                            **{**dataset, **FAST, **overrides})
+        assert f"cannot resume from {checkpoint}: it was trained on something else: " in result.stderr, result.stderr
+        assert named in result.stderr and "Pass --resume false to start over" in result.stderr
+        assert "preflight" not in result.stdout + result.stderr, "stopped before checking, let alone caching, images"
+        assert model.read_bytes() == saved and sorted((tmp_path / "cache").iterdir()) == caches
+
+
+def test_every_bundle_config_refuses_weights_without_a_sidecar_unless_allowed(dataset, tmp_path):
+    root = bundle_with_random_weights(tmp_path / "bundle", trained_image_size=[32, 32])
+    weights = root / "models" / "model.pt"
+    (root / "models" / "model.json").unlink()
+    for config, extra in [(EVALUATE, {}), (CALIBRATE, {}), (INFERENCE, {"input": dataset["datalist"]})]:
+        result = run_bundle(config, expect_ok=False, bundle_root=root, **dataset, **FAST, **extra)
+        assert f"weights {weights} have no sidecar {root / 'models' / 'model.json'}" in result.stderr, result.stderr
+        assert "--allow_missing_sidecar true" in result.stderr
+    # the way in for weights trained elsewhere: calibrate.json writes the sidecar, which every loader then accepts
+    run_bundle(CALIBRATE, bundle_root=root, allow_missing_sidecar="true", **dataset, **FAST)
+    record = verified_sidecar(weights)
+    assert record["image_size"] == [32, 32] and record["class_names"] == list(CLASS_NAMES)
+    assert record["calibration"]["fit"]["n_images"] == len(read_json(dataset["datalist"])["validation"])
+
+
+def test_inference_over_a_datalist_runs_the_preflight(synthetic_dir, tmp_path):
+    dataset_dir = tmp_path / "dataset"
+    shutil.copytree(synthetic_dir, dataset_dir)
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(next((dataset_dir / "images").glob("*.jpg")), outside)
+    (dataset_dir / "images" / "link.jpg").symlink_to(outside)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": [{"image": "images/link.jpg"}, {"image": "images/absent.jpg"}]}))
+    root = bundle_with_random_weights(tmp_path / "bundle", trained_image_size=[32, 32])
+    result = run_bundle(INFERENCE, expect_ok=False, bundle_root=root, input=datalist, dataset_dir=dataset_dir,
+                        output_dir=tmp_path / "out", **FAST)
+    assert f"testing[0] images/link.jpg: resolves to {outside.resolve()}, outside dataset_dir" in result.stderr
+    assert "testing[1] images/absent.jpg: file not found" in result.stderr
+    assert not (tmp_path / "out" / "predictions.csv").exists()
 
 
 def test_the_per_sample_chain_still_trains(dataset, tmp_path):

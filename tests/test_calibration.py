@@ -13,6 +13,7 @@ from bundle.calibration import CalibratedSoftmaxd, Calibration, fit_decision_rul
 from bundle.handlers import BestModelSaver, WeightAverage
 from bundle.inferers import FlipAveragingInferer
 from bundle.metrics import balanced_accuracy, expected_calibration_error, operating_points
+from bundle.sidecar import new_record, save_pair, verified_sidecar
 
 
 def _sampled(n: int, temperature: float, priors: tuple[float, ...], seed: int = 0, spread: float = 3.0):
@@ -169,10 +170,12 @@ def test_calibration_fitter_adds_the_fit_to_an_existing_sidecar(tmp_path):
     one_hot = torch.nn.functional.one_hot(labels, 3)
     outputs = [{"logits": logits[i], "label": one_hot[i]} for i in range(len(labels))]
     path = tmp_path / "model.pt"
-    (tmp_path / "model.json").write_text(json.dumps({"image_size": [128, 128], "epoch": 17}))
+    weights = torch.nn.Linear(2, 3).state_dict()
+    save_pair(path, weights, {**new_record(weights, [128, 128]), "epoch": 17})
     engine = Engine(lambda e, batch: batch)
     CalibrationFitter(str(path), image_size=[128, 128]).attach(engine)
     engine.run([outputs[:200], outputs[200:]], max_epochs=1)
     record = json.loads((tmp_path / "model.json").read_text())
     assert record["epoch"] == 17 and record["image_size"] == [128, 128], "the rest of the sidecar is kept"
+    assert verified_sidecar(path) == record, "still the sidecar of these weights"
     assert Calibration.from_sidecar(path) == calibration.fit(logits, labels, 3)

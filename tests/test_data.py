@@ -13,6 +13,7 @@ import pytest
 
 from bundle.data import (
     DatasetError,
+    inference_items,
     load_datalist,
     preflight,
     read_ham10000,
@@ -330,6 +331,50 @@ def test_preflight_caps_the_listed_problems(synthetic_dir, tmp_path):
     path = write_datalist({"training": missing, "validation": missing[:1]}, tmp_path / "dl.json", synthetic_dir)
     with pytest.raises(DatasetError, match=r"(?s)found 61 problem\(s\).*\.\.\. and 11 more$"):
         preflight(path, synthetic_dir)
+
+
+def test_preflight_follows_symlinks_out_of_dataset_dir(synthetic_dir, tmp_path):
+    """The path text stays inside; where it resolves to does not."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(synthetic_dir, dataset)
+    good = read_ham10000(dataset)
+    secrets = tmp_path / "elsewhere"
+    secrets.mkdir()
+    shutil.copy(dataset / good[0]["image"], secrets / "private.jpg")
+    (dataset / "images" / "link.jpg").symlink_to(secrets / "private.jpg")
+    (dataset / "linked_folder").symlink_to(secrets, target_is_directory=True)
+    inside = dataset / "images" / "inside_link.jpg"
+    inside.symlink_to(dataset / good[1]["image"])  # a symlink that stays inside is fine
+    items = [{**good[2], "image": "images/link.jpg"}, {**good[3], "image": "linked_folder/private.jpg"},
+             {**good[4], "image": "images/inside_link.jpg"}]
+    path = write_datalist({"training": items, "validation": good[5:7]}, tmp_path / "datalist.json", dataset)
+    with pytest.raises(DatasetError) as raised:
+        preflight(path, dataset)
+    message = str(raised.value)
+    assert message.startswith(f"preflight found 2 problem(s) in datalist {path}")
+    outside = secrets.resolve() / "private.jpg"
+    assert f"training[0] images/link.jpg: resolves to {outside}, outside dataset_dir {dataset.resolve()}" in message
+    assert f"training[1] linked_folder/private.jpg: resolves to {outside}, outside dataset_dir" in message
+
+
+def test_preflight_accepts_a_dataset_dir_that_is_itself_a_symlink(datalist, synthetic_dir, tmp_path):
+    (tmp_path / "mounted").symlink_to(synthetic_dir, target_is_directory=True)
+    preflight(datalist, tmp_path / "mounted")
+
+
+def test_inference_over_a_datalist_runs_the_preflight_without_needing_labels(datalist, synthetic_dir, tmp_path):
+    content = json.loads(Path(datalist).read_text())
+    unlabelled = [{"image": item["image"]} for item in content["testing"]]
+    path = tmp_path / "to_classify.json"
+    path.write_text(json.dumps({"testing": unlabelled}))
+    assert [item["image"] for item in inference_items(path, synthetic_dir)] == \
+        [str(synthetic_dir / item["image"]) for item in unlabelled]
+    (tmp_path / "escape.jpg").symlink_to(synthetic_dir / unlabelled[0]["image"])
+    path.write_text(json.dumps({"testing": [*unlabelled, {"image": "../escape.jpg"}, {"image": "images/gone.jpg"}]}))
+    with pytest.raises(DatasetError) as raised:
+        inference_items(path, synthetic_dir)
+    assert f"testing[{len(unlabelled)}] ../escape.jpg: image path must be relative" in str(raised.value)
+    assert f"testing[{len(unlabelled) + 1}] images/gone.jpg: file not found" in str(raised.value)
 
 
 # --- prepare_data.py ---------------------------------------------------------------------------

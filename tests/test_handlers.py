@@ -7,9 +7,11 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from bundle.handlers import BestModelSaver, as_bool, atomic_write
+from bundle import sidecar
+from bundle.handlers import BestModelSaver, as_bool, atomic_write, check_resume, training_fingerprint
 from bundle.labels import CLASS_NAMES
 from bundle.predictor import trained_image_size
+from bundle.sidecar import SidecarError, verified_sidecar, weights_fingerprint
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -48,12 +50,12 @@ def test_best_model_saver_keeps_the_best_across_a_resume(tmp_path):
     net = torch.nn.Linear(2, 2)
     path = tmp_path / "model.pt"
 
-    first = BestModelSaver(net, str(path), "val_auc")
+    first = BestModelSaver(net, str(path), "val_auc", image_size=[32, 32])
     _run(first, [0.6, 0.9, 0.7])
     assert first.state_dict() == {"best_metric": 0.9, "best_epoch": 2}
     saved = path.read_bytes()
 
-    resumed = BestModelSaver(net, str(path), "val_auc")
+    resumed = BestModelSaver(net, str(path), "val_auc", image_size=[32, 32])
     resumed.load_state_dict(first.state_dict())
     with torch.no_grad():
         net.weight.add_(1)  # a different model that scores worse must not replace the best one
@@ -64,22 +66,106 @@ def test_best_model_saver_keeps_the_best_across_a_resume(tmp_path):
 def test_best_model_saver_writes_the_trained_image_size_beside_the_weights(tmp_path):
     path = tmp_path / "model.pt"
     (tmp_path / "model.json").write_text(json.dumps({"image_size": [64, 64]}))  # an earlier run's
-    _run(BestModelSaver(torch.nn.Linear(2, 2), str(path), "val_auc", image_size=(32, 48)), [0.6, 0.9, 0.7])
+    net = torch.nn.Linear(2, 2)
+    _run(BestModelSaver(net, str(path), "val_auc", image_size=(32, 48)), [0.6, 0.9, 0.7])
     assert json.loads((tmp_path / "model.json").read_text()) == {
-        "image_size": [32, 48], "class_names": list(CLASS_NAMES), "epoch": 2, "metric": {"val_auc": 0.9}}
+        "image_size": [32, 48], "class_names": list(CLASS_NAMES), "epoch": 2, "metric": {"val_auc": 0.9},
+        "weights_fingerprint": weights_fingerprint(net.state_dict())}
     assert trained_image_size(path) == [32, 48]  # what serving reads back
+    assert verified_sidecar(path)["epoch"] == 2, "the sidecar belongs to the weights beside it"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"], "no temporary file left behind"
-
-
-def test_best_model_saver_without_an_image_size_drops_the_stale_sidecar(tmp_path):
-    """New weights must not be served at the size an earlier run's sidecar recorded."""
-    path = tmp_path / "model.pt"
-    (tmp_path / "model.json").write_text(json.dumps({"image_size": [64, 64]}))
-    _run(BestModelSaver(torch.nn.Linear(2, 2), str(path), "val_auc"), [0.6])
-    assert path.is_file() and trained_image_size(path) is None
 
 
 def test_best_model_saver_on_a_non_writing_rank_writes_no_sidecar(tmp_path):
     _run(BestModelSaver(torch.nn.Linear(2, 2), str(tmp_path / "model.pt"), "val_auc", enabled=False,
                         image_size=[32, 32]), [0.6])
     assert list(tmp_path.iterdir()) == []
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs, no ``except Exception`` catches it."""
+
+
+def _killed_after_write(monkeypatch, n: int) -> None:
+    """Kill the saver right after the n-th of save_pair's file writes (1: the pending sidecar, 2: the weights)."""
+    real, done = sidecar.atomic_write, []
+
+    def write_then_die(path, write):
+        real(path, write)
+        done.append(path)
+        if len(done) == n:
+            raise Killed(path)
+
+    monkeypatch.setattr(sidecar, "atomic_write", write_then_die)
+
+
+def test_a_kill_after_the_new_weights_leaves_a_pair_no_loader_accepts_and_the_next_run_completes_it(
+        tmp_path, monkeypatch):
+    net, path = torch.nn.Linear(2, 2), tmp_path / "model.pt"
+    first = BestModelSaver(net, str(path), "val_auc", image_size=[32, 32])
+    _run(first, [0.6])
+    with torch.no_grad():
+        net.weight.add_(1)
+    _killed_after_write(monkeypatch, 2)
+    with pytest.raises(Killed):
+        _run(first, [0.6, 0.9])  # epoch 2 improves: new weights written, then the process dies
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "model.json").read_text())["epoch"] == 1, "the old sidecar beside the new weights"
+    with pytest.raises(SidecarError, match=r"model\.json belongs to other weights than .*model\.pt .*"
+                                           r": model\.json\.pending is there: a save was interrupted"):
+        verified_sidecar(path)
+
+    # the resumed run restores best 0.9 and never beats it, yet leaves a pair that belongs together
+    resumed = BestModelSaver(net, str(path), "val_auc", image_size=[32, 32])
+    resumed.load_state_dict(first.state_dict())
+    _run(resumed, [0.5])
+    record = verified_sidecar(path)
+    assert record["epoch"] == 2 and record["metric"] == {"val_auc": 0.9}
+    torch.testing.assert_close(torch.load(path, weights_only=True), net.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"]
+
+
+def test_a_kill_before_the_new_weights_keeps_the_old_pair(tmp_path, monkeypatch):
+    net, path = torch.nn.Linear(2, 2), tmp_path / "model.pt"
+    first = BestModelSaver(net, str(path), "val_auc", image_size=[32, 32])
+    _run(first, [0.6])
+    old = path.read_bytes()
+    with torch.no_grad():
+        net.weight.add_(1)
+    _killed_after_write(monkeypatch, 1)
+    with pytest.raises(Killed):
+        _run(first, [0.6, 0.9])
+    monkeypatch.undo()
+    assert path.read_bytes() == old and verified_sidecar(path)["epoch"] == 1, "the old pair, still served"
+    _run(BestModelSaver(net, str(path), "val_auc", image_size=[32, 32]), [])  # the next run's start
+    assert path.read_bytes() == old and verified_sidecar(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"], "the stale pending one is gone"
+
+
+def test_a_checkpoint_trained_on_something_else_is_refused_naming_resume_false(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    items = [{"image": f"images/{i}.jpg", "label": i % 7} for i in range(6)]
+    datalist.write_text(json.dumps({"training": items[:4], "validation": items[4:], "testing": []}))
+    trained_on = training_fingerprint(datalist, [32, 32], torch.nn.Linear(2, 7))
+    checkpoint = tmp_path / "checkpoint_last.pt"
+    torch.save({"trained_on": trained_on, "best_model_saver": {"best_metric": 0.9, "best_epoch": 3}}, checkpoint)
+
+    check_resume(checkpoint, True, trained_on)
+    reformatted = tmp_path / "same.json"  # same items, other formatting and another testing split
+    reformatted.write_text(json.dumps({"testing": items[:1], "validation": items[4:], "training": items[:4]}, indent=3))
+    check_resume(checkpoint, "true", training_fingerprint(reformatted, [32, 32], torch.nn.Linear(2, 7)))
+
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps({"training": items[:3], "validation": items[4:]}))
+    for other, what in [(training_fingerprint(fewer, [32, 32], torch.nn.Linear(2, 7)), "datalist"),
+                        (training_fingerprint(datalist, [64, 64], torch.nn.Linear(2, 7)), "image_size [32, 32]"),
+                        (training_fingerprint(datalist, [32, 32], torch.nn.Linear(3, 7)), "network 'Linear:")]:
+        with pytest.raises(ValueError) as error:
+            check_resume(checkpoint, True, other)
+        assert what in str(error.value) and "Pass --resume false to start over" in str(error.value)
+        assert "keep its best score (0.9)" in str(error.value)
+        check_resume(checkpoint, "false", other)  # starting over is always allowed
+
+    torch.save({"model": {}}, checkpoint)  # written before checkpoints recorded what they were trained on
+    with pytest.raises(ValueError, match="records nothing about what it was trained on.*--resume false"):
+        check_resume(checkpoint, True, trained_on)

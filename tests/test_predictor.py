@@ -5,17 +5,23 @@ import json
 import logging
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine, Events
 from monai.networks.nets import DenseNet121
 from PIL import Image
 
+from bundle import sidecar
 from bundle.labels import CLASS_LABELS, CLASS_NAMES
-from bundle.predictor import Prediction, Predictor, Rejection, RejectionKind, trained_image_size
-from tests.bundle_runs import INFERENCE, run_bundle
+from bundle.handlers import BestModelSaver
+from bundle.predictor import Prediction, Predictor, Rejection, RejectionKind, bundle_files, trained_image_size
+from bundle.sidecar import SidecarError
+from tests.bundle_runs import INFERENCE, REPO, run_bundle
 from tests.serving import bad_image_bytes, bundle_with_random_weights, decoded_rgb, encode, mode_variants, png_header
 
 TOLERANCE = 1e-5
@@ -168,6 +174,7 @@ def test_torchscript_weights_give_the_same_probabilities(bundle_root, predictor,
     network = DenseNet121(spatial_dims=2, in_channels=3, out_channels=len(CLASS_NAMES))
     network.load_state_dict(torch.load(bundle_root / "models" / "model.pt", weights_only=True))
     torch.jit.script(network.eval()).save(str(tmp_path / "model.ts"))
+    shutil.copy(bundle_root / "models" / "model.json", tmp_path / "model.json")  # an export shares the sidecar
     [scripted] = Predictor(bundle_root, weights=tmp_path / "model.ts", device="cpu").predict([good_jpeg])
     [eager] = predictor.predict([good_jpeg])
     np.testing.assert_allclose(list(scripted.probabilities.values()), list(eager.probabilities.values()), atol=TOLERANCE)
@@ -191,11 +198,104 @@ def test_the_bundle_run_refuses_a_size_other_than_the_trained_one(bundle_root_32
     assert not (tmp_path / "predictions.csv").exists()
 
 
-def test_weights_without_a_sidecar_are_served_at_the_config_size_with_a_warning(bundle_root, caplog):
-    with caplog.at_level(logging.WARNING, logger="bundle.predictor"):
-        assert Predictor(bundle_root, device="cpu").image_size == [64, 64]
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "bundle.predictor"]
-    assert "has no sidecar model.json: cannot verify" in warning and "[64, 64]" in warning
+def test_weights_without_a_sidecar_are_refused_unless_the_caller_allows_them(bundle_root, tmp_path, caplog):
+    shutil.copy(bundle_root / "models" / "model.pt", tmp_path / "model.pt")
+    with pytest.raises(SidecarError) as error:
+        Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu")
+    assert str(error.value).startswith(f"weights {tmp_path / 'model.pt'} have no sidecar {tmp_path / 'model.json'}")
+    assert "allow_missing_sidecar" in str(error.value)
+    with caplog.at_level(logging.WARNING, logger="bundle.sidecar"):
+        allowed = Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu", allow_missing_sidecar=True)
+    assert allowed.image_size == [64, 64]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "bundle.sidecar"]
+    assert "have no sidecar model.json: using them at the configured image size, uncalibrated" in warning
+
+
+def _other_weights(bundle_root: Path, folder: Path) -> Path:
+    """The bundle's sidecar beside weights it does not describe (one value changed)."""
+    state = torch.load(bundle_root / "models" / "model.pt", weights_only=True)
+    state["class_layers.out.bias"] = state["class_layers.out.bias"] + 0.5
+    torch.save(state, folder / "model.pt")
+    shutil.copy(bundle_root / "models" / "model.json", folder / "model.json")
+    return folder / "model.pt"
+
+
+def test_a_sidecar_of_other_weights_is_refused(bundle_root, tmp_path):
+    weights = _other_weights(bundle_root, tmp_path)
+    for allow in (False, True):  # the opt-in is for a missing sidecar, never for a wrong one
+        with pytest.raises(SidecarError, match=r"model\.json belongs to other weights than .*model\.pt"):
+            Predictor(bundle_root, weights=weights, device="cpu", allow_missing_sidecar=allow)
+    with pytest.raises(SidecarError, match="belongs to other weights"):
+        bundle_files(bundle_root, weights)  # what packaging checks
+
+
+def test_a_sidecar_with_the_classes_in_another_order_is_refused(bundle_root, tmp_path):
+    shutil.copy(bundle_root / "models" / "model.pt", tmp_path / "model.pt")
+    record = json.loads((bundle_root / "models" / "model.json").read_text())
+    record["class_names"] = list(reversed(CLASS_NAMES))
+    (tmp_path / "model.json").write_text(json.dumps(record))
+    with pytest.raises(SidecarError) as error:
+        Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu", allow_missing_sidecar=True)
+    assert f"{tmp_path / 'model.json'} (the sidecar of {tmp_path / 'model.pt'}) says the outputs are the classes " \
+           f"{list(reversed(CLASS_NAMES))}, but this bundle serves {list(CLASS_NAMES)}" in str(error.value)
+
+
+def test_a_sidecar_written_before_fingerprints_needs_the_opt_in(bundle_root, tmp_path):
+    shutil.copy(bundle_root / "models" / "model.pt", tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps({"image_size": [32, 32]}))
+    with pytest.raises(SidecarError, match="records no weights_fingerprint and class_names.*allow_missing_sidecar"):
+        Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu")
+    assert Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu",
+                     allow_missing_sidecar=True).image_size == [32, 32]
+
+
+@pytest.mark.parametrize("script, output", [("package_mar.py", ["--export_path", "dist"]),
+                                            ("package_sagemaker.py", ["--output", "dist/model.tar.gz"])])
+def test_packaging_refuses_weights_without_a_sidecar(bundle_root, tmp_path, script, output):
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_root / "configs", root / "configs")
+    (root / "models").mkdir()
+    shutil.copy(bundle_root / "models" / "model.pt", root / "models" / "model.pt")
+    result = subprocess.run([sys.executable, REPO / "scripts" / script, "--bundle_root", root, *output],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"error: weights {root / 'models' / 'model.pt'} have no sidecar" in result.stderr, result.stderr
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+def test_a_training_run_killed_between_weights_and_sidecar_is_not_served_until_resumed(
+        bundle_root, good_jpeg, tmp_path, monkeypatch):
+    """BestModelSaver on the served DenseNet: killed after writing better weights, before their sidecar."""
+    shutil.copytree(bundle_root / "configs", tmp_path / "configs")
+    weights = tmp_path / "models" / "model.pt"
+    network = DenseNet121(spatial_dims=2, in_channels=3, out_channels=len(CLASS_NAMES))
+    network.load_state_dict(torch.load(bundle_root / "models" / "model.pt", weights_only=True))
+    saver = BestModelSaver(network, str(weights), "val_auc", image_size=[64, 64])
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_auc=0.5 + e.state.epoch / 10))
+    saver.attach(engine)
+    engine.run([0], max_epochs=1)
+    [before] = Predictor(tmp_path, device="cpu").predict([good_jpeg])
+
+    real_replace = sidecar.os.replace
+    def killed(source, target):  # the sidecar's rename is the last step; the new weights are in place
+        if Path(source).name.endswith(".pending"):
+            raise KeyboardInterrupt("killed")
+        real_replace(source, target)
+    monkeypatch.setattr(sidecar.os, "replace", killed)
+    with torch.no_grad():
+        network.class_layers.out.bias.add_(2.0)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0], max_epochs=2)
+    monkeypatch.undo()
+    with pytest.raises(SidecarError, match="a save was interrupted; running the same training command again"):
+        Predictor(tmp_path, device="cpu")
+
+    resumed = BestModelSaver(network, str(weights), "val_auc", image_size=[64, 64])
+    resumed.load_state_dict({"best_metric": 0.7, "best_epoch": 2})
+    resumed.attach(Engine(lambda e, b: None))  # as the restarted training builds its evaluator
+    [after] = Predictor(tmp_path, device="cpu").predict([good_jpeg])
+    assert after.probabilities != before.probabilities, "the new weights are served, with their own sidecar"
 
 
 def test_torchscript_weights_use_the_sidecar_beside_them(bundle_root_32, predictor_32, good_jpeg, tmp_path):
@@ -247,8 +347,8 @@ def test_the_calibration_beside_the_weights_is_served(bundle_root, predictor, go
     weakest = int(np.argmin(logits))
     bias = [0.0] * len(CLASS_NAMES)
     bias[weakest] = 100.0  # a rule that always picks the least probable class
-    (tmp_path / "model.json").write_text(json.dumps({"image_size": [64, 64], "calibration": {
-        "temperature": 3.0, "class_bias": bias}}))
+    record = json.loads((bundle_root / "models" / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**record, "calibration": {"temperature": 3.0, "class_bias": bias}}))
     [calibrated] = Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu").predict([good_jpeg])
     expected = torch.softmax(torch.tensor(logits) / 3.0, 0).numpy()
     np.testing.assert_allclose([calibrated.probabilities[c] for c in CLASS_NAMES], expected, atol=1e-5)

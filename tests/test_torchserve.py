@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 
 from bundle.labels import CLASS_LABELS, CLASS_NAMES
 from bundle.predictor import Predictor
+from bundle.sidecar import new_record, save_pair
 from handler import control
 from tests.bundle_runs import REPO
 from tests.serving import (
@@ -294,7 +296,9 @@ def broken_archive(bundle_root, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("broken_bundle")
     shutil.copytree(bundle_root / "configs", root / "configs")
     (root / "models").mkdir()
-    (root / "models" / "model.pt").write_bytes(b"these are not weights")
+    # weights with their own sidecar (packaging checks the pair) that are not this network's
+    not_densenet = {"weight": torch.zeros(1)}
+    save_pair(root / "models" / "model.pt", not_densenet, new_record(not_densenet, TRAINED_IMAGE_SIZE))
     return _package(root, tmp_path_factory.mktemp("broken_dist"), max_retry_timeout_s=5)
 
 
