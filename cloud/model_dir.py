@@ -31,16 +31,16 @@ from pathlib import Path
 from bundle import serving_files
 from bundle.atomic import atomic_write
 from bundle.predictor import bundle_files
+from handler import ARCHIVED_HANDLER
 
 REPO = Path(__file__).resolve().parents[1]
 # What the container's Python lacks; torch and Pillow come with the PyTorch image.
 CONTAINER_REQUIREMENTS = "monai==1.6.1\n"
-HANDLER = "skin_lesion_handler.py"
 # The toolkit registers the model as "model", version "1.0"; its SAGEMAKER_TS_* settings (batch size,
 # workers, timeouts) are keyed by that name and version, so the manifest must say "1.0" too. No
 # configFile: a model-config.yaml's batch size would override SAGEMAKER_TS_BATCH_SIZE.
 MANIFEST = {"runtime": "python", "archiverVersion": "0.12.0",
-            "model": {"modelName": "model", "modelVersion": "1.0", "handler": HANDLER}}
+            "model": {"modelName": "model", "modelVersion": "1.0", "handler": ARCHIVED_HANDLER}}
 
 
 def model_files(bundle_root: str | os.PathLike = REPO,
@@ -61,7 +61,7 @@ def model_files(bundle_root: str | os.PathLike = REPO,
     manifest = json.loads(json.dumps(MANIFEST))
     manifest["model"]["serializedFile"] = stored
     files["MAR-INF/MANIFEST.json"] = json.dumps(manifest, indent=1).encode()
-    files[f"code/{HANDLER}"] = REPO / "handler" / "handler.py"
+    files[f"code/{ARCHIVED_HANDLER}"] = REPO / "handler" / "handler.py"
     files["code/inference.py"] = REPO / "handler" / "inference.py"
     files |= {f"code/bundle/{source.name}": source for source in serving_files()}
     files["code/requirements.txt"] = CONTAINER_REQUIREMENTS.encode()

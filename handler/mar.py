@@ -1,7 +1,8 @@
 """The TorchServe model archive (``.mar``): the handler, the bundle's configs, the serving modules of
 the ``bundle`` package, the weights and their sidecar, and ``model-config.yaml``.
 
-The archive is laid out like the bundle: ``configs/``, ``bundle/`` and ``handler.py`` at its root,
+The archive is laid out like the bundle: ``configs/``, ``bundle/`` and the handler (``handler.py``, as
+``skin_lesion_handler.py``) at its root,
 the weights (``model.pt``, or a TorchScript ``model.ts``) and, beside them where the handler's
 Predictor looks, their sidecar (``model.json``), plus ``model-config.yaml`` (batching, workers,
 timeouts, the handler's pixel limit).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from bundle import serving_files
 from bundle.predictor import MAX_PIXELS, bundle_files
-from handler import MODEL_NAME
+from handler import ARCHIVED_HANDLER, MODEL_NAME
 
 HANDLER = Path(__file__).with_name("handler.py")
 
@@ -52,13 +53,15 @@ def write_mar(bundle_root: str | os.PathLike = ".", weights: str | os.PathLike |
             shutil.copy(source, extra / "bundle" / source.name)
         if sidecar:
             shutil.copy(sidecar, extra / sidecar.name)
+        handler = Path(staging) / ARCHIVED_HANDLER
+        shutil.copy(HANDLER, handler)
         model_config = Path(staging) / "model-config.yaml"
         model_config.write_text(
             f"minWorkers: {min_workers}\nmaxWorkers: {max_workers}\nbatchSize: {batch_size}\n"
             f"maxBatchDelay: {max_batch_delay_ms}\nresponseTimeout: {response_timeout_s}\n"
             f"maxRetryTimeoutInSec: {max_retry_timeout_s}\nhandler:\n  max_pixels: {max_pixels}\n")
         command = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", MODEL_NAME,
-                   "--version", version, "--serialized-file", str(weights), "--handler", str(HANDLER),
+                   "--version", version, "--serialized-file", str(weights), "--handler", str(handler),
                    "--extra-files", str(extra), "--config-file", str(model_config),
                    "--export-path", str(export), "--force"]
         result = subprocess.run(command, capture_output=True, text=True)

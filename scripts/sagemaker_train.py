@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 # and cloud/ beside it, on the import path: nothing is installed there but the requirements.
 ENTRY_SCRIPT = "sagemaker_entry.py"
 # The training job's source code, by its path there: what the entry script and the bundle run need.
-SOURCE = {"configs": "configs", "bundle": "bundle", "cloud": "cloud", "handler/inference.py": "handler/inference.py",
-          "handler/handler.py": "handler/handler.py", ENTRY_SCRIPT: "scripts/sagemaker_entry.py"}
+SOURCE = {"configs": "configs", "bundle": "bundle", "cloud": "cloud", "handler": "handler",
+          ENTRY_SCRIPT: "scripts/sagemaker_entry.py"}
 # Installed by the SDK's driver in the training container, whose image brings torch.
 CONTAINER_REQUIREMENTS = "monai[fire,pillow,ignite,tqdm,tensorboard]==1.6.1\nmatplotlib\n"
 CHANNEL = "training"
