@@ -8,8 +8,26 @@ imports bind only the top-level name). Submodules load on first use, so that the
 import importlib
 from pathlib import Path
 
-SUBMODULES = ("atomic", "augment", "cache", "calibration", "data", "fastpath", "flags", "handlers", "imageio", "imbalance", "inferers",
-              "labels", "metrics", "plots", "predictor", "sidecar", "synthetic", "training")
+SUBMODULES = (
+    "atomic",
+    "augment",
+    "cache",
+    "calibration",
+    "data",
+    "fastpath",
+    "flags",
+    "handlers",
+    "imageio",
+    "imbalance",
+    "inferers",
+    "labels",
+    "metrics",
+    "plots",
+    "predictor",
+    "sidecar",
+    "synthetic",
+    "training",
+)
 
 
 def __getattr__(name: str):
@@ -20,8 +38,19 @@ def __getattr__(name: str):
 
 # What a served model runs (the Predictor, its checks and calibration): the archives ship these
 # modules and no others, so training, plotting and the synthetic generator stay out of production.
-SERVING_MODULES = ("__init__", "atomic", "calibration", "flags", "imageio", "inferers", "labels", "metrics", "payloads",
-                   "predictor", "sidecar")
+SERVING_MODULES = (
+    "__init__",
+    "atomic",
+    "calibration",
+    "flags",
+    "imageio",
+    "inferers",
+    "labels",
+    "metrics",
+    "payloads",
+    "predictor",
+    "sidecar",
+)
 
 
 def serving_files() -> list[Path]:

@@ -25,14 +25,16 @@ from monai.transforms import MapTransform, RandomizableTransform
 LUMA = (0.299, 0.587, 0.114)
 
 
-def colour_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
-                  saturation: torch.Tensor) -> torch.Tensor:
+def colour_jitter(
+    images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor
+) -> torch.Tensor:
     """Scale each RGB image of a ``(N, 3, H, W)`` 0-1 batch by its own factors (1 leaves it unchanged).
 
     In order: brightness multiplies every pixel; contrast scales each pixel's distance from the
     image's mean grey; saturation scales each pixel's distance from its own grey. The result is
     clipped to [0, 1], the range the preprocessing produces.
     """
+
     def per_image(factor):
         return factor.to(images.dtype).reshape(-1, 1, 1, 1)
 
@@ -65,13 +67,21 @@ class RandColourJitterd(RandomizableTransform, MapTransform):
     """The per-sample chain's colour jitter: ``colour_jitter`` on one ``(3, H, W)`` image, with
     probability ``prob``, each factor drawn uniformly from [1 - strength, 1 + strength]."""
 
-    def __init__(self, keys: KeysCollection, brightness: float = 0.0, contrast: float = 0.0,
-                 saturation: float = 0.0, prob: float = 0.5) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        prob: float = 0.5,
+    ) -> None:
         _check_prob("colour_prob", prob)
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
-        self.strengths = [_check_strength(n, v) for n, v in
-                          (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))]
+        self.strengths = [
+            _check_strength(n, v)
+            for n, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))
+        ]
         self.factors = [1.0, 1.0, 1.0]
 
     def randomize(self, data=None) -> None:
@@ -106,15 +116,31 @@ class BatchAugmentation:
         seed: seeds the generator, so the same seed gives the same augmentation stream.
     """
 
-    def __init__(self, rotate_degrees: float = 15.0, rotate_prob: float = 0.5, flip_prob: float = 0.5,
-                 zoom_range: Sequence[float] = (0.9, 1.1), zoom_prob: float = 0.5, brightness: float = 0.0,
-                 contrast: float = 0.0, saturation: float = 0.0, colour_prob: float = 0.5,
-                 padding_mode: str = "border", seed: int = 0) -> None:
-        for name, p in (("rotate_prob", rotate_prob), ("flip_prob", flip_prob), ("zoom_prob", zoom_prob),
-                        ("colour_prob", colour_prob)):
+    def __init__(
+        self,
+        rotate_degrees: float = 15.0,
+        rotate_prob: float = 0.5,
+        flip_prob: float = 0.5,
+        zoom_range: Sequence[float] = (0.9, 1.1),
+        zoom_prob: float = 0.5,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        colour_prob: float = 0.5,
+        padding_mode: str = "border",
+        seed: int = 0,
+    ) -> None:
+        for name, p in (
+            ("rotate_prob", rotate_prob),
+            ("flip_prob", flip_prob),
+            ("zoom_prob", zoom_prob),
+            ("colour_prob", colour_prob),
+        ):
             _check_prob(name, p)
-        self.colour_strengths = [_check_strength(n, v) for n, v in
-                                 (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))]
+        self.colour_strengths = [
+            _check_strength(n, v)
+            for n, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))
+        ]
         self.colour_prob = colour_prob
         min_zoom, max_zoom = (float(z) for z in zoom_range)
         if not 0 < min_zoom <= max_zoom:
@@ -122,8 +148,9 @@ class BatchAugmentation:
         self.max_radians = math.radians(abs(float(rotate_degrees)))
         self.rotate_prob, self.flip_prob, self.zoom_prob = rotate_prob, flip_prob, zoom_prob
         self.zoom_range = (min_zoom, max_zoom)
-        self.warp = AffineTransform(normalized=False, mode="bilinear", padding_mode=padding_mode,
-                                    align_corners=False, reverse_indexing=True)
+        self.warp = AffineTransform(
+            normalized=False, mode="bilinear", padding_mode=padding_mode, align_corners=False, reverse_indexing=True
+        )
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 

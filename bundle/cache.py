@@ -82,9 +82,15 @@ def describe(obj, _depth: int = 0, _seen: frozenset = frozenset()):
 def fingerprint(items: Sequence[dict], preprocessing: Sequence[Callable], image_key: str = "image") -> str:
     """A short hash of what decides the cache's contents (see the module docstring)."""
     digest = hashlib.sha256()
-    header = {"format": CACHE_FORMAT, "numpy": np.__version__, "torch": torch.__version__.split("+")[0],
-              "monai": __import__("monai").__version__, "pillow": PIL.__version__, "key": image_key,
-              "preprocessing": describe(list(preprocessing))}
+    header = {
+        "format": CACHE_FORMAT,
+        "numpy": np.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "monai": __import__("monai").__version__,
+        "pillow": PIL.__version__,
+        "key": image_key,
+        "preprocessing": describe(list(preprocessing)),
+    }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for item in items:
         path = os.fspath(item[image_key])
@@ -111,9 +117,11 @@ class _Decode(torch.utils.data.Dataset):
         image = torch.as_tensor(self.chain(dict(item))[self.image_key]).float()
         low, high = float(image.min()), float(image.max())
         if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-            raise ValueError(f"{item[self.image_key]}: the preprocessing gives values in [{low:.3g}, {high:.3g}], "
-                             "but the cached data path stores images as uint8 and needs them in [0, 1]; "
-                             "end the preprocessing in [0, 1] or train with configs/train_chain.json")
+            raise ValueError(
+                f"{item[self.image_key]}: the preprocessing gives values in [{low:.3g}, {high:.3g}], "
+                "but the cached data path stores images as uint8 and needs them in [0, 1]; "
+                "end the preprocessing in [0, 1] or train with configs/train_chain.json"
+            )
         return (image * 255).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
@@ -147,9 +155,18 @@ class ImageCache:
         name: file-name prefix, so that people can tell the files apart (e.g. "training").
     """
 
-    def __init__(self, items: Sequence[dict], preprocessing: Sequence[Callable], cache_dir: str,
-                 device: str | torch.device = "cpu", storage: str = "auto", num_workers: int | None = None,
-                 progress: bool = True, name: str = "images", image_key: str = "image") -> None:
+    def __init__(
+        self,
+        items: Sequence[dict],
+        preprocessing: Sequence[Callable],
+        cache_dir: str,
+        device: str | torch.device = "cpu",
+        storage: str = "auto",
+        num_workers: int | None = None,
+        progress: bool = True,
+        name: str = "images",
+        image_key: str = "image",
+    ) -> None:
         if storage not in STORAGES:
             raise ValueError(f"config key 'cache_storage' must be one of {STORAGES}, got {storage!r}")
         self.items = list(items)
@@ -158,8 +175,11 @@ class ImageCache:
         self.image_key = image_key
         self.device = torch.device(device)
         self.paths = [os.fspath(item[image_key]) for item in self.items]
-        self.labels = (torch.tensor([int(item["label"]) for item in self.items], device=self.device)
-                       if all("label" in item for item in self.items) else None)
+        self.labels = (
+            torch.tensor([int(item["label"]) for item in self.items], device=self.device)
+            if all("label" in item for item in self.items)
+            else None
+        )
         self.path = Path(cache_dir) / f"{name}-{fingerprint(self.items, preprocessing, image_key)}.npy"
         self.build_seconds = 0.0
         array = self._open()
@@ -195,8 +215,13 @@ class ImageCache:
             logger.warning("%s is unreadable (%s): decoding again", self.path, error)
             return None
         if array.dtype != np.uint8 or array.ndim != 4 or len(array) != len(self.items):
-            logger.warning("%s holds %s %s, not %d uint8 images: decoding again", self.path, array.dtype,
-                           array.shape, len(self.items))
+            logger.warning(
+                "%s holds %s %s, not %d uint8 images: decoding again",
+                self.path,
+                array.dtype,
+                array.shape,
+                len(self.items),
+            )
             return None
         return array
 
@@ -204,7 +229,7 @@ class ImageCache:
         """The whole cache as a tensor on the device, copied in chunks (never a second full copy in RAM)."""
         images = torch.empty(array.shape, dtype=torch.uint8, device=self.device)
         for start in range(0, len(array), chunk):
-            images[start:start + chunk].copy_(torch.from_numpy(np.array(array[start:start + chunk])))
+            images[start : start + chunk].copy_(torch.from_numpy(np.array(array[start : start + chunk])))
         return images
 
     def _build(self, preprocessing: Sequence[Callable], num_workers: int, progress: bool) -> None:
@@ -213,12 +238,15 @@ class ImageCache:
 
         def write(tmp: Path) -> None:
             out, start = None, 0
-            with tqdm(total=len(images), desc=f"decoding into {self.path.name}", unit="img", disable=not progress) as bar:
+            with tqdm(
+                total=len(images), desc=f"decoding into {self.path.name}", unit="img", disable=not progress
+            ) as bar:
                 for batch in loader:
                     if out is None:  # the image shape is known once the first one is decoded
-                        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                                        shape=(len(images), *batch.shape[1:]))
-                    out[start:start + len(batch)] = batch.numpy()
+                        out = np.lib.format.open_memmap(
+                            tmp, mode="w+", dtype=np.uint8, shape=(len(images), *batch.shape[1:])
+                        )
+                    out[start : start + len(batch)] = batch.numpy()
                     start += len(batch)
                     bar.update(len(batch))
             out.flush()

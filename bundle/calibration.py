@@ -70,8 +70,10 @@ class Calibration:
             bias = record.get("class_bias")
             bias = None if bias is None else tuple(float(b) for b in bias)
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{sidecar_path(weights)}: 'calibration' must hold a 'temperature' and a "
-                             f"'class_bias' list: {type(error).__name__}: {error}") from None
+            raise ValueError(
+                f"{sidecar_path(weights)}: 'calibration' must hold a 'temperature' and a "
+                f"'class_bias' list: {type(error).__name__}: {error}"
+            ) from None
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"{sidecar_path(weights)}: calibration temperature must be positive, got {temperature}")
         return cls(temperature, bias, dict(record.get("fit", {})))
@@ -118,7 +120,8 @@ def fit(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Calibra
     rule = Calibration(temperature, tuple(class_bias))
     record = {
         "n_images": int(len(labels_np)),
-        "nll_before": negative_log_likelihood(before, labels_np), "nll_after": negative_log_likelihood(after, labels_np),
+        "nll_before": negative_log_likelihood(before, labels_np),
+        "nll_after": negative_log_likelihood(after, labels_np),
         "ece_before": expected_calibration_error(before, labels_np),
         "ece_after": expected_calibration_error(after, labels_np),
         "tau": tau,
@@ -140,4 +143,3 @@ class CalibratedSoftmaxd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.calibration.probabilities(torch.as_tensor(d[key]))
         return d
-

@@ -158,7 +158,7 @@ def _parse_isic_rows(csv_path: Path, header: list[str], rows: list[dict]) -> tup
             scores = [float(row[column]) for column in class_columns]
         except ValueError:
             scores = []
-        hot = [column for column, score in zip(class_columns, scores) if score == 1.0]
+        hot = [column for column, score in zip(class_columns, scores, strict=False) if score == 1.0]
         if not row["image"] or len(hot) != 1 or sum(scores) != 1.0:
             bad_rows.append(f"line {line}")
             continue
@@ -456,7 +456,7 @@ def _decode_problems(to_decode: list[tuple[str, Path]]) -> list[str]:
                     unit="img",
                 )
             )
-    return [f"{prefix}: {reason}" for (prefix, _), reason in zip(to_decode, reasons) if reason]
+    return [f"{prefix}: {reason}" for (prefix, _), reason in zip(to_decode, reasons, strict=True) if reason]
 
 
 # ---------------------------------------------------------------------------------------------

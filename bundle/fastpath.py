@@ -33,9 +33,17 @@ class CachedBatchLoader:
         seed: seeds the shuffling.
     """
 
-    def __init__(self, cache: ImageCache, batch_size: int, shuffle: bool = False,
-                 sampler: torch.utils.data.Sampler | None = None, augmentation: BatchAugmentation | None = None,
-                 channels_last: bool = False, with_paths: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        cache: ImageCache,
+        batch_size: int,
+        shuffle: bool = False,
+        sampler: torch.utils.data.Sampler | None = None,
+        augmentation: BatchAugmentation | None = None,
+        channels_last: bool = False,
+        with_paths: bool = False,
+        seed: int = 0,
+    ) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"config key 'batch_size' must be at least 1, got {batch_size}")
         self.cache = cache

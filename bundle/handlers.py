@@ -17,17 +17,24 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bundle import calibration
 from bundle.atomic import atomic_write
 from bundle.calibration import Calibration
 from bundle.flags import as_bool
 from bundle.metrics import balanced_accuracy, classification_report, expected_calibration_error, negative_log_likelihood
-from bundle.sidecar import (complete_interrupted_save, load_weights, new_record, save_pair, sidecar_path,
-                            verified_sidecar, write_sidecar)
+from bundle.sidecar import (
+    complete_interrupted_save,
+    load_weights,
+    new_record,
+    save_pair,
+    sidecar_path,
+    verified_sidecar,
+    write_sidecar,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +61,15 @@ class BestModelSaver:
     (``bundle.calibration``).
     """
 
-    def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str, image_size: Sequence[int],
-                 enabled: bool = True, calibrate: bool = False) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        save_path: str,
+        metric_name: str,
+        image_size: Sequence[int],
+        enabled: bool = True,
+        calibrate: bool = False,
+    ) -> None:
         self.network = network
         self.save_path = save_path
         self.metric_name = metric_name
@@ -84,14 +98,22 @@ class BestModelSaver:
         if not self.enabled:
             return
         state = plain_state_dict(self.network)
-        record = {**new_record(state, self.image_size), "epoch": self.best_epoch,
-                  "metric": {self.metric_name: self.best_metric}}
+        record = {
+            **new_record(state, self.image_size),
+            "epoch": self.best_epoch,
+            "metric": {self.metric_name: self.best_metric},
+        }
         if fitted is not None:
             record["calibration"] = fitted.to_json()
         save_pair(self.save_path, state, record)
-        logger.info("epoch %d: %s improved to %.4f, saved %s%s", self.best_epoch, self.metric_name, metric,
-                    self.save_path, "" if fitted is None else f" (temperature {fitted.temperature:.3f}, "
-                    f"decision tau {fitted.fit['tau']:.2f})")
+        logger.info(
+            "epoch %d: %s improved to %.4f, saved %s%s",
+            self.best_epoch,
+            self.metric_name,
+            metric,
+            self.save_path,
+            "" if fitted is None else f" (temperature {fitted.temperature:.3f}, decision tau {fitted.fit['tau']:.2f})",
+        )
 
     def state_dict(self) -> dict:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
@@ -137,8 +159,9 @@ class CalibrationFitter:
     ``image_size``, the class order and the fingerprint, and every loader accepts them from then on.
     """
 
-    def __init__(self, ckpt_path: str, image_size: Sequence[int], enabled: bool = True,
-                 allow_missing_sidecar: bool | str = False) -> None:
+    def __init__(
+        self, ckpt_path: str, image_size: Sequence[int], enabled: bool = True, allow_missing_sidecar: bool | str = False
+    ) -> None:
         self.ckpt_path = ckpt_path
         self.image_size = [int(side) for side in image_size]
         self.enabled = enabled
@@ -155,14 +178,24 @@ class CalibrationFitter:
             return
         weights = load_weights(self.ckpt_path)
         record = verified_sidecar(self.ckpt_path, weights, self.allow_missing_sidecar) or {}
-        record = {**record, **new_record(weights, record.get("image_size", self.image_size)),
-                  "calibration": fitted.to_json()}
+        record = {
+            **record,
+            **new_record(weights, record.get("image_size", self.image_size)),
+            "calibration": fitted.to_json(),
+        }
         write_sidecar(self.ckpt_path, record)
-        logger.info("fitted on %d validation images: temperature %.3f (ECE %.4f -> %.4f), decision tau %.2f "
-                    "(balanced accuracy %.4f -> %.4f); stored in %s", fitted.fit["n_images"], fitted.temperature,
-                    fitted.fit["ece_before"], fitted.fit["ece_after"], fitted.fit["tau"],
-                    fitted.fit["balanced_accuracy_argmax"], fitted.fit["balanced_accuracy_rule"],
-                    sidecar_path(self.ckpt_path))
+        logger.info(
+            "fitted on %d validation images: temperature %.3f (ECE %.4f -> %.4f), decision tau %.2f "
+            "(balanced accuracy %.4f -> %.4f); stored in %s",
+            fitted.fit["n_images"],
+            fitted.temperature,
+            fitted.fit["ece_before"],
+            fitted.fit["ece_after"],
+            fitted.fit["tau"],
+            fitted.fit["balanced_accuracy_argmax"],
+            fitted.fit["balanced_accuracy_rule"],
+            sidecar_path(self.ckpt_path),
+        )
 
 
 class WeightAverage:
@@ -181,8 +214,11 @@ class WeightAverage:
         if float(epochs) < 0:
             raise ValueError(f"config key 'ema_epochs' must be 0 (off) or positive, got {epochs}")
         self.decay = 1.0 - 1.0 / max(float(epochs) * int(steps_per_epoch), 1.0) if self.enabled else 0.0
-        self.averaged = AveragedModel(_unwrapped(network), multi_avg_fn=get_ema_multi_avg_fn(self.decay),
-                                      use_buffers=True) if self.enabled else None
+        self.averaged = (
+            AveragedModel(_unwrapped(network), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+            if self.enabled
+            else None
+        )
 
     @property
     def model(self) -> torch.nn.Module:
@@ -217,12 +253,14 @@ def training_fingerprint(datalist: str | os.PathLike, image_size: Sequence[int],
     digest = hashlib.sha256()
     for name, tensor in sorted(_unwrapped(network).state_dict().items()):
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
-    return {"datalist": datalist_fingerprint(datalist), "image_size": [int(side) for side in image_size],
-            "network": f"{type(_unwrapped(network)).__name__}:sha256:{digest.hexdigest()}"}
+    return {
+        "datalist": datalist_fingerprint(datalist),
+        "image_size": [int(side) for side in image_size],
+        "network": f"{type(_unwrapped(network)).__name__}:sha256:{digest.hexdigest()}",
+    }
 
 
-def check_resume(path: str | os.PathLike, resume: bool | str, trained_on: dict,
-                 checkpoint: dict | None = None) -> None:
+def check_resume(path: str | os.PathLike, resume: bool | str, trained_on: dict, checkpoint: dict | None = None) -> None:
     """Before any work: with ``resume``, the checkpoint at ``path`` (if any) was trained on ``trained_on``.
 
     Resuming another run's checkpoint would continue it and keep its best score, so the new run's
@@ -237,14 +275,18 @@ def check_resume(path: str | os.PathLike, resume: bool | str, trained_on: dict,
     if recorded is None:
         differences = ["it records nothing about what it was trained on (written before checkpoints did)"]
     else:
-        differences = [f"{key} {recorded.get(key)!r}, this run's is {value!r}"
-                       for key, value in trained_on.items() if recorded.get(key) != value]
+        differences = [
+            f"{key} {recorded.get(key)!r}, this run's is {value!r}"
+            for key, value in trained_on.items()
+            if recorded.get(key) != value
+        ]
     if differences:
         best = checkpoint.get("best_model_saver", {}).get("best_metric")
         raise ValueError(
             f"cannot resume from {path}: it was trained on something else: " + "; ".join(differences) + ". "
             f"Resuming would continue that run and keep its best score ({best}), so this run's model might never "
-            "be saved. Pass --resume false to start over (it replaces that checkpoint), or another --ckpt_dir")
+            "be saved. Pass --resume false to start over (it replaces that checkpoint), or another --ckpt_dir"
+        )
 
 
 class ResumeCheckpoint:
@@ -260,8 +302,15 @@ class ResumeCheckpoint:
     is refused (``check_resume``, which train.json's initialize also runs, before any work).
     """
 
-    def __init__(self, path: str, to_save: dict, resume: bool = True, enabled: bool = True,
-                 map_location: str | torch.device | None = "cpu", trained_on: dict | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        to_save: dict,
+        resume: bool = True,
+        enabled: bool = True,
+        map_location: str | torch.device | None = "cpu",
+        trained_on: dict | None = None,
+    ) -> None:
         self.path = Path(path)
         self.to_save = dict(to_save)
         self.resume = as_bool(resume, "resume")
@@ -285,11 +334,14 @@ class ResumeCheckpoint:
             check_resume(self.path, self.resume, self.trained_on, checkpoint)
         Checkpoint.load_objects(to_load=self.to_save, checkpoint=checkpoint)
         if engine.state.epoch > max_epochs:
-            raise ValueError(f"{self.path} is at epoch {engine.state.epoch}, past max_epochs={max_epochs}: "
-                             "raise max_epochs to train on, or pass --resume false to start over")
+            raise ValueError(
+                f"{self.path} is at epoch {engine.state.epoch}, past max_epochs={max_epochs}: "
+                "raise max_epochs to train on, or pass --resume false to start over"
+            )
         engine.state.max_epochs = max_epochs  # the command line's value, not the checkpoint's
-        logger.info("resumed from %s at epoch %d of %d (--resume false starts over)", self.path,
-                    engine.state.epoch, max_epochs)
+        logger.info(
+            "resumed from %s at epoch %d of %d (--resume false starts over)", self.path, engine.state.epoch, max_epochs
+        )
 
     def _save(self, engine: Engine) -> None:
         if self.enabled:
@@ -353,8 +405,14 @@ class PredictionWriter:
     are gathered so that rank 0 writes one file.
     """
 
-    def __init__(self, output_dir: str, class_names: Sequence[str], filename: str = "predictions.csv",
-                 enabled: bool = True, calibration: Calibration | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        filename: str = "predictions.csv",
+        enabled: bool = True,
+        calibration: Calibration | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.filename = filename
@@ -377,12 +435,14 @@ class PredictionWriter:
         self._probabilities += [o["pred"].detach().float().cpu() for o in outputs]
         self._logits += [o["logits"].detach().float().cpu() for o in outputs if "logits" in o]
         self._labels += [torch.as_tensor(o["label"]).cpu() for o in outputs if o.get("label") is not None]
-        self._images += [_image_name(o, b) for o, b in zip(outputs, engine.state.batch)]
+        self._images += [_image_name(o, b) for o, b in zip(outputs, engine.state.batch, strict=False)]
 
     def _gathered(self) -> dict:
-        collected = {"probabilities": torch.stack(self._probabilities),
-                     "logits": torch.stack(self._logits) if self._logits else None,
-                     "labels": torch.stack(self._labels).reshape(len(self._labels), -1) if self._labels else None}
+        collected = {
+            "probabilities": torch.stack(self._probabilities),
+            "logits": torch.stack(self._logits) if self._logits else None,
+            "labels": torch.stack(self._labels).reshape(len(self._labels), -1) if self._labels else None,
+        }
         images = self._images
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             collected = {k: None if v is None else evenly_divisible_all_gather(v) for k, v in collected.items()}
@@ -401,8 +461,9 @@ class PredictionWriter:
         if self.enabled:
             self.write(**gathered)
 
-    def write(self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None,
-              logits: np.ndarray | None = None) -> None:
+    def write(
+        self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None, logits: np.ndarray | None = None
+    ) -> None:
         self._write_csv(images, probabilities, self.calibration.decide(probabilities))
 
     def _write_csv(self, images: list[str], probabilities: np.ndarray, predicted: np.ndarray) -> None:
@@ -410,7 +471,7 @@ class PredictionWriter:
             with open(tmp, "w", newline="") as f:
                 out = csv.writer(f)
                 out.writerow(["image", "predicted_class", "probability", *(f"p_{c}" for c in self.class_names)])
-                for image, p, top in zip(images, probabilities, predicted):
+                for image, p, top in zip(images, probabilities, predicted, strict=True):
                     out.writerow([image, self.class_names[top], f"{p[top]:.6f}", *(f"{x:.6f}" for x in p)])
 
         atomic_write(self.output_dir / self.filename, write_csv)
@@ -426,13 +487,20 @@ class EvaluationReport(PredictionWriter):
     key) the report adds the calibration before and after temperature scaling.
     """
 
-    def __init__(self, output_dir: str, class_names: Sequence[str], history_path: str | None = None,
-                 enabled: bool = True, calibration: Calibration | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        history_path: str | None = None,
+        enabled: bool = True,
+        calibration: Calibration | None = None,
+    ) -> None:
         super().__init__(output_dir, class_names, enabled=enabled, calibration=calibration)
         self.history_path = history_path
 
-    def write(self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None,
-              logits: np.ndarray | None = None) -> None:
+    def write(
+        self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None, logits: np.ndarray | None = None
+    ) -> None:
         from bundle import plots  # matplotlib only where plots are made
 
         if labels is None:
@@ -441,8 +509,10 @@ class EvaluationReport(PredictionWriter):
         self._write_csv(images, probabilities, predicted)
         report = classification_report(probabilities, labels, self.class_names, predicted=predicted)
         report["balanced_accuracy_argmax"] = balanced_accuracy(labels, probabilities.argmax(1), len(self.class_names))
-        report["decision_rule"] = {"class_bias": self.calibration.to_json()["class_bias"],
-                                   "tau": self.calibration.fit.get("tau")}
+        report["decision_rule"] = {
+            "class_bias": self.calibration.to_json()["class_bias"],
+            "tau": self.calibration.fit.get("tau"),
+        }
         uncalibrated = None
         if logits is not None:
             uncalibrated = torch.softmax(torch.as_tensor(logits), -1).numpy()
@@ -455,17 +525,36 @@ class EvaluationReport(PredictionWriter):
                 "fitted_on_validation": self.calibration.fit,
             }
         atomic_write(self.output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-        plots.plot_roc_curves(probabilities, labels, self.class_names, list(report["auc_per_class"].values()),
-                              self.output_dir / "roc_curves.png")
-        plots.plot_confusion_matrix(report["confusion_matrix"], self.class_names, self.output_dir / "confusion_matrix.png")
-        plots.plot_reliability(probabilities, labels, self.output_dir / "reliability.png", uncalibrated=uncalibrated,
-                               temperature=self.calibration.temperature)
+        plots.plot_roc_curves(
+            probabilities,
+            labels,
+            self.class_names,
+            list(report["auc_per_class"].values()),
+            self.output_dir / "roc_curves.png",
+        )
+        plots.plot_confusion_matrix(
+            report["confusion_matrix"], self.class_names, self.output_dir / "confusion_matrix.png"
+        )
+        plots.plot_reliability(
+            probabilities,
+            labels,
+            self.output_dir / "reliability.png",
+            uncalibrated=uncalibrated,
+            temperature=self.calibration.temperature,
+        )
         if self.history_path and Path(self.history_path).exists():
-            plots.plot_training_curves(json.loads(Path(self.history_path).read_text()),
-                                       self.output_dir / "training_curves.png")
-        logger.info("evaluation on %d images: auc_macro %s, accuracy %.4f, balanced_accuracy %.4f, ECE %.4f; wrote %s",
-                    report["n_images"], _fmt(report["auc_macro"]), report["accuracy"], report["balanced_accuracy"],
-                    report["expected_calibration_error"], self.output_dir / "metrics.json")
+            plots.plot_training_curves(
+                json.loads(Path(self.history_path).read_text()), self.output_dir / "training_curves.png"
+            )
+        logger.info(
+            "evaluation on %d images: auc_macro %s, accuracy %.4f, balanced_accuracy %.4f, ECE %.4f; wrote %s",
+            report["n_images"],
+            _fmt(report["auc_macro"]),
+            report["accuracy"],
+            report["balanced_accuracy"],
+            report["expected_calibration_error"],
+            self.output_dir / "metrics.json",
+        )
 
 
 def _image_name(output: dict, batch_item: dict) -> str:

@@ -52,13 +52,12 @@ def loss_weights(strategy: str, counts: Sequence[int], power: float = 1.0) -> to
     power = _check_power(power)
     if strategy != "loss":
         return None
-    raw = [c ** -power if c else 0.0 for c in counts]
+    raw = [c**-power if c else 0.0 for c in counts]
     per_image = sum(w * c for w, c in zip(raw, counts, strict=True)) / sum(counts)
     return torch.tensor([w / per_image for w in raw], dtype=torch.float32)
 
 
-def sampler(strategy: str, items: Sequence[dict], seed: int = 0,
-            power: float = 1.0) -> WeightedRandomSampler | None:
+def sampler(strategy: str, items: Sequence[dict], seed: int = 0, power: float = 1.0) -> WeightedRandomSampler | None:
     """A class-balancing sampler over ``items`` for ``strategy == "sampler"``, else None.
 
     Each image is drawn with probability proportional to ``(1 / n_its_class) ** power``, so a class
@@ -72,5 +71,6 @@ def sampler(strategy: str, items: Sequence[dict], seed: int = 0,
     labels = [int(item["label"]) for item in items]
     counts = class_counts(items, max(labels) + 1)
     weights = [counts[label] ** -power for label in labels]
-    return WeightedRandomSampler(weights, num_samples=len(items), replacement=True,
-                                 generator=torch.Generator().manual_seed(seed))
+    return WeightedRandomSampler(
+        weights, num_samples=len(items), replacement=True, generator=torch.Generator().manual_seed(seed)
+    )

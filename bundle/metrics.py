@@ -53,12 +53,24 @@ def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, n_bins: int 
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    return [{"lower": b / n_bins, "confidence": float(confidence[bins == b].mean()),
-             "accuracy": float(correct[bins == b].mean()), "count": int((bins == b).sum())} for b in np.unique(bins)]
+    return [
+        {
+            "lower": b / n_bins,
+            "confidence": float(confidence[bins == b].mean()),
+            "accuracy": float(correct[bins == b].mean()),
+            "count": int((bins == b).sum()),
+        }
+        for b in np.unique(bins)
+    ]
 
 
-def operating_points(probabilities: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
-                     class_names: Sequence[str], sensitivities: Sequence[float] = (0.90, 0.95)) -> dict:
+def operating_points(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    class_names: Sequence[str],
+    sensitivities: Sequence[float] = (0.90, 0.95),
+) -> dict:
     """Per class, one-vs-rest: sensitivity, specificity and PPV of the served decision, and the
     probability threshold (with its specificity) that reaches each of ``sensitivities``: what a
     triage setting would pick, e.g. flagging melanoma at 95% sensitivity."""
@@ -70,17 +82,23 @@ def operating_points(probabilities: np.ndarray, labels: np.ndarray, predicted: n
             continue
         flagged = predicted == c
         tp, fp = int((flagged & positives).sum()), int((flagged & ~positives).sum())
-        entry = {"decision": {"sensitivity": tp / int(positives.sum()),
-                              "specificity": 1 - fp / int((~positives).sum()),
-                              "ppv": tp / (tp + fp) if tp + fp else None}}
+        entry = {
+            "decision": {
+                "sensitivity": tp / int(positives.sum()),
+                "specificity": 1 - fp / int((~positives).sum()),
+                "ppv": tp / (tp + fp) if tp + fp else None,
+            }
+        }
         scores = probabilities[:, c]
         for target in sensitivities:
             # the highest threshold whose sensitivity (share of positives scoring >= it) reaches the target
             threshold = float(np.quantile(scores[positives], 1 - target, method="inverted_cdf"))
             flagged = scores >= threshold
             entry[f"at_sensitivity_{target:.2f}"] = {
-                "threshold": threshold, "sensitivity": float(flagged[positives].mean()),
-                "specificity": float(1 - flagged[~positives].mean())}
+                "threshold": threshold,
+                "sensitivity": float(flagged[positives].mean()),
+                "specificity": float(1 - flagged[~positives].mean()),
+            }
         points[name] = entry
     return points
 
@@ -97,8 +115,9 @@ def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np
     return fpr, tpr
 
 
-def classification_report(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                          predicted: np.ndarray | None = None) -> dict:
+def classification_report(
+    probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str], predicted: np.ndarray | None = None
+) -> dict:
     """Everything ``eval/metrics.json`` holds, from (N, C) probabilities and (N,) integer labels.
 
     The class metrics are those of ``predicted`` (the decision rule's classes), by default the argmax.

@@ -18,8 +18,9 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                    aucs: Sequence[float | None], path: Path) -> None:
+def plot_roc_curves(
+    probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str], aucs: Sequence[float | None], path: Path
+) -> None:
     fig, ax = plt.subplots(figsize=(6, 6))
     for c, (name, auc) in enumerate(zip(class_names, aucs, strict=True)):
         if auc is None:
@@ -27,8 +28,13 @@ def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, class_names: 
         fpr, tpr = roc_curve(probabilities[:, c], labels == c)
         ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f}, n={int((labels == c).sum())})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve per class",
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title="ROC curve per class",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
 
@@ -42,8 +48,15 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     for (i, j), n in np.ndenumerate(counts):
         ax.text(j, i, str(n), ha="center", va="center", color="white" if recall[i, j] > 0.5 else "black", fontsize=9)
     ticks = range(len(class_names))
-    ax.set(xticks=ticks, yticks=ticks, xticklabels=class_names, yticklabels=class_names,
-           xlabel="predicted", ylabel="true", title="Confusion matrix (colour: row recall)")
+    ax.set(
+        xticks=ticks,
+        yticks=ticks,
+        xticklabels=class_names,
+        yticklabels=class_names,
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix (colour: row recall)",
+    )
     fig.colorbar(image, ax=ax, fraction=0.046)
     _save(fig, path)
 
@@ -65,21 +78,33 @@ def plot_training_curves(history: Sequence[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, path: Path, uncalibrated: np.ndarray | None = None,
-                     temperature: float = 1.0) -> None:
+def plot_reliability(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+    uncalibrated: np.ndarray | None = None,
+    temperature: float = 1.0,
+) -> None:
     """Reliability diagram: accuracy against confidence per bin (the diagonal is perfect calibration),
     the served probabilities, and the network's raw softmax when given, with each one's ECE."""
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    series = [("softmax", uncalibrated, "tab:orange"), (f"served (temperature {temperature:.2f})", probabilities,
-                                                         "tab:blue")]
+    series = [
+        ("softmax", uncalibrated, "tab:orange"),
+        (f"served (temperature {temperature:.2f})", probabilities, "tab:blue"),
+    ]
     for name, p, colour in series:
         if p is None:
             continue
         bins = reliability_bins(p, labels)
         ece = expected_calibration_error(p, labels)
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color=colour,
-                label=f"{name}: ECE {ece:.3f}")
+        ax.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            marker="o",
+            color=colour,
+            label=f"{name}: ECE {ece:.3f}",
+        )
         hist.hist(p.max(axis=1), bins=15, range=(0, 1), alpha=0.5, color=colour)
     ax.set(ylabel="accuracy", title="Reliability (top-label confidence)", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="upper left", fontsize=8)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import enum
 import io
-import json
 import logging
 import os
 import tempfile

@@ -43,8 +43,7 @@ from bundle.labels import CLASS_NAMES
 logger = logging.getLogger(__name__)
 
 FINGERPRINT = "weights_fingerprint"
-OPT_IN = ("allow_missing_sidecar (config key: --allow_missing_sidecar true; "
-          "Predictor(..., allow_missing_sidecar=True))")
+OPT_IN = "allow_missing_sidecar (config key: --allow_missing_sidecar true; Predictor(..., allow_missing_sidecar=True))"
 
 
 class SidecarError(ValueError):
@@ -113,8 +112,11 @@ def weights_fingerprint(weights: Mapping[str, torch.Tensor] | torch.nn.Module) -
 
 def new_record(weights: Mapping[str, torch.Tensor] | torch.nn.Module, image_size: Sequence[int]) -> dict:
     """A sidecar for ``weights`` trained at ``image_size``, in the serving class order."""
-    return {"image_size": [int(side) for side in image_size], "class_names": list(CLASS_NAMES),
-            FINGERPRINT: weights_fingerprint(weights)}
+    return {
+        "image_size": [int(side) for side in image_size],
+        "class_names": list(CLASS_NAMES),
+        FINGERPRINT: weights_fingerprint(weights),
+    }
 
 
 def save_pair(weights: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], record: dict) -> None:
@@ -154,15 +156,23 @@ def trained_image_size(weights: str | os.PathLike) -> list[int] | None:
 
 def _image_size(record: dict, weights: str | os.PathLike) -> list[int]:
     size = record["image_size"]
-    if not (isinstance(size, list) and len(size) == 2
-            and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
-        raise ValueError(f"{sidecar_path(weights)} (the sidecar of {weights}): 'image_size' must be [height, width] "
-                         f"in pixels, got {size!r}")
+    if not (
+        isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)
+    ):
+        raise ValueError(
+            f"{sidecar_path(weights)} (the sidecar of {weights}): 'image_size' must be [height, width] "
+            f"in pixels, got {size!r}"
+        )
     return size
 
 
-def verified_sidecar(weights: str | os.PathLike, loaded: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
-                     allow_missing_sidecar: bool = False) -> dict | None:
+def verified_sidecar(
+    weights: str | os.PathLike,
+    loaded: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
+    allow_missing_sidecar: bool = False,
+) -> dict | None:
     """The sidecar of ``weights``, checked to belong to them (``loaded``: the weights already loaded, else read
     from ``weights``) and to list the classes in the serving order.
 
@@ -172,32 +182,46 @@ def verified_sidecar(weights: str | os.PathLike, loaded: Mapping[str, torch.Tens
     """
     sidecar = sidecar_path(weights)
     record = read_sidecar(weights)
-    interrupted = (f"{pending_path(weights).name} is there: a save was interrupted; running the same training "
-                   "command again completes it") if pending_path(weights).is_file() else ""
+    interrupted = (
+        (
+            f"{pending_path(weights).name} is there: a save was interrupted; running the same training "
+            "command again completes it"
+        )
+        if pending_path(weights).is_file()
+        else ""
+    )
     if record is None:
         if not allow_missing_sidecar:
             raise SidecarError(
-                f"weights {weights} have no sidecar {sidecar}{f' ({interrupted})' if interrupted else ''}, so nothing says what image size they were "
+                f"weights {weights} have no sidecar {sidecar}{f' ({interrupted})' if interrupted else ''}, "
+                "so nothing says what image size they were "
                 f"trained at, in which order their outputs name the classes, or how to calibrate them: refused. "
                 f"For weights trained elsewhere, write one with configs/calibrate.json and --allow_missing_sidecar "
-                f"true; to use them as they are (configured image size, uncalibrated), pass {OPT_IN}")
-        logger.warning("weights %s have no sidecar %s: using them at the configured image size, uncalibrated, as "
-                       "allow_missing_sidecar asks; if they were trained at another size their predictions are wrong",
-                       weights, sidecar.name)
+                f"true; to use them as they are (configured image size, uncalibrated), pass {OPT_IN}"
+            )
+        logger.warning(
+            "weights %s have no sidecar %s: using them at the configured image size, uncalibrated, as "
+            "allow_missing_sidecar asks; if they were trained at another size their predictions are wrong",
+            weights,
+            sidecar.name,
+        )
         return None
     _image_size(record, weights)
     class_names = record.get("class_names")
     if class_names is not None and list(class_names) != list(CLASS_NAMES):
-        raise SidecarError(f"{sidecar} (the sidecar of {weights}) says the outputs are the classes {class_names}, "
-                           f"but this bundle serves {list(CLASS_NAMES)} in that order: refused, as every answer "
-                           "would name the wrong class")
+        raise SidecarError(
+            f"{sidecar} (the sidecar of {weights}) says the outputs are the classes {class_names}, "
+            f"but this bundle serves {list(CLASS_NAMES)} in that order: refused, as every answer "
+            "would name the wrong class"
+        )
     if FINGERPRINT not in record or class_names is None:
         missing = " and ".join(key for key in (FINGERPRINT, "class_names") if key not in record)
         if not allow_missing_sidecar:
             raise SidecarError(
                 f"{sidecar} (the sidecar of {weights}) records no {missing}, so it cannot be matched to the weights "
                 f"(written before sidecars recorded it): refused. Re-fit it with configs/calibrate.json and "
-                f"--allow_missing_sidecar true, which records it, or pass {OPT_IN}")
+                f"--allow_missing_sidecar true, which records it, or pass {OPT_IN}"
+            )
         logger.warning("%s records no %s: using it unverified, as allow_missing_sidecar asks", sidecar, missing)
         return record
     actual = weights_fingerprint(load_weights(weights) if loaded is None else loaded)
@@ -206,12 +230,14 @@ def verified_sidecar(weights: str | os.PathLike, loaded: Mapping[str, torch.Tens
             f"{sidecar} belongs to other weights than {weights} (its {FINGERPRINT} is {record[FINGERPRINT]}, the "
             f"weights' is {actual}): {interrupted or 'one of the two was replaced without the other'}. Its image "
             f"size and calibration cannot be trusted for these weights: refused. Copy the weights and their sidecar "
-            f"together")
+            f"together"
+        )
     return record
 
 
-def check_weights(ckpt_path: str | os.PathLike, image_size: Sequence[int],
-                  allow_missing_sidecar: bool | str = False) -> None:
+def check_weights(
+    ckpt_path: str | os.PathLike, image_size: Sequence[int], allow_missing_sidecar: bool | str = False
+) -> None:
     """Before any work: ``ckpt_path`` has its own sidecar (``verified_sidecar``) and was trained at ``image_size``."""
     allow = as_bool(allow_missing_sidecar, "allow_missing_sidecar")
     if verified_sidecar(ckpt_path, allow_missing_sidecar=allow) is not None:
@@ -223,5 +249,7 @@ def check_trained_image_size(ckpt_path: str | os.PathLike, image_size: Sequence[
     trained, configured = trained_image_size(ckpt_path), [int(side) for side in image_size]
     if trained is not None and trained != configured:
         height, width = trained
-        raise ValueError(f"ckpt_path {ckpt_path} was trained at image_size {trained} (says {sidecar_path(ckpt_path)}), "
-                         f"but this run's image_size is {configured}: pass --image_size \"[{height},{width}]\"")
+        raise ValueError(
+            f"ckpt_path {ckpt_path} was trained at image_size {trained} (says {sidecar_path(ckpt_path)}), "
+            f'but this run\'s image_size is {configured}: pass --image_size "[{height},{width}]"'
+        )

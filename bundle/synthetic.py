@@ -167,9 +167,7 @@ def _lesion_sizes(n_images: int, low: int, high: int, rng: np.random.Generator) 
     return sizes.tolist()
 
 
-def _make_lesions(
-    rng: np.random.Generator, images_per_class: dict[str, int], low: int, high: int
-) -> list[Lesion]:
+def _make_lesions(rng: np.random.Generator, images_per_class: dict[str, int], low: int, high: int) -> list[Lesion]:
     """All lesions in a shuffled order, so ids say nothing about the class."""
     sizes_by_class = [(dx, size) for dx in CLASS_NAMES for size in _lesion_sizes(images_per_class[dx], low, high, rng)]
     order = rng.permutation(len(sizes_by_class))
@@ -211,9 +209,7 @@ def _make_lesion(lesion_id: str, dx: str, n_images: int, rng: np.random.Generato
 
 
 def _harmonics(rng: np.random.Generator, orders: tuple[int, ...], amplitude: tuple[float, float]) -> np.ndarray:
-    return np.column_stack(
-        [orders, rng.uniform(*amplitude, len(orders)), rng.uniform(0, 2 * np.pi, len(orders))]
-    )
+    return np.column_stack([orders, rng.uniform(*amplitude, len(orders)), rng.uniform(0, 2 * np.pi, len(orders))])
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,11 @@ S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 TELEMETRY_OPT_OUT = "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
 # The instance types the SageMaker API accepts for each kind of work (botocore's service model).
-INSTANCE_SHAPES = {"training": "TrainingInstanceType", "endpoint": "ProductionVariantInstanceType",
-                   "transform": "TransformInstanceType"}
+INSTANCE_SHAPES = {
+    "training": "TrainingInstanceType",
+    "endpoint": "ProductionVariantInstanceType",
+    "transform": "TransformInstanceType",
+}
 
 
 class SetupError(ValueError):
@@ -129,5 +132,6 @@ def pytorch_image(region_name: str, instance: str, scope: str) -> str:
     from sagemaker.core import image_uris
 
     version, python = TRAINING_FRAMEWORK if scope == "training" else INFERENCE_FRAMEWORK
-    return image_uris.retrieve("pytorch", region=region_name, version=version, py_version=python,
-                               instance_type=instance, image_scope=scope)
+    return image_uris.retrieve(
+        "pytorch", region=region_name, version=version, py_version=python, instance_type=instance, image_scope=scope
+    )

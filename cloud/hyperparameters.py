@@ -47,8 +47,7 @@ def _parser():
 
 def as_strings(hyperparameters: dict) -> dict[str, str]:
     """Hyperparameters as SageMaker carries them: strings, lists and dicts as JSON."""
-    return {str(key): value if isinstance(value, str) else json.dumps(value)
-            for key, value in hyperparameters.items()}
+    return {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in hyperparameters.items()}
 
 
 def split(hyperparameters: dict) -> tuple[dict[str, str], dict[str, str]]:
@@ -64,15 +63,26 @@ def split(hyperparameters: dict) -> tuple[dict[str, str], dict[str, str]]:
         else:
             overrides[ALIASES.get(key, key)] = value
     if problems:
-        raise HyperparameterError("bad hyperparameters:\n  " + "\n  ".join(problems) + "\n"
-                                  f"known: {', '.join(known())}, or any other id of {', '.join(BUNDLE_CONFIGS)}")
+        raise HyperparameterError(
+            "bad hyperparameters:\n  " + "\n  ".join(problems) + "\n"
+            f"known: {', '.join(known())}, or any other id of {', '.join(BUNDLE_CONFIGS)}"
+        )
     return overrides, settings
 
 
 def known() -> list[str]:
     """The names a user is most likely to mean, for error messages."""
-    common = ["epochs", "image_size", "batch_size", "learning_rate", "imbalance", "augment", "val_interval",
-              "seed", "amp"]
+    common = [
+        "epochs",
+        "image_size",
+        "batch_size",
+        "learning_rate",
+        "imbalance",
+        "augment",
+        "val_interval",
+        "seed",
+        "amp",
+    ]
     return common + list(JOB_SETTINGS)
 
 
@@ -98,7 +108,8 @@ def job_settings(settings: dict[str, str]) -> dict:
         else:
             valid = isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
         if not valid:
-            raise HyperparameterError(f"hyperparameter {key!r} must be a {type(JOB_SETTINGS[key]).__name__}, "
-                                      f"not {value!r}")
+            raise HyperparameterError(
+                f"hyperparameter {key!r} must be a {type(JOB_SETTINGS[key]).__name__}, not {value!r}"
+            )
         typed[key] = parsed
     return typed

@@ -39,12 +39,16 @@ CONTAINER_REQUIREMENTS = "monai==1.6.1\n"
 # The toolkit registers the model as "model", version "1.0"; its SAGEMAKER_TS_* settings (batch size,
 # workers, timeouts) are keyed by that name and version, so the manifest must say "1.0" too. No
 # configFile: a model-config.yaml's batch size would override SAGEMAKER_TS_BATCH_SIZE.
-MANIFEST = {"runtime": "python", "archiverVersion": "0.12.0",
-            "model": {"modelName": "model", "modelVersion": "1.0", "handler": ARCHIVED_HANDLER}}
+MANIFEST = {
+    "runtime": "python",
+    "archiverVersion": "0.12.0",
+    "model": {"modelName": "model", "modelVersion": "1.0", "handler": ARCHIVED_HANDLER},
+}
 
 
-def model_files(bundle_root: str | os.PathLike = REPO,
-                weights: str | os.PathLike | None = None) -> dict[str, Path | bytes]:
+def model_files(
+    bundle_root: str | os.PathLike = REPO, weights: str | os.PathLike | None = None
+) -> dict[str, Path | bytes]:
     """The model directory's files, by their path inside it: a file to copy, or the bytes to write.
 
     Raises FileNotFoundError or ValueError (a malformed sidecar) naming the file, before anything is written.
@@ -69,12 +73,16 @@ def model_files(bundle_root: str | os.PathLike = REPO,
 
 
 def _tree(folder: Path, prefix: str) -> dict[str, Path]:
-    return {f"{prefix}/{path.relative_to(folder).as_posix()}": path for path in sorted(folder.rglob("*"))
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"}
+    return {
+        f"{prefix}/{path.relative_to(folder).as_posix()}": path
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
 
 
 def write_archive(files: dict[str, Path | bytes], output: str | os.PathLike) -> Path:
     """Write ``files`` as a gzipped tar; it appears under ``output`` only once complete."""
+
     def write(partial: Path) -> None:
         with tarfile.open(partial, "w:gz") as archive:
             for name, source in files.items():

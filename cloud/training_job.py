@@ -26,9 +26,17 @@ TRAIN = "configs/train.json"
 TRAIN_DDP = "['configs/train.json','configs/multi_gpu_train.json']"
 EVALUATE = "['configs/train.json','configs/evaluate.json']"
 # What evaluation and training leave that belongs in SM_OUTPUT_DATA_DIR (SageMaker uploads it as output.tar.gz).
-OUTPUTS = ("eval/metrics.json", "eval/predictions.csv", "eval/roc_curves.png", "eval/confusion_matrix.png",
-           "eval/reliability.png", "eval/training_curves.png", "models/history.json", "models/model.json",
-           "datalist.json")
+OUTPUTS = (
+    "eval/metrics.json",
+    "eval/predictions.csv",
+    "eval/roc_curves.png",
+    "eval/confusion_matrix.png",
+    "eval/reliability.png",
+    "eval/training_curves.png",
+    "models/history.json",
+    "models/model.json",
+    "datalist.json",
+)
 
 
 class JobError(RuntimeError):
@@ -53,16 +61,23 @@ class Container:
     def from_env(cls, env: dict, argv: list[str]) -> Container:
         missing = [name for name in ("SM_MODEL_DIR", "SM_OUTPUT_DATA_DIR") if not env.get(name)]
         if missing:
-            raise JobError(f"{', '.join(missing)} not set: run this inside a SageMaker training job, or set "
-                           "SM_MODEL_DIR, SM_OUTPUT_DATA_DIR and SM_CHANNEL_TRAINING yourself")
+            raise JobError(
+                f"{', '.join(missing)} not set: run this inside a SageMaker training job, or set "
+                "SM_MODEL_DIR, SM_OUTPUT_DATA_DIR and SM_CHANNEL_TRAINING yourself"
+            )
         channel = env.get(f"SM_CHANNEL_{CHANNEL.upper()}")
         hosts = json.loads(env.get("SM_HOSTS") or "[]")
-        return cls(model_dir=Path(env["SM_MODEL_DIR"]), output_data_dir=Path(env["SM_OUTPUT_DATA_DIR"]),
-                   data_dir=Path(channel) if channel else None, host=env.get("SM_CURRENT_HOST", "local"),
-                   host_count=int(env.get("SM_HOST_COUNT") or len(hosts) or 1),
-                   num_gpus=int(env.get("SM_NUM_GPUS") or 0),
-                   rank=int(env.get("RANK", "0")), world_size=int(env.get("WORLD_SIZE", "1")),
-                   hyperparameters=json.loads(env.get("SM_HPS") or "{}") | cli_hyperparameters(argv))
+        return cls(
+            model_dir=Path(env["SM_MODEL_DIR"]),
+            output_data_dir=Path(env["SM_OUTPUT_DATA_DIR"]),
+            data_dir=Path(channel) if channel else None,
+            host=env.get("SM_CURRENT_HOST", "local"),
+            host_count=int(env.get("SM_HOST_COUNT") or len(hosts) or 1),
+            num_gpus=int(env.get("SM_NUM_GPUS") or 0),
+            rank=int(env.get("RANK", "0")),
+            world_size=int(env.get("WORLD_SIZE", "1")),
+            hyperparameters=json.loads(env.get("SM_HPS") or "{}") | cli_hyperparameters(argv),
+        )
 
 
 def cli_hyperparameters(argv: list[str]) -> dict[str, str]:
@@ -83,8 +98,10 @@ def cli_hyperparameters(argv: list[str]) -> dict[str, str]:
 
 def check_data_dir(data_dir: Path | None) -> Path:
     if data_dir is None:
-        raise JobError(f"no '{CHANNEL}' data channel (SM_CHANNEL_{CHANNEL.upper()} is not set): launch the job "
-                       "with the HAM10000 folder's S3 URI as its training data")
+        raise JobError(
+            f"no '{CHANNEL}' data channel (SM_CHANNEL_{CHANNEL.upper()} is not set): launch the job "
+            "with the HAM10000 folder's S3 URI as its training data"
+        )
     if not data_dir.is_dir():
         raise JobError(f"the '{CHANNEL}' channel {data_dir} is not a directory")
     if not any(data_dir.iterdir()):
@@ -101,8 +118,9 @@ def bundle_command(config_file: str, overrides: dict[str, str]) -> list[str]:
 
 def run_bundle(config_file: str, overrides: dict[str, str], what: str) -> None:
     """Run one bundle command from the bundle root, its output going to the job's log."""
-    print(f"[rank {os.environ.get('RANK', '0')}] {what}: {' '.join(bundle_command(config_file, overrides))}",
-          flush=True)
+    print(
+        f"[rank {os.environ.get('RANK', '0')}] {what}: {' '.join(bundle_command(config_file, overrides))}", flush=True
+    )
     result = subprocess.run(bundle_command(config_file, overrides), cwd=REPO)
     if result.returncode != 0:
         raise JobError(f"{what} failed (monai.bundle exit status {result.returncode}); its output is above")
@@ -113,25 +131,38 @@ def run(container: Container, work_dir: Path) -> None:
     overrides, settings = split(container.hyperparameters)
     settings = job_settings(settings)
     if container.host_count > 1 and container.world_size == 1:
-        raise JobError(f"{container.host_count} hosts but no torchrun: launch multi-instance jobs with "
-                       "--distributed (Torchrun), or each host would train on its own")
+        raise JobError(
+            f"{container.host_count} hosts but no torchrun: launch multi-instance jobs with "
+            "--distributed (Torchrun), or each host would train on its own"
+        )
     data_dir = check_data_dir(container.data_dir)
     if container.num_gpus > 1 and container.world_size == 1:
-        print(f"warning: {container.num_gpus} GPUs but one process, which uses one of them: launch with "
-              "--torchrun (one process per GPU)", file=sys.stderr, flush=True)
-    print(f"[{container.host} rank {container.rank} of {container.world_size}] data {data_dir}, "
-          f"hyperparameters {container.hyperparameters}", flush=True)
+        print(
+            f"warning: {container.num_gpus} GPUs but one process, which uses one of them: launch with "
+            "--torchrun (one process per GPU)",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"[{container.host} rank {container.rank} of {container.world_size}] data {data_dir}, "
+        f"hyperparameters {container.hyperparameters}",
+        flush=True,
+    )
 
     from bundle import data  # after the cheap checks: imports numpy, PIL
 
     records = data.read_ham10000(data_dir)
-    splits = data.split_by_lesion(records, val_frac=settings["val_frac"], test_frac=settings["test_frac"],
-                                  seed=settings["split_seed"])
+    splits = data.split_by_lesion(
+        records, val_frac=settings["val_frac"], test_frac=settings["test_frac"], seed=settings["split_seed"]
+    )
     datalist = data.write_datalist(splits, work_dir / "datalist.json", data_dir)
     paths = {"bundle_root": str(work_dir), "dataset_dir": str(data_dir), "datalist": str(datalist)}
     distributed = container.world_size > 1
-    run_bundle(TRAIN_DDP if distributed else TRAIN, paths | overrides,
-               f"training on {container.world_size} process(es)" if distributed else "training")
+    run_bundle(
+        TRAIN_DDP if distributed else TRAIN,
+        paths | overrides,
+        f"training on {container.world_size} process(es)" if distributed else "training",
+    )
     if container.rank != 0:
         return
     if settings["evaluate"]:
@@ -147,8 +178,11 @@ def write_results(work_dir: Path, container: Container) -> None:
     for name in OUTPUTS:
         if (work_dir / name).is_file():
             shutil.copyfile(work_dir / name, container.output_data_dir / Path(name).name)
-    print(f"model directory {container.model_dir} (the endpoint's model.tar.gz); metrics and plots in "
-          f"{container.output_data_dir}", flush=True)
+    print(
+        f"model directory {container.model_dir} (the endpoint's model.tar.gz); metrics and plots in "
+        f"{container.output_data_dir}",
+        flush=True,
+    )
 
 
 def main(argv: list[str], env: dict) -> int:

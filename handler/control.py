@@ -65,10 +65,18 @@ class ServeError(RuntimeError):
     """TorchServe could not be started, or the model did not become ready."""
 
 
-def start_server(mar: str | os.PathLike, run_dir: str | os.PathLike, inference_port: int = 8080,
-                 management_port: int = 8081, metrics_port: int | None = None, grpc_inference_port: int = 7070,
-                 grpc_management_port: int = 7071, sagemaker: bool = False, timeout_s: float = 300,
-                 token_expiration_min: float | None = None) -> dict:
+def start_server(
+    mar: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    inference_port: int = 8080,
+    management_port: int = 8081,
+    metrics_port: int | None = None,
+    grpc_inference_port: int = 7070,
+    grpc_management_port: int = 7071,
+    sagemaker: bool = False,
+    timeout_s: float = 300,
+    token_expiration_min: float | None = None,
+) -> dict:
     """Start TorchServe and wait until the model is ready; return the server description (see ``read_server``).
 
     On failure the server is stopped again and ``ServeError`` says why, with the end of the logs.
@@ -95,9 +103,20 @@ def start_server(mar: str | os.PathLike, run_dir: str | os.PathLike, inference_p
     if metrics_port is not None:
         env |= {"TS_ENABLE_METRICS_API": "true", "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics_port}"}
     if token_expiration_min is not None:
-        env["TS_TOKEN_EXPIRATION_TIME_MIN"] = str(token_expiration_min)  # TorchServe's variable for token_expiration_min
-    command = [torchserve, "--start", "--ncs", "--ts-config", str(TS_CONFIG), "--model-store", str(mar.parent),
-               "--models", f"{MODEL_NAME}={mar.name}"]
+        env["TS_TOKEN_EXPIRATION_TIME_MIN"] = str(
+            token_expiration_min
+        )  # TorchServe's variable for token_expiration_min
+    command = [
+        torchserve,
+        "--start",
+        "--ncs",
+        "--ts-config",
+        str(TS_CONFIG),
+        "--model-store",
+        str(mar.parent),
+        "--models",
+        f"{MODEL_NAME}={mar.name}",
+    ]
     if sagemaker:
         command.append("--disable-token-auth")
     log_start = _ts_log_size(run_dir)  # a reused run folder's log holds earlier servers' lines
@@ -105,11 +124,15 @@ def start_server(mar: str | os.PathLike, run_dir: str | os.PathLike, inference_p
     pid = _server_pid(run_dir)
     if pid is None:
         raise ServeError(f"TorchServe did not start:\n{_log_tail(run_dir)}")
-    server = {"pid": pid, "inference_url": f"http://127.0.0.1:{inference_port}",
-              "management_url": None if sagemaker else f"http://127.0.0.1:{management_port}",
-              "management_socket": str(run_dir / MANAGEMENT_SOCKET) if sagemaker else None,
-              "metrics_url": None if metrics_port is None else f"http://127.0.0.1:{metrics_port}",
-              "model": MODEL_NAME, "token_auth": not sagemaker}
+    server = {
+        "pid": pid,
+        "inference_url": f"http://127.0.0.1:{inference_port}",
+        "management_url": None if sagemaker else f"http://127.0.0.1:{management_port}",
+        "management_socket": str(run_dir / MANAGEMENT_SOCKET) if sagemaker else None,
+        "metrics_url": None if metrics_port is None else f"http://127.0.0.1:{metrics_port}",
+        "model": MODEL_NAME,
+        "token_auth": not sagemaker,
+    }
     (run_dir / "server.json").write_text(json.dumps(server, indent=2))
     try:
         _wait_until_ready(server, run_dir, log_start, time.monotonic() + timeout_s)
@@ -160,14 +183,21 @@ def rotate_keys(run_dir: str = str(DEFAULT_RUN_DIR), apis: tuple[str, ...] = ("i
     if not server["token_auth"]:
         raise ServeError(f"the server from {run_dir} runs without token authorisation: there are no keys to renew")
     for api in apis:
-        response = requests.post(f"{server['management_url']}/token", params={"type": api},
-                                 headers={"Authorization": f"Bearer {_read_key(run_dir, 'API')}"}, timeout=30)
+        response = requests.post(
+            f"{server['management_url']}/token",
+            params={"type": api},
+            headers={"Authorization": f"Bearer {_read_key(run_dir, 'API')}"},
+            timeout=30,
+        )
         if response.status_code != 200:
-            raise ServeError(f"TorchServe refused to renew the {api} key: {response.status_code} {response.text.strip()}")
+            raise ServeError(
+                f"TorchServe refused to renew the {api} key: {response.status_code} {response.text.strip()}"
+            )
 
 
-def authorised_request(run_dir: str | os.PathLike, method: str, url: str, api: str = "inference",
-                       **kwargs) -> requests.Response:
+def authorised_request(
+    run_dir: str | os.PathLike, method: str, url: str, api: str = "inference", **kwargs
+) -> requests.Response:
     """``requests.request`` with the current key of ``api``. When the server refuses the key, read key_file.json
     again (another client may have renewed it) and, if the key there is the refused one, renew it (it expired)."""
     headers = kwargs.pop("headers", {})
@@ -241,7 +271,9 @@ def _wait_until_ready(server: dict, run_dir: Path, log_start: int, deadline: flo
         if failure:
             raise ServeError(f"the model failed to load ({failure}):\n{_log_tail(run_dir)}")
         try:
-            workers = management_request(server, "GET", f"/models/{MODEL_NAME}", run_dir, timeout=5).json()[0]["workers"]
+            workers = management_request(server, "GET", f"/models/{MODEL_NAME}", run_dir, timeout=5).json()[0][
+                "workers"
+            ]
             ping = requests.get(f"{server['inference_url']}/ping", headers=auth_headers(run_dir), timeout=5)
         except (requests.ConnectionError, ServeError, KeyError, IndexError, ValueError):
             workers, ping = [], None  # not listening yet, or the key file is not written yet
@@ -275,9 +307,11 @@ def _log_tail(run_dir: Path) -> str:
     the like); before the frontend has a log, the launcher's output (e.g. a missing Java)."""
     time.sleep(1)  # a traceback reaches the log a moment after the line that says the worker died
     parts = []
-    for name, own_lines in (("logs/model_log.log", lambda line: True),
-                            ("logs/ts_log.log", lambda line: "MODEL_LOG" not in line and "TS_METRICS" not in line),
-                            ("torchserve.out", lambda line: not (run_dir / "logs" / "ts_log.log").is_file())):
+    for name, own_lines in (
+        ("logs/model_log.log", lambda line: True),
+        ("logs/ts_log.log", lambda line: "MODEL_LOG" not in line and "TS_METRICS" not in line),
+        ("torchserve.out", lambda line: not (run_dir / "logs" / "ts_log.log").is_file()),
+    ):
         path = run_dir / name
         if path.is_file():
             lines = [line for line in path.read_text(errors="replace").splitlines() if own_lines(line)]
@@ -290,14 +324,27 @@ def _run_torchserve(command: list[str], run_dir: Path, env: dict) -> None:
     """Run the torchserve launcher in ``run_dir``. Its output goes to a file, never a pipe: the Java
     server it starts inherits the launcher's stdout, and a pipe would never close."""
     with open(run_dir / "torchserve.out", "ab") as out, open(os.devnull, "rb") as no_input:
-        subprocess.run(command, cwd=run_dir, env=env, stdin=no_input, stdout=out, stderr=subprocess.STDOUT,
-                       timeout=120, check=False)
+        subprocess.run(
+            command,
+            cwd=run_dir,
+            env=env,
+            stdin=no_input,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=False,
+        )
 
 
 def _environment(run_dir: Path) -> dict:
     """Logs and temporary files (and so TorchServe's pid file) inside the run folder."""
-    return dict(os.environ, LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"),
-                TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"))
+    return dict(
+        os.environ,
+        LOG_LOCATION=str(run_dir / "logs"),
+        METRICS_LOCATION=str(run_dir / "logs"),
+        TMPDIR=str(run_dir / "tmp"),
+        TEMP=str(run_dir / "tmp"),
+    )
 
 
 def _server_pid(run_dir: Path) -> int | None:
@@ -314,8 +361,9 @@ def _server_pid(run_dir: Path) -> int | None:
 def _torchserve_executable() -> str:
     """The launcher installed next to this Python; TorchServe's frontend also needs Java (17 or newer)."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        raise ServeError("TorchServe needs Java 17 or newer: install a JRE (e.g. openjdk-17-jre-headless) "
-                         "or set JAVA_HOME")
+        raise ServeError(
+            "TorchServe needs Java 17 or newer: install a JRE (e.g. openjdk-17-jre-headless) or set JAVA_HOME"
+        )
     launcher = Path(sys.executable).parent / "torchserve"
     if not launcher.is_file():
         raise ServeError(f"{launcher} not found: pip install -r requirements.txt (torchserve)")

@@ -28,10 +28,19 @@ class ArchiveError(RuntimeError):
     """torch-model-archiver failed; the message holds its output."""
 
 
-def write_mar(bundle_root: str | os.PathLike = ".", weights: str | os.PathLike | None = None,
-              export_path: str | os.PathLike = "dist", version: str = "1.0", batch_size: int = 8,
-              max_batch_delay_ms: int = 1, min_workers: int = 1, max_workers: int = 1, response_timeout_s: int = 60,
-              max_retry_timeout_s: int = 30, max_pixels: int = MAX_PIXELS) -> Path:
+def write_mar(
+    bundle_root: str | os.PathLike = ".",
+    weights: str | os.PathLike | None = None,
+    export_path: str | os.PathLike = "dist",
+    version: str = "1.0",
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 1,
+    min_workers: int = 1,
+    max_workers: int = 1,
+    response_timeout_s: int = 60,
+    max_retry_timeout_s: int = 30,
+    max_pixels: int = MAX_PIXELS,
+) -> Path:
     """Write ``<export_path>/skin_lesion.mar``, replacing it; return its path.
 
     ``weights`` defaults to ``<bundle_root>/models/model.pt``. ``max_batch_delay_ms``: how long a partial
@@ -59,11 +68,26 @@ def write_mar(bundle_root: str | os.PathLike = ".", weights: str | os.PathLike |
         model_config.write_text(
             f"minWorkers: {min_workers}\nmaxWorkers: {max_workers}\nbatchSize: {batch_size}\n"
             f"maxBatchDelay: {max_batch_delay_ms}\nresponseTimeout: {response_timeout_s}\n"
-            f"maxRetryTimeoutInSec: {max_retry_timeout_s}\nhandler:\n  max_pixels: {max_pixels}\n")
-        command = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", MODEL_NAME,
-                   "--version", version, "--serialized-file", str(weights), "--handler", str(handler),
-                   "--extra-files", str(extra), "--config-file", str(model_config),
-                   "--export-path", str(export), "--force"]
+            f"maxRetryTimeoutInSec: {max_retry_timeout_s}\nhandler:\n  max_pixels: {max_pixels}\n"
+        )
+        command = [
+            str(Path(sys.executable).parent / "torch-model-archiver"),
+            "--model-name",
+            MODEL_NAME,
+            "--version",
+            version,
+            "--serialized-file",
+            str(weights),
+            "--handler",
+            str(handler),
+            "--extra-files",
+            str(extra),
+            "--config-file",
+            str(model_config),
+            "--export-path",
+            str(export),
+            "--force",
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")

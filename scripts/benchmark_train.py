@@ -68,11 +68,18 @@ def _host_peak_gib() -> float:
 
 
 class Bench:
-    def __init__(self, datalist: Path, dataset_dir: str, image_size: int, batch_size: int | None,
-                 workers: int, work_dir: Path) -> None:
-        self.overrides = {"dataset_dir": dataset_dir, "datalist": str(datalist), "image_size": [image_size] * 2,
-                          "num_workers": workers, "cache_dir": str(work_dir / "cache"),
-                          "ckpt_dir": str(work_dir / "models"), "output_dir": str(work_dir / "eval")}
+    def __init__(
+        self, datalist: Path, dataset_dir: str, image_size: int, batch_size: int | None, workers: int, work_dir: Path
+    ) -> None:
+        self.overrides = {
+            "dataset_dir": dataset_dir,
+            "datalist": str(datalist),
+            "image_size": [image_size] * 2,
+            "num_workers": workers,
+            "cache_dir": str(work_dir / "cache"),
+            "ckpt_dir": str(work_dir / "models"),
+            "output_dir": str(work_dir / "eval"),
+        }
         if batch_size:
             self.overrides["batch_size"] = batch_size
         self.rows: list[dict] = []
@@ -86,8 +93,16 @@ class Bench:
 
     def row(self, name: str, images: int, seconds: float, wall: float, device: torch.device, **extra) -> float:
         rate = images / seconds if seconds > 0 else math.nan
-        self.rows.append({"name": name, "img_s": rate, "wall_s": wall, "gpu_gib": _peak_gib(device),
-                          "host_gib": _host_peak_gib(), **extra})
+        self.rows.append(
+            {
+                "name": name,
+                "img_s": rate,
+                "wall_s": wall,
+                "gpu_gib": _peak_gib(device),
+                "host_gib": _host_peak_gib(),
+                **extra,
+            }
+        )
         print(f"  {name}: {rate:,.0f} img/s ({images} images in {seconds:.1f} s; wall {wall:.1f} s)", flush=True)
         return rate
 
@@ -111,11 +126,13 @@ class Bench:
             _sync(device)
             if epoch:  # the first epoch starts the workers: left out of img/s
                 images, timed = images + count, timed + time.perf_counter() - started
-        return self.row(f"data only, {data_path}", images, timed, time.perf_counter() - wall_start, device,
-                        build_s=build)
+        return self.row(
+            f"data only, {data_path}", images, timed, time.perf_counter() - wall_start, device, build_s=build
+        )
 
-    def train(self, name: str, parser: ConfigParser, epoch_length: int | None, device: torch.device,
-              loader=None) -> float:
+    def train(
+        self, name: str, parser: ConfigParser, epoch_length: int | None, device: torch.device, loader=None
+    ) -> float:
         """Time the config's trainer; ``parser`` sets max_epochs (the first epoch is left out of img/s)."""
         wall_start = time.perf_counter()
         if loader is None:
@@ -158,11 +175,22 @@ class Bench:
             started = time.perf_counter()
             cache = self.parser("fast").get_parsed_content("train#dataset")
             seconds = time.perf_counter() - started
-            self.rows.append({"name": f"cache build, {label}", "img_s": len(cache) / seconds, "wall_s": seconds,
-                              "gpu_gib": _peak_gib(device), "host_gib": _host_peak_gib(),
-                              "cache_gib": cache.nbytes / 2**30, "storage": cache.storage})
-            print(f"  cache build, {label}: {seconds:.1f} s for {len(cache)} images "
-                  f"({cache.nbytes / 2**20:.0f} MiB, storage {cache.storage})", flush=True)
+            self.rows.append(
+                {
+                    "name": f"cache build, {label}",
+                    "img_s": len(cache) / seconds,
+                    "wall_s": seconds,
+                    "gpu_gib": _peak_gib(device),
+                    "host_gib": _host_peak_gib(),
+                    "cache_gib": cache.nbytes / 2**30,
+                    "storage": cache.storage,
+                }
+            )
+            print(
+                f"  cache build, {label}: {seconds:.1f} s for {len(cache)} images "
+                f"({cache.nbytes / 2**20:.0f} MiB, storage {cache.storage})",
+                flush=True,
+            )
 
 
 def _dataset(dataset_dir: str | None, n_images: int, work_dir: Path) -> tuple[str, Path, str]:
@@ -178,20 +206,33 @@ def _dataset(dataset_dir: str | None, n_images: int, work_dir: Path) -> tuple[st
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"| {'measurement':<26} | {'img/s':>9} | {'setup s':>7} | {'wall s':>7} | {'GPU peak GiB':>12} "
-             f"| {'host peak GiB':>13} |",
-             f"|{'-' * 28}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 14}|{'-' * 15}|"]
+    lines = [
+        f"| {'measurement':<26} | {'img/s':>9} | {'setup s':>7} | {'wall s':>7} | {'GPU peak GiB':>12} "
+        f"| {'host peak GiB':>13} |",
+        f"|{'-' * 28}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 14}|{'-' * 15}|",
+    ]
     for r in rows:
         gpu = "-" if r["gpu_gib"] is None else f"{r['gpu_gib']:.2f}"
         setup = f"{r['build_s']:.1f}" if "build_s" in r else "-"
-        lines.append(f"| {r['name']:<26} | {r['img_s']:>9,.0f} | {setup:>7} | {r['wall_s']:>7.1f} | {gpu:>12} "
-                     f"| {r['host_gib']:>13.2f} |")
+        lines.append(
+            f"| {r['name']:<26} | {r['img_s']:>9,.0f} | {setup:>7} | {r['wall_s']:>7.1f} | {gpu:>12} "
+            f"| {r['host_gib']:>13.2f} |"
+        )
     return "\n".join(lines)
 
 
-def main(dataset_dir: str | None = None, n_images: int = 2000, image_size: int = 64, batch_size: int | None = None,
-         epochs: int | None = None, e2e_batches: int | None = None, model_steps: int | None = None,
-         data_epochs: int = 3, workers: int | None = None, skip_model: bool = False) -> None:
+def main(
+    dataset_dir: str | None = None,
+    n_images: int = 2000,
+    image_size: int = 64,
+    batch_size: int | None = None,
+    epochs: int | None = None,
+    e2e_batches: int | None = None,
+    model_steps: int | None = None,
+    data_epochs: int = 3,
+    workers: int | None = None,
+    skip_model: bool = False,
+) -> None:
     """Run the measurements (see the module docstring) and print the table and the RESULT line.
 
     Defaults follow the device: on a GPU, ``epochs`` 3 over the whole training split and 30 model-only
@@ -212,8 +253,11 @@ def main(dataset_dir: str | None = None, n_images: int = 2000, image_size: int =
         data.preflight(datalist, source, keys=["training"])  # every image decodes, before any timing
         bench = Bench(datalist, source, image_size, batch_size, workers, work)
         effective_batch = bench.parser("fast").get_parsed_content("batch_size")
-        print(f"device {device_name}; data {label}; image_size {image_size}; batch_size {effective_batch}; "
-              f"chain workers {workers}", flush=True)
+        print(
+            f"device {device_name}; data {label}; image_size {image_size}; batch_size {effective_batch}; "
+            f"chain workers {workers}",
+            flush=True,
+        )
         bench.cache_build(device)
         data_fast = bench.data_only("fast", data_epochs, device)
         data_chain = bench.data_only("chain", data_epochs, device)
@@ -225,9 +269,11 @@ def main(dataset_dir: str | None = None, n_images: int = 2000, image_size: int =
         print()
         print(_table(bench.rows))
         print(f"whole run: {time.perf_counter() - started:.0f} s wall")
-    print(f"RESULT fast_vs_chain={fast / chain:.2f} fast_vs_model={fast / model:.2f} fast_img_per_s={fast:.0f} "
-          f"data_only_fast_vs_chain={data_fast / data_chain:.2f} image_size={image_size} "
-          f"device={device_name.replace(' ', '_')}")
+    print(
+        f"RESULT fast_vs_chain={fast / chain:.2f} fast_vs_model={fast / model:.2f} fast_img_per_s={fast:.0f} "
+        f"data_only_fast_vs_chain={data_fast / data_chain:.2f} image_size={image_size} "
+        f"device={device_name.replace(' ', '_')}"
+    )
 
 
 if __name__ == "__main__":

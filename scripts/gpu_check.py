@@ -40,16 +40,26 @@ def _run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def check(dataset_dir: str, work_dir: str, epochs: int = 30, num_workers: int = 8,
-          benchmark_sizes: tuple[int, ...] = (64, 224), warm_rerun: bool = True, ddp: bool = True,
-          benchmark_epochs: int = 3) -> None:
+def check(
+    dataset_dir: str,
+    work_dir: str,
+    epochs: int = 30,
+    num_workers: int = 8,
+    benchmark_sizes: tuple[int, ...] = (64, 224),
+    warm_rerun: bool = True,
+    ddp: bool = True,
+    benchmark_epochs: int = 3,
+) -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this check proves the GPU path")
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     datalist = work / "datalist.json"
-    subprocess.run([sys.executable, "scripts/prepare_data.py", "--dataset_dir", dataset_dir, "--output", str(datalist)],
-                   cwd=REPO, check=True)
+    subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", "--dataset_dir", dataset_dir, "--output", str(datalist)],
+        cwd=REPO,
+        check=True,
+    )
     data_args = ["--dataset_dir", dataset_dir, "--datalist", str(datalist), "--num_workers", str(num_workers)]
     common = [*data_args, "--bundle_root", str(work)]
     bundle_run = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
@@ -61,6 +71,7 @@ def check(dataset_dir: str, work_dir: str, epochs: int = 30, num_workers: int = 
     report["config_amp"] = bool(parser.get_parsed_content("amp"))
 
     train = bundle_run + ["configs/train.json", "--max_epochs", str(epochs), "--resume", "false", *common]
+
     def save():
         (work / "gpu_check.json").write_text(json.dumps(report, indent=1))
 
@@ -69,8 +80,9 @@ def check(dataset_dir: str, work_dir: str, epochs: int = 30, num_workers: int = 
     if warm_rerun:
         report["train_warm_cache_wall_s"] = _run(train, work / "train_warm.log")
     report["history"] = json.loads((work / "models" / "history.json").read_text())
-    report["evaluate_wall_s"] = _run(bundle_run + ["['configs/train.json','configs/evaluate.json']", *common],
-                                     work / "evaluate.log")
+    report["evaluate_wall_s"] = _run(
+        bundle_run + ["['configs/train.json','configs/evaluate.json']", *common], work / "evaluate.log"
+    )
     report["metrics"] = json.loads((work / "eval" / "metrics.json").read_text())
 
     # the saved weights load on the CPU alone and give the GPU's logits
@@ -88,18 +100,47 @@ def check(dataset_dir: str, work_dir: str, epochs: int = 30, num_workers: int = 
 
     if ddp:
         report["ddp_nccl_1gpu_wall_s"] = _run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "monai.bundle", "run",
-             "--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--max_epochs", "1",
-             "--resume", "false", *data_args, "--bundle_root", str(work / "ddp")],
-            work / "ddp.log")
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=1",
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                "['configs/train.json','configs/multi_gpu_train.json']",
+                "--max_epochs",
+                "1",
+                "--resume",
+                "false",
+                *data_args,
+                "--bundle_root",
+                str(work / "ddp"),
+            ],
+            work / "ddp.log",
+        )
         save()
     for size in benchmark_sizes:
         log = work / f"benchmark_train_{size}.log"
         batch = 1024 if size <= 64 else 256  # the batch sizes of the model-only figures in NOTES-stack.md
         report[f"benchmark_{size}_wall_s"] = _run(
-            [sys.executable, "scripts/benchmark_train.py", "--dataset_dir", dataset_dir, "--image_size", str(size),
-             "--batch_size", str(batch), "--epochs", str(benchmark_epochs), "--data_epochs", str(benchmark_epochs)],
-            log)
+            [
+                sys.executable,
+                "scripts/benchmark_train.py",
+                "--dataset_dir",
+                dataset_dir,
+                "--image_size",
+                str(size),
+                "--batch_size",
+                str(batch),
+                "--epochs",
+                str(benchmark_epochs),
+                "--data_epochs",
+                str(benchmark_epochs),
+            ],
+            log,
+        )
         report[f"benchmark_{size}"] = [line for line in log.read_text().splitlines() if line.startswith("RESULT")]
         save()
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))

@@ -1,6 +1,6 @@
 """Write a small synthetic HAM10000-shaped dataset for tests and smoke runs.
 
-    python scripts/make_synthetic.py --output_dir data/synthetic [--n_images 1400 --image_size "[200,150]" --seed 0]
+python scripts/make_synthetic.py --output_dir data/synthetic [--n_images 1400 --image_size "[200,150]" --seed 0]
 """
 
 import sys

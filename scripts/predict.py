@@ -36,16 +36,23 @@ def _torchserve_sender(url: str | None, key: str | None, run_dir: str, model: st
 
     def post(target: str, **kwargs) -> requests.Response:
         if server is None:
-            return requests.post(target, headers={**kwargs.pop("headers"), **({"Authorization": f"Bearer {key}"}
-                                                                           if key else {})}, **kwargs)
+            return requests.post(
+                target,
+                headers={**kwargs.pop("headers"), **({"Authorization": f"Bearer {key}"} if key else {})},
+                **kwargs,
+            )
         if not server["token_auth"]:
             return requests.post(target, **kwargs)
         return authorised_request(run_dir, "POST", target, **kwargs)  # re-reads (and renews) an expired key
 
     def send(body: bytes, content_type: str) -> tuple[int, dict]:
         base = server["inference_url"] if server else url
-        response = post(f"{base.rstrip('/')}/predictions/{model}", data=body, timeout=timeout,
-                        headers={"Content-Type": content_type})
+        response = post(
+            f"{base.rstrip('/')}/predictions/{model}",
+            data=body,
+            timeout=timeout,
+            headers={"Content-Type": content_type},
+        )
         return response.status_code, _answer(response.text)
 
     return send
@@ -71,8 +78,9 @@ def _sagemaker_sender(endpoint: str, region: str | None):
 
     def send(body: bytes, content_type: str) -> tuple[int, dict]:
         try:
-            response = runtime.invoke_endpoint(EndpointName=endpoint, ContentType=content_type,
-                                               Accept="application/json", Body=body)
+            response = runtime.invoke_endpoint(
+                EndpointName=endpoint, ContentType=content_type, Accept="application/json", Body=body
+            )
         except ClientError as error:  # SageMaker reports the model's 4xx as a ModelError with its body
             details = error.response.get("OriginalMessage") or error.response["Error"].get("Message", "")
             return error.response.get("OriginalStatusCode", 400), _answer(details)
@@ -90,13 +98,24 @@ def describe(status: int, answer: dict) -> str:
     return f"refused: HTTP {status}: {answer.get('message') or answer.get('type') or 'no reason given'}"
 
 
-def predict(*images: str, url: str | None = None, key: str | None = None, endpoint: str | None = None,
-            region: str | None = None, model: str = MODEL_NAME, run_dir: str = str(DEFAULT_RUN_DIR),
-            json: bool = False, as_json: bool = False, timeout: float = 60) -> None:  # `json`: the flag is --json
+def predict(
+    *images: str,
+    url: str | None = None,
+    key: str | None = None,
+    endpoint: str | None = None,
+    region: str | None = None,
+    model: str = MODEL_NAME,
+    run_dir: str = str(DEFAULT_RUN_DIR),
+    json: bool = False,
+    as_json: bool = False,
+    timeout: float = 60,
+) -> None:  # `json`: the flag is --json
     if not images:
         sys.exit("name at least one image")
     try:
-        send = _sagemaker_sender(endpoint, region) if endpoint else _torchserve_sender(url, key, run_dir, model, timeout)
+        send = (
+            _sagemaker_sender(endpoint, region) if endpoint else _torchserve_sender(url, key, run_dir, model, timeout)
+        )
     except ServeError as error:
         sys.exit(f"error: {error}")
     refused = 0

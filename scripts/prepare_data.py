@@ -38,7 +38,7 @@ def count_table(splits: dict) -> str:
     total = sum(len(splits[key]) for key in columns)
     sizes = [len(splits[key]) for key in columns]
     lines.append(f"{'images':<8}" + "".join(f"{size:>10} ({100 * size / total:4.1f}%)" for size in sizes))
-    lesions = {key: len({item['lesion_id'] for item in splits[key]}) for key in columns}
+    lesions = {key: len({item["lesion_id"] for item in splits[key]}) for key in columns}
     lines.append(f"{'lesions':<8}" + "".join(f"{lesions[key]:>18}" for key in columns))
     return "\n".join(lines)
 

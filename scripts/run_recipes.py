@@ -55,23 +55,36 @@ def _summary(name: str, options: dict, run_dir: Path, train_s: float, evaluate_s
     fit = sidecar.get("calibration", {}).get("fit", {})
     calibration = metrics.get("calibration", {})
     return {
-        "name": name, "options": options, "device": device, "image_size": sidecar["image_size"],
-        "epochs": len(history), "train_wall_s": round(train_s, 1), "evaluate_wall_s": round(evaluate_s, 1),
-        "val_auc_best": max(val_auc), "val_best_epoch": sidecar["epoch"],
+        "name": name,
+        "options": options,
+        "device": device,
+        "image_size": sidecar["image_size"],
+        "epochs": len(history),
+        "train_wall_s": round(train_s, 1),
+        "evaluate_wall_s": round(evaluate_s, 1),
+        "val_auc_best": max(val_auc),
+        "val_best_epoch": sidecar["epoch"],
         "val_auc_last5_mean": sum(val_auc[-5:]) / len(val_auc[-5:]),
-        "val_balanced_accuracy": fit.get("balanced_accuracy_rule"), "val_ece": fit.get("ece_after"),
-        "temperature": calibration.get("temperature"), "tau": fit.get("tau"),
-        "test_auc": metrics["auc_macro"], "test_balanced_accuracy": metrics["balanced_accuracy"],
+        "val_balanced_accuracy": fit.get("balanced_accuracy_rule"),
+        "val_ece": fit.get("ece_after"),
+        "temperature": calibration.get("temperature"),
+        "tau": fit.get("tau"),
+        "test_auc": metrics["auc_macro"],
+        "test_balanced_accuracy": metrics["balanced_accuracy"],
         "test_balanced_accuracy_argmax": metrics.get("balanced_accuracy_argmax"),
-        "test_accuracy": metrics["accuracy"], "test_ece": metrics["expected_calibration_error"],
+        "test_accuracy": metrics["accuracy"],
+        "test_ece": metrics["expected_calibration_error"],
         "test_ece_before": calibration.get("expected_calibration_error_before"),
-        "test_recall": metrics["recall_per_class"], "val_auc_by_epoch": [round(v, 4) for v in val_auc],
+        "test_recall": metrics["recall_per_class"],
+        "val_auc_by_epoch": [round(v, 4) for v in val_auc],
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| run | config | size | epochs | device | train wall | val AUC best (epoch) / last-5 mean | "
-            "val bal. acc | test AUC | test bal. acc (argmax) | test acc | test ECE (before) |")
+    head = (
+        "| run | config | size | epochs | device | train wall | val AUC best (epoch) / last-5 mean | "
+        "val bal. acc | test AUC | test bal. acc (argmax) | test acc | test ECE (before) |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         options = {k: v for k, v in r["options"].items() if k != "config"}
@@ -82,8 +95,10 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['name']} | {config} | {r['image_size'][0]}x{r['image_size'][1]} | {r['epochs']} | {r['device']} "
             f"| {r['train_wall_s']:.0f} s | {r['val_auc_best']:.3f} ({r['val_best_epoch']}) / "
             f"{r['val_auc_last5_mean']:.3f} | {r['val_balanced_accuracy']:.3f} | {r['test_auc']:.3f} "
-            f"| {r['test_balanced_accuracy']:.3f} ({r['test_balanced_accuracy_argmax']:.3f}) | {r['test_accuracy']:.3f} "
-            f"| {r['test_ece']:.3f} ({r['test_ece_before']:.3f}) |")
+            f"| {r['test_balanced_accuracy']:.3f} ({r['test_balanced_accuracy_argmax']:.3f}) "
+            f"| {r['test_accuracy']:.3f} "
+            f"| {r['test_ece']:.3f} ({r['test_ece_before']:.3f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -99,15 +114,28 @@ def main(dataset_dir: str, work_dir: str, runs: dict, timeout_s: float | None = 
     for name, options in runs.items():
         options = dict(options)
         configs = ["configs/train.json", *options.get("config", [])]
-        common = ["--dataset_dir", str(dataset_dir), "--datalist", str(datalist), "--bundle_root", str(work / name),
-                  "--cache_dir", str(work / "cache"), *_overrides({k: v for k, v in options.items() if k != "config"})]
+        common = [
+            "--dataset_dir",
+            str(dataset_dir),
+            "--datalist",
+            str(datalist),
+            "--bundle_root",
+            str(work / name),
+            "--cache_dir",
+            str(work / "cache"),
+            *_overrides({k: v for k, v in options.items() if k != "config"}),
+        ]
         (work / name).mkdir(exist_ok=True)
         print(f"run {name}: {' '.join(common[8:])}", flush=True)
         try:
-            train_s = _run([*BUNDLE_RUN, _config_list(configs), "--resume", "false", *common],
-                           work / name / "train.log", timeout_s)
-            evaluate_s = _run([*BUNDLE_RUN, _config_list([*configs, "configs/evaluate.json"]), *common],
-                              work / name / "evaluate.log", timeout_s)
+            train_s = _run(
+                [*BUNDLE_RUN, _config_list(configs), "--resume", "false", *common], work / name / "train.log", timeout_s
+            )
+            evaluate_s = _run(
+                [*BUNDLE_RUN, _config_list([*configs, "configs/evaluate.json"]), *common],
+                work / name / "evaluate.log",
+                timeout_s,
+            )
             row = _summary(name, options, work / name, train_s, evaluate_s, device)
         except (subprocess.SubprocessError, OSError, KeyError, ValueError) as error:
             print(f"run {name} failed: {error} (logs in {work / name})", flush=True)

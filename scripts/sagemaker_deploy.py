@@ -38,9 +38,19 @@ SCALING_METRIC = "SageMakerVariantInvocationsPerInstance"
 TRANSFORM_CONTENT_TYPE = "application/x-image"
 
 
-def deploy(model: str, endpoint: str = "skin-lesion", instance_type: str = "ml.m5.xlarge", instance_count: int = 1,
-           image: str = None, autoscale: tuple = None, invocations_per_instance: float = 100.0, wait: bool = False,
-           role: str = None, region: str = None, bucket: str = None) -> None:
+def deploy(
+    model: str,
+    endpoint: str = "skin-lesion",
+    instance_type: str = "ml.m5.xlarge",
+    instance_count: int = 1,
+    image: str = None,
+    autoscale: tuple = None,
+    invocations_per_instance: float = 100.0,
+    wait: bool = False,
+    role: str = None,
+    region: str = None,
+    bucket: str = None,
+) -> None:
     """Create a model, an endpoint config and a real-time endpoint named ``endpoint``."""
     try:
         if not ENDPOINT_NAME.match(str(endpoint)):
@@ -53,21 +63,33 @@ def deploy(model: str, endpoint: str = "skin-lesion", instance_type: str = "ml.m
         sys.exit(f"error: {error}")
     builder = _builder(target, image, f"{endpoint}-model")
     session = builder.sagemaker_session
-    builder.deploy(endpoint_name=endpoint, initial_instance_count=instance_count, instance_type=instance_type,
-                   wait=False)
+    builder.deploy(
+        endpoint_name=endpoint, initial_instance_count=instance_count, instance_type=instance_type, wait=False
+    )
     if target["wait"] or scaling:  # registering with autoscaling needs the endpoint in service
         session.boto_session.client("sagemaker").get_waiter("endpoint_in_service").wait(EndpointName=endpoint)
     print(f"endpoint: {endpoint} (model {builder.built_model.model_name}, image {builder.image_uri})")
     if scaling:
         variants = _register_autoscaling(session, endpoint, *scaling, invocations_per_instance)
-        print(f"autoscaling {', '.join(variants)}: {scaling[0]} to {scaling[1]} instances, "
-              f"{invocations_per_instance:g} invocations per instance per minute")
+        print(
+            f"autoscaling {', '.join(variants)}: {scaling[0]} to {scaling[1]} instances, "
+            f"{invocations_per_instance:g} invocations per instance per minute"
+        )
     print(f"classify: python scripts/predict.py IMAGE --endpoint {endpoint} --region {target['region']}")
 
 
-def transform(model: str, input: str, output: str, instance_type: str = "ml.m5.xlarge", instance_count: int = 1,
-              image: str = None, wait: bool = False, role: str = None, region: str = None,
-              bucket: str = None) -> None:
+def transform(
+    model: str,
+    input: str,
+    output: str,
+    instance_type: str = "ml.m5.xlarge",
+    instance_count: int = 1,
+    image: str = None,
+    wait: bool = False,
+    role: str = None,
+    region: str = None,
+    bucket: str = None,
+) -> None:
     """Run a batch transform job over every image under ``input``, writing one answer per image under ``output``."""
     try:
         aws.s3_uri(input, "--input")
@@ -78,16 +100,33 @@ def transform(model: str, input: str, output: str, instance_type: str = "ml.m5.x
     builder = _builder(target, image, f"skin-lesion-transform-{time.strftime('%Y%m%d%H%M%S')}")
     from sagemaker.core.transformer import Transformer
 
-    transformer = Transformer(model_name=builder.built_model.model_name, instance_count=instance_count,
-                              instance_type=instance_type, output_path=output, accept="application/json",
-                              strategy="SingleRecord", assemble_with="None",
-                              sagemaker_session=builder.sagemaker_session, base_transform_job_name="skin-lesion")
-    transformer.transform(data=input, data_type="S3Prefix", content_type=TRANSFORM_CONTENT_TYPE, split_type="None",
-                          wait=target["wait"], logs=target["wait"])
-    print(f"transform job: {transformer._current_job_name} (model {builder.built_model.model_name}); "
-          f"answers: {output.rstrip('/')}/<image name>.out")
-    print(f"remove the model afterwards: python scripts/sagemaker_deploy.py delete_model "
-          f"--model_name {builder.built_model.model_name} --region {target['region']}")
+    transformer = Transformer(
+        model_name=builder.built_model.model_name,
+        instance_count=instance_count,
+        instance_type=instance_type,
+        output_path=output,
+        accept="application/json",
+        strategy="SingleRecord",
+        assemble_with="None",
+        sagemaker_session=builder.sagemaker_session,
+        base_transform_job_name="skin-lesion",
+    )
+    transformer.transform(
+        data=input,
+        data_type="S3Prefix",
+        content_type=TRANSFORM_CONTENT_TYPE,
+        split_type="None",
+        wait=target["wait"],
+        logs=target["wait"],
+    )
+    print(
+        f"transform job: {transformer._current_job_name} (model {builder.built_model.model_name}); "
+        f"answers: {output.rstrip('/')}/<image name>.out"
+    )
+    print(
+        f"remove the model afterwards: python scripts/sagemaker_deploy.py delete_model "
+        f"--model_name {builder.built_model.model_name} --region {target['region']}"
+    )
 
 
 def delete(endpoint: str, region: str = None) -> None:
@@ -109,15 +148,22 @@ def delete(endpoint: str, region: str = None) -> None:
     scaling = boto3.client("application-autoscaling", region_name=region)
     for variant in variants:
         resource = f"endpoint/{endpoint}/variant/{variant['VariantName']}"
-        registered = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource],
-                                                       ScalableDimension=SCALABLE_DIMENSION)["ScalableTargets"]
-        for policy in scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource,
-                                                        ScalableDimension=SCALABLE_DIMENSION)["ScalingPolicies"]:
-            scaling.delete_scaling_policy(PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker",
-                                          ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION)
+        registered = scaling.describe_scalable_targets(
+            ServiceNamespace="sagemaker", ResourceIds=[resource], ScalableDimension=SCALABLE_DIMENSION
+        )["ScalableTargets"]
+        for policy in scaling.describe_scaling_policies(
+            ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION
+        )["ScalingPolicies"]:
+            scaling.delete_scaling_policy(
+                PolicyName=policy["PolicyName"],
+                ServiceNamespace="sagemaker",
+                ResourceId=resource,
+                ScalableDimension=SCALABLE_DIMENSION,
+            )
         if registered:
-            scaling.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource,
-                                               ScalableDimension=SCALABLE_DIMENSION)
+            scaling.deregister_scalable_target(
+                ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION
+            )
     client.delete_endpoint(EndpointName=endpoint)
     client.delete_endpoint_config(EndpointConfigName=config_name)
     models = sorted({variant["ModelName"] for variant in variants})
@@ -142,8 +188,11 @@ def _autoscale_range(autoscale, instance_count) -> tuple[int, int] | None:
     if autoscale is None:
         return None
     values = tuple(autoscale) if isinstance(autoscale, (tuple, list)) else ()
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values) \
-            or not 1 <= values[0] <= values[1]:
+    if (
+        len(values) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        or not 1 <= values[0] <= values[1]
+    ):
         raise aws.SetupError(f"--autoscale takes MIN,MAX instance counts with 1 <= MIN <= MAX, not {autoscale!r}")
     if not values[0] <= instance_count <= values[1]:
         raise aws.SetupError(f"--instance_count {instance_count} is outside --autoscale {values[0]},{values[1]}")
@@ -159,13 +208,21 @@ def _target(model, role, region, bucket, instance_type, kind, instance_count, wa
     else:
         path = Path(model)
         if not path.is_file():
-            raise aws.SetupError(f"--model {model} not found: a model.tar.gz (from scripts/package_sagemaker.py) "
-                                 "or the S3 URI of a training job's model artifact")
+            raise aws.SetupError(
+                f"--model {model} not found: a model.tar.gz (from scripts/package_sagemaker.py) "
+                "or the S3 URI of a training job's model artifact"
+            )
         if not tarfile.is_tarfile(path):
             raise aws.SetupError(f"--model {model} is not a tar archive")
         model_bucket = None
-    return {"model": str(model), "instance_type": instance_type, "role": aws.role(role), "region": aws.region(region),
-            "bucket": aws.bucket(bucket or model_bucket), "wait": aws.boolean(wait, "--wait")}
+    return {
+        "model": str(model),
+        "instance_type": instance_type,
+        "role": aws.role(role),
+        "region": aws.region(region),
+        "bucket": aws.bucket(bucket or model_bucket),
+        "wait": aws.boolean(wait, "--wait"),
+    }
 
 
 def _builder(target: dict, image: str | None, model_name: str):
@@ -179,8 +236,12 @@ def _builder(target: dict, image: str | None, model_name: str):
     from sagemaker.serve import ModelBuilder
 
     # s3_model_data_url explicitly: otherwise the SDK's repack step reads an empty prefix and fails (404)
-    builder = ModelBuilder(s3_model_data_url=model, role_arn=target["role"], sagemaker_session=session,
-                           image_uri=image or aws.pytorch_image(target["region"], target["instance_type"], "inference"))
+    builder = ModelBuilder(
+        s3_model_data_url=model,
+        role_arn=target["role"],
+        sagemaker_session=session,
+        image_uri=image or aws.pytorch_image(target["region"], target["instance_type"], "inference"),
+    )
     builder.build(model_name=model_name)
     return builder
 
@@ -188,21 +249,32 @@ def _builder(target: dict, image: str | None, model_name: str):
 def _register_autoscaling(session, endpoint: str, minimum: int, maximum: int, per_instance: float) -> list[str]:
     sagemaker = session.boto_session.client("sagemaker")
     config = sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
-    variants = [v["VariantName"] for v in
-                sagemaker.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]]
+    variants = [
+        v["VariantName"] for v in sagemaker.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
+    ]
     scaling = session.boto_session.client("application-autoscaling")
     for variant in variants:
         resource = f"endpoint/{endpoint}/variant/{variant}"
-        scaling.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource,
-                                         ScalableDimension=SCALABLE_DIMENSION, MinCapacity=minimum,
-                                         MaxCapacity=maximum)
+        scaling.register_scalable_target(
+            ServiceNamespace="sagemaker",
+            ResourceId=resource,
+            ScalableDimension=SCALABLE_DIMENSION,
+            MinCapacity=minimum,
+            MaxCapacity=maximum,
+        )
         scaling.put_scaling_policy(
-            PolicyName=f"{endpoint}-invocations", ServiceNamespace="sagemaker", ResourceId=resource,
-            ScalableDimension=SCALABLE_DIMENSION, PolicyType="TargetTrackingScaling",
+            PolicyName=f"{endpoint}-invocations",
+            ServiceNamespace="sagemaker",
+            ResourceId=resource,
+            ScalableDimension=SCALABLE_DIMENSION,
+            PolicyType="TargetTrackingScaling",
             TargetTrackingScalingPolicyConfiguration={
                 "TargetValue": float(per_instance),
                 "PredefinedMetricSpecification": {"PredefinedMetricType": SCALING_METRIC},
-                "ScaleInCooldown": 300, "ScaleOutCooldown": 60})
+                "ScaleInCooldown": 300,
+                "ScaleOutCooldown": 60,
+            },
+        )
     return variants
 
 

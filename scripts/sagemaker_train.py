@@ -31,8 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 # and cloud/ beside it, on the import path: nothing is installed there but the requirements.
 ENTRY_SCRIPT = "sagemaker_entry.py"
 # The training job's source code, by its path there: what the entry script and the bundle run need.
-SOURCE = {"configs": "configs", "bundle": "bundle", "cloud": "cloud", "handler": "handler",
-          ENTRY_SCRIPT: "scripts/sagemaker_entry.py"}
+SOURCE = {
+    "configs": "configs",
+    "bundle": "bundle",
+    "cloud": "cloud",
+    "handler": "handler",
+    ENTRY_SCRIPT: "scripts/sagemaker_entry.py",
+}
 # Installed by the SDK's driver in the training container, whose image brings torch.
 CONTAINER_REQUIREMENTS = "monai[fire,pillow,ignite,tqdm,tensorboard]==1.6.1\nmatplotlib\n"
 CHANNEL = "training"
@@ -51,14 +56,36 @@ def stage_source(folder: Path) -> Path:
     return folder
 
 
-def launch(data: str, role: str = None, region: str = None, bucket: str = None, instance_type: str = "ml.g5.xlarge",
-           instance_count: int = 1, gpus_per_instance: int = None, torchrun: bool = True, image: str = None,
-           max_runtime_s: int = 86400, volume_gb: int = 50, prefix: str = "skin-lesion", wait: bool = False,
-           **hyperparameters) -> None:
+def launch(
+    data: str,
+    role: str = None,
+    region: str = None,
+    bucket: str = None,
+    instance_type: str = "ml.g5.xlarge",
+    instance_count: int = 1,
+    gpus_per_instance: int = None,
+    torchrun: bool = True,
+    image: str = None,
+    max_runtime_s: int = 86400,
+    volume_gb: int = 50,
+    prefix: str = "skin-lesion",
+    wait: bool = False,
+    **hyperparameters,
+) -> None:
     """Check everything, upload the bundle and start the training job; print its name and model artifact."""
     try:
-        job = _checked(data, role, region, bucket, instance_type, instance_count, gpus_per_instance, torchrun,
-                       max_runtime_s, hyperparameters)
+        job = _checked(
+            data,
+            role,
+            region,
+            bucket,
+            instance_type,
+            instance_count,
+            gpus_per_instance,
+            torchrun,
+            max_runtime_s,
+            hyperparameters,
+        )
         wait = aws.boolean(wait, "--wait")
     except (aws.SetupError, HyperparameterError) as error:
         sys.exit(f"error: {error}")
@@ -67,8 +94,18 @@ def launch(data: str, role: str = None, region: str = None, bucket: str = None, 
     print(f"model artifact: {artifact}")
 
 
-def _checked(data, role, region, bucket, instance_type, instance_count, gpus_per_instance, torchrun, max_runtime_s,
-             hyperparameters) -> dict:
+def _checked(
+    data,
+    role,
+    region,
+    bucket,
+    instance_type,
+    instance_count,
+    gpus_per_instance,
+    torchrun,
+    max_runtime_s,
+    hyperparameters,
+) -> dict:
     """Every argument checked, before anything is uploaded; a SetupError or HyperparameterError otherwise."""
     aws.s3_uri(data, "--data")
     torchrun = aws.boolean(torchrun, "--torchrun")
@@ -80,10 +117,18 @@ def _checked(data, role, region, bucket, instance_type, instance_count, gpus_per
     if isinstance(max_runtime_s, bool) or not isinstance(max_runtime_s, int) or max_runtime_s < 60:
         raise aws.SetupError(f"--max_runtime_s must be a whole number of seconds, at least 60, not {max_runtime_s!r}")
     split(hyperparameters)
-    return {"data": data, "role": aws.role(role), "region": aws.region(region), "bucket": aws.bucket(bucket),
-            "instance_type": aws.instance_type(instance_type, "training"), "instance_count": instance_count,
-            "gpus_per_instance": gpus_per_instance, "torchrun": torchrun, "max_runtime_s": max_runtime_s,
-            "hyperparameters": as_strings(hyperparameters)}
+    return {
+        "data": data,
+        "role": aws.role(role),
+        "region": aws.region(region),
+        "bucket": aws.bucket(bucket),
+        "instance_type": aws.instance_type(instance_type, "training"),
+        "instance_count": instance_count,
+        "gpus_per_instance": gpus_per_instance,
+        "torchrun": torchrun,
+        "max_runtime_s": max_runtime_s,
+        "hyperparameters": as_strings(hyperparameters),
+    }
 
 
 def start(job: dict, image: str | None, volume_gb: int, prefix: str, wait: bool) -> tuple[str, str]:
@@ -96,18 +141,24 @@ def start(job: dict, image: str | None, volume_gb: int, prefix: str, wait: bool)
     output_path = f"s3://{job['bucket']}/{prefix}/output"
     with tempfile.TemporaryDirectory(prefix="skin-lesion-source-") as folder:
         trainer = ModelTrainer(
-            sagemaker_session=session, role=job["role"], base_job_name=prefix,
+            sagemaker_session=session,
+            role=job["role"],
+            base_job_name=prefix,
             training_image=image or aws.pytorch_image(job["region"], job["instance_type"], "training"),
-            source_code=SourceCode(source_dir=str(stage_source(Path(folder))), entry_script=ENTRY_SCRIPT,
-                                   requirements="requirements.txt"),
+            source_code=SourceCode(
+                source_dir=str(stage_source(Path(folder))), entry_script=ENTRY_SCRIPT, requirements="requirements.txt"
+            ),
             distributed=Torchrun(process_count_per_node=job["gpus_per_instance"]) if job["torchrun"] else None,
-            compute=Compute(instance_type=job["instance_type"], instance_count=job["instance_count"],
-                            volume_size_in_gb=volume_gb),
+            compute=Compute(
+                instance_type=job["instance_type"], instance_count=job["instance_count"], volume_size_in_gb=volume_gb
+            ),
             stopping_condition=StoppingCondition(max_runtime_in_seconds=job["max_runtime_s"]),
             output_data_config=OutputDataConfig(s3_output_path=output_path),
-            hyperparameters=job["hyperparameters"])
-        trainer.train(input_data_config=[InputData(channel_name=CHANNEL, data_source=job["data"])],
-                      wait=wait, logs=wait)
+            hyperparameters=job["hyperparameters"],
+        )
+        trainer.train(
+            input_data_config=[InputData(channel_name=CHANNEL, data_source=job["data"])], wait=wait, logs=wait
+        )
     training_job = trainer._latest_training_job  # the SDK keeps the job it created only here
     name = training_job.training_job_name
     artifact = f"{output_path}/{name}/output/model.tar.gz"

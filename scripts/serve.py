@@ -22,10 +22,19 @@ import psutil
 from handler import MODEL_NAME, control
 
 
-def start(mar: str = str(control.DEFAULT_MAR), run_dir: str = str(control.DEFAULT_RUN_DIR), inference_port: int = 8080,
-          management_port: int = 8081, metrics_port: int | None = None, grpc_inference_port: int = 7070,
-          grpc_management_port: int = 7071, sagemaker: bool = False, timeout_s: float = 300,
-          foreground: bool = False, token_expiration_min: float | None = None) -> None:
+def start(
+    mar: str = str(control.DEFAULT_MAR),
+    run_dir: str = str(control.DEFAULT_RUN_DIR),
+    inference_port: int = 8080,
+    management_port: int = 8081,
+    metrics_port: int | None = None,
+    grpc_inference_port: int = 7070,
+    grpc_management_port: int = 7071,
+    sagemaker: bool = False,
+    timeout_s: float = 300,
+    foreground: bool = False,
+    token_expiration_min: float | None = None,
+) -> None:
     """Start TorchServe with the archive ``mar``, wait until the model answers, print the URLs.
 
     Every port must be free, the gRPC ones too (TorchServe always opens them, on loopback).
@@ -34,16 +43,31 @@ def start(mar: str = str(control.DEFAULT_MAR), run_dir: str = str(control.DEFAUL
     the keys' lifetime (default: config.properties, 1440).
     """
     try:
-        server = control.start_server(mar, run_dir, inference_port, management_port, metrics_port, grpc_inference_port,
-                              grpc_management_port, sagemaker, timeout_s, token_expiration_min)
+        server = control.start_server(
+            mar,
+            run_dir,
+            inference_port,
+            management_port,
+            metrics_port,
+            grpc_inference_port,
+            grpc_management_port,
+            sagemaker,
+            timeout_s,
+            token_expiration_min,
+        )
     except control.ServeError as error:
         sys.exit(f"error: {error}")
-    print(f"serving {MODEL_NAME}: POST {server['inference_url']}/predictions/{MODEL_NAME}"
-          f"{' and /invocations' if sagemaker else ''}; logs in {Path(run_dir) / 'logs'}")
+    print(
+        f"serving {MODEL_NAME}: POST {server['inference_url']}/predictions/{MODEL_NAME}"
+        f"{' and /invocations' if sagemaker else ''}; logs in {Path(run_dir) / 'logs'}"
+    )
     if server["token_auth"]:
-        print(f"token authorisation on: send 'Authorization: Bearer <key>', the inference key in "
-              f"{Path(run_dir) / 'key_file.json'}; keys expire, renew them with scripts/serve.py rotate_keys")
+        print(
+            f"token authorisation on: send 'Authorization: Bearer <key>', the inference key in "
+            f"{Path(run_dir) / 'key_file.json'}; keys expire, renew them with scripts/serve.py rotate_keys"
+        )
     if foreground:
+
         def stop_and_exit(signum, frame):
             control.stop_server(run_dir)
             sys.exit(0)

@@ -1,6 +1,6 @@
 """Print an evaluation's metrics.json as a table.
 
-    python scripts/show_metrics.py eval/metrics.json
+python scripts/show_metrics.py eval/metrics.json
 """
 
 import json
@@ -19,13 +19,17 @@ def show(metrics_file: str = "eval/metrics.json") -> None:
     if not path.is_file():
         sys.exit(f"no metrics at {path}: run the evaluation first (see README)")
     m = json.loads(path.read_text())
-    print(f"{m['n_images']} images   macro ROC AUC {_fmt(m['auc_macro'])} (over {m['auc_macro_n_classes']} classes)"
-          f"   accuracy {_fmt(m['accuracy'])}   balanced accuracy {_fmt(m['balanced_accuracy'])}"
-          f"   ECE {_fmt(m['expected_calibration_error'])}")
+    print(
+        f"{m['n_images']} images   macro ROC AUC {_fmt(m['auc_macro'])} (over {m['auc_macro_n_classes']} classes)"
+        f"   accuracy {_fmt(m['accuracy'])}   balanced accuracy {_fmt(m['balanced_accuracy'])}"
+        f"   ECE {_fmt(m['expected_calibration_error'])}"
+    )
     print(f"{'class':<7}{'n':>6}{'AUC':>8}{'recall':>8}{'precision':>11}")
     for name in m["class_names"]:
-        print(f"{name:<7}{m['support_per_class'][name]:>6}  {_fmt(m['auc_per_class'][name])}  "
-              f"{_fmt(m['recall_per_class'][name])}     {_fmt(m['precision_per_class'][name])}")
+        print(
+            f"{name:<7}{m['support_per_class'][name]:>6}  {_fmt(m['auc_per_class'][name])}  "
+            f"{_fmt(m['recall_per_class'][name])}     {_fmt(m['precision_per_class'][name])}"
+        )
     print(f"plots: {', '.join(str(p) for p in sorted(path.parent.glob('*.png')))}")
 
 

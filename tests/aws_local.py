@@ -54,10 +54,15 @@ def local_aws(tmp_path: Path):
     requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=30).raise_for_status()
     config = tmp_path / "sagemaker-config.yaml"
     config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION,
-           "SAGEMAKER_VALIDATE_ROLE": "false",  # moto lacks iam:SimulatePrincipalPolicy
-           "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config)}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "SAGEMAKER_VALIDATE_ROLE": "false",  # moto lacks iam:SimulatePrincipalPolicy
+        "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config),
+    }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
@@ -116,7 +121,7 @@ def download_prefix(uri: str, folder: Path) -> None:
     s3 = boto3.client("s3")
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            relative = item["Key"][len(prefix):].lstrip("/")
+            relative = item["Key"][len(prefix) :].lstrip("/")
             if relative and "__pycache__" not in relative:
                 (folder / relative).parent.mkdir(parents=True, exist_ok=True)
                 s3.download_file(bucket, item["Key"], str(folder / relative))
@@ -136,13 +141,24 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
     for channel in job["InputDataConfig"]:
         folder = opt_ml / "input" / "data" / channel["ChannelName"]
         download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"], folder)
-        channels[channel["ChannelName"]] = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
-                                            "RecordWrapperType": "None"}
+        channels[channel["ChannelName"]] = {
+            "TrainingInputMode": "File",
+            "S3DistributionType": "FullyReplicated",
+            "RecordWrapperType": "None",
+        }
     config = opt_ml / "input" / "config"
     config.mkdir(parents=True)
-    (config / "resourceconfig.json").write_text(json.dumps({
-        "current_host": host, "current_instance_type": job["ResourceConfig"]["InstanceType"], "hosts": hosts,
-        "network_interface_name": "lo", "current_group_name": "homogeneousCluster"}))
+    (config / "resourceconfig.json").write_text(
+        json.dumps(
+            {
+                "current_host": host,
+                "current_instance_type": job["ResourceConfig"]["InstanceType"],
+                "hosts": hosts,
+                "network_interface_name": "lo",
+                "current_group_name": "homogeneousCluster",
+            }
+        )
+    )
     (config / "inputdataconfig.json").write_text(json.dumps(channels))
     (config / "hyperparameters.json").write_text(json.dumps(job.get("HyperParameters", {})))
     for folder in ("model", "output/data"):
@@ -157,12 +173,24 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
 
 def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
     """Run the job's sm_train.sh as the container would (``/bin/bash -c``), with this venv's python first on PATH."""
-    env = dict(os.environ, TRAINING_JOB_NAME=job_name, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        TRAINING_JOB_NAME=job_name,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        PIP_NO_INDEX="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.Popen(["/bin/bash", str(opt_ml / "input" / "data" / "sm_drivers" / "sm_train.sh")], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        ["/bin/bash", str(opt_ml / "input" / "data" / "sm_drivers" / "sm_train.sh")],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @contextlib.contextmanager
@@ -183,15 +211,26 @@ def inference_toolkit(model_dir: Path, scratch: Path):
     shutil.copytree(model_dir, base / "model")  # the container extracts model.tar.gz to <base>/model
     cwd.mkdir()
     port, metrics, grpc_inference, grpc_management = (free_port() for _ in range(4))
-    env = dict(os.environ, SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(port),
-               TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}", TS_GRPC_INFERENCE_PORT=str(grpc_inference),
-               TS_GRPC_MANAGEMENT_PORT=str(grpc_management), LOG_LOCATION=str(scratch / "logs"),
-               PIP_NO_INDEX="1",  # it pip-installs code/requirements.txt, here already satisfied
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        SAGEMAKER_BASE_DIR=str(base),
+        SAGEMAKER_BIND_TO_PORT=str(port),
+        TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}",
+        TS_GRPC_INFERENCE_PORT=str(grpc_inference),
+        TS_GRPC_MANAGEMENT_PORT=str(grpc_management),
+        LOG_LOCATION=str(scratch / "logs"),
+        PIP_NO_INDEX="1",  # it pip-installs code/requirements.txt, here already satisfied
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
     log = scratch / "toolkit.log"
-    server = subprocess.Popen([sys.executable, "-c", "from sagemaker_pytorch_serving_container import serving; "
-                               "serving.main()"], cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from sagemaker_pytorch_serving_container import serving; serving.main()"],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240

@@ -25,14 +25,26 @@ def bundle_command(config_file: str, launcher: tuple[str, ...] = (sys.executable
     return command
 
 
-def run_bundle(config_file: str, expect_ok: bool = True, launcher: tuple[str, ...] = (sys.executable,),
-               timeout: float = 600, **overrides) -> subprocess.CompletedProcess:
+def run_bundle(
+    config_file: str,
+    expect_ok: bool = True,
+    launcher: tuple[str, ...] = (sys.executable,),
+    timeout: float = 600,
+    **overrides,
+) -> subprocess.CompletedProcess:
     """Run one bundle command to completion; on an unexpected outcome fail with its output."""
-    result = subprocess.run(bundle_command(config_file, launcher, **overrides), cwd=REPO, env=bundle_env(),
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        bundle_command(config_file, launcher, **overrides),
+        cwd=REPO,
+        env=bundle_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if (result.returncode == 0) != expect_ok:
-        raise AssertionError(f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n"
-                             f"--- stderr\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+        )
     return result
 
 

@@ -52,13 +52,33 @@ def _run(command: list[str], cwd: Path = REPO) -> str:
 
 
 def _serve_one_image(import_root: Path, model_dir: Path, weights: Path, image: Path) -> list[str]:
-    return _run([sys.executable, "-I", "-c", SERVE_ONE_IMAGE, str(import_root), str(import_root / "bundle"),
-                 str(model_dir), str(weights), str(image)], cwd=import_root).split()
+    return _run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            SERVE_ONE_IMAGE,
+            str(import_root),
+            str(import_root / "bundle"),
+            str(model_dir),
+            str(weights),
+            str(image),
+        ],
+        cwd=import_root,
+    ).split()
 
 
 def test_the_mar_ships_the_serving_modules_and_serves_with_them_alone(bundle_root, image, tmp_path):
-    _run([sys.executable, "scripts/package_mar.py", "--bundle_root", str(bundle_root),
-          "--export_path", str(tmp_path / "dist")])
+    _run(
+        [
+            sys.executable,
+            "scripts/package_mar.py",
+            "--bundle_root",
+            str(bundle_root),
+            "--export_path",
+            str(tmp_path / "dist"),
+        ]
+    )
     with zipfile.ZipFile(tmp_path / "dist" / "skin_lesion.mar") as archive:
         names = archive.namelist()
         archive.extractall(tmp_path / "mar")
@@ -69,8 +89,16 @@ def test_the_mar_ships_the_serving_modules_and_serves_with_them_alone(bundle_roo
 
 
 def test_the_sagemaker_model_ships_the_serving_modules_and_serves_with_them_alone(bundle_root, image, tmp_path):
-    _run([sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(bundle_root),
-          "--output", str(tmp_path / "model.tar.gz")])
+    _run(
+        [
+            sys.executable,
+            "scripts/package_sagemaker.py",
+            "--bundle_root",
+            str(bundle_root),
+            "--output",
+            str(tmp_path / "model.tar.gz"),
+        ]
+    )
     with tarfile.open(tmp_path / "model.tar.gz") as archive:
         names = archive.getnames()
         archive.extractall(tmp_path / "model", filter="data")
@@ -83,14 +111,34 @@ def test_the_sagemaker_model_ships_the_serving_modules_and_serves_with_them_alon
 def test_the_project_installs_as_a_package_into_a_fresh_venv(tmp_path):
     """`pip install .`: bundle, handler (with its server settings) and cloud import from site-packages.
     The wheel goes in without its dependencies, which `import bundle, handler, cloud` doesn't load."""
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
-          str(tmp_path / "wheel"), str(REPO)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "wheel"),
+            str(REPO),
+        ]
+    )
     _run([sys.executable, "-m", "venv", str(tmp_path / "venv")])
     python = tmp_path / "venv" / "bin" / "python"
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)])
-    where = _run([str(python), "-I", "-c", "import bundle, handler, cloud, pathlib; "
-                  "print(pathlib.Path(bundle.__file__).parents[1]); "
-                  "print((pathlib.Path(handler.__file__).parent / 'config.properties').is_file()); "
-                  "print(handler.MODEL_NAME)"], cwd=tmp_path).split()
+    where = _run(
+        [
+            str(python),
+            "-I",
+            "-c",
+            "import bundle, handler, cloud, pathlib; "
+            "print(pathlib.Path(bundle.__file__).parents[1]); "
+            "print((pathlib.Path(handler.__file__).parent / 'config.properties').is_file()); "
+            "print(handler.MODEL_NAME)",
+        ],
+        cwd=tmp_path,
+    ).split()
     assert where[0].endswith("site-packages") and where[1:] == ["True", "skin_lesion"]

@@ -13,8 +13,9 @@ N = 20_000  # parameter draws for the statistical checks: a share's standard err
 
 @pytest.fixture(scope="module")
 def params():
-    return BatchAugmentation(rotate_degrees=15, rotate_prob=0.5, flip_prob=0.5, zoom_range=(0.9, 1.1),
-                             zoom_prob=0.5, seed=0).sample_parameters(N)
+    return BatchAugmentation(
+        rotate_degrees=15, rotate_prob=0.5, flip_prob=0.5, zoom_range=(0.9, 1.1), zoom_prob=0.5, seed=0
+    ).sample_parameters(N)
 
 
 def _smooth_image(h: int = 40, w: int = 56) -> torch.Tensor:
@@ -153,7 +154,8 @@ def test_the_chains_colour_jitter_uses_the_same_function_and_ranges():
     for _ in range(20):
         out = transform({"image": image.clone()})["image"]
         assert all(0.8 <= f <= 1.2 for f in transform.factors)
-        assert torch.allclose(out, colour_jitter(image[None].clone(), *map(torch.tensor, transform.factors))[0],
-                              atol=1e-6)
+        assert torch.allclose(
+            out, colour_jitter(image[None].clone(), *map(torch.tensor, transform.factors))[0], atol=1e-6
+        )
     never = RandColourJitterd("image", brightness=0.2, prob=0.0)
     assert torch.equal(never({"image": image})["image"], image)

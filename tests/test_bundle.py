@@ -25,8 +25,9 @@ def dataset(tmp_path_factory):
     """420 synthetic images and their lesion-level datalist."""
     root = tmp_path_factory.mktemp("train_data")
     images = generate(root / "images_root", n_images=420, image_size=(64, 48), seed=1)
-    datalist = data.write_datalist(data.split_by_lesion(data.read_ham10000(images), seed=0),
-                                   root / "datalist.json", images)
+    datalist = data.write_datalist(
+        data.split_by_lesion(data.read_ham10000(images), seed=0), root / "datalist.json", images
+    )
     return {"dataset_dir": images, "datalist": datalist}
 
 
@@ -40,8 +41,13 @@ def trained(dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(trained):
-    run_bundle(EVALUATE, bundle_root=trained["bundle_root"], dataset_dir=trained["dataset_dir"],
-               datalist=trained["datalist"], **FAST)
+    run_bundle(
+        EVALUATE,
+        bundle_root=trained["bundle_root"],
+        dataset_dir=trained["dataset_dir"],
+        datalist=trained["datalist"],
+        **FAST,
+    )
     return trained["bundle_root"] / "eval"
 
 
@@ -96,8 +102,7 @@ def test_inference_on_a_folder_writes_one_row_per_image(trained, tmp_path):
     sources = sorted((trained["dataset_dir"] / "images").glob("*.jpg"))[:5]
     for source in sources:
         (folder / source.name).write_bytes(source.read_bytes())
-    run_bundle(INFERENCE, bundle_root=trained["bundle_root"], input=folder, output_dir=tmp_path / "out",
-               **FAST)
+    run_bundle(INFERENCE, bundle_root=trained["bundle_root"], input=folder, output_dir=tmp_path / "out", **FAST)
     with open(tmp_path / "out" / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(row["image"] for row in rows) == sorted(str(folder / s.name) for s in sources)
@@ -136,10 +141,22 @@ def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tm
     exactly through the per-sample chain; through the default fast data path, up to the cache's
     uint8 rounding (at most half a grey level per pixel), which moves this barely trained model's
     probabilities by about a percent and doesn't change its answers."""
-    run_bundle(INFERENCE, bundle_root=trained["bundle_root"], input=trained["datalist"],
-               dataset_dir=trained["dataset_dir"], output_dir=tmp_path / "inference", **FAST)
-    run_bundle(EVALUATE_CHAIN, bundle_root=trained["bundle_root"], dataset_dir=trained["dataset_dir"],
-               datalist=trained["datalist"], output_dir=tmp_path / "chain", **FAST)
+    run_bundle(
+        INFERENCE,
+        bundle_root=trained["bundle_root"],
+        input=trained["datalist"],
+        dataset_dir=trained["dataset_dir"],
+        output_dir=tmp_path / "inference",
+        **FAST,
+    )
+    run_bundle(
+        EVALUATE_CHAIN,
+        bundle_root=trained["bundle_root"],
+        dataset_dir=trained["dataset_dir"],
+        datalist=trained["datalist"],
+        output_dir=tmp_path / "chain",
+        **FAST,
+    )
     inferred = _predictions(tmp_path / "inference" / "predictions.csv")
     by_chain = _predictions(tmp_path / "chain" / "predictions.csv")
     by_fast_path = _predictions(evaluated / "predictions.csv")
@@ -154,10 +171,26 @@ def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tm
 
 def test_torchscript_export_matches_the_eager_model(trained):
     models = trained["bundle_root"] / "models"
-    subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
-                    "--filepath", str(models / "model.ts"), "--ckpt_file", str(models / "model.pt"),
-                    "--meta_file", "configs/metadata.json", "--config_file", INFERENCE],
-                   cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            str(models / "model.ts"),
+            "--ckpt_file",
+            str(models / "model.pt"),
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            INFERENCE,
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     scripted = torch.jit.load(str(models / "model.ts"), map_location="cpu").eval()
     eager = _network()
     eager.load_state_dict(torch.load(models / "model.pt", map_location="cpu", weights_only=True))
@@ -171,8 +204,14 @@ def test_evaluation_falls_back_to_validation_without_a_testing_split(trained, tm
     content["testing"] = []
     datalist = tmp_path / "no_testing.json"
     datalist.write_text(json.dumps(content))
-    run_bundle(EVALUATE, bundle_root=trained["bundle_root"], dataset_dir=trained["dataset_dir"],
-               datalist=datalist, output_dir=tmp_path / "eval", **FAST)
+    run_bundle(
+        EVALUATE,
+        bundle_root=trained["bundle_root"],
+        dataset_dir=trained["dataset_dir"],
+        datalist=datalist,
+        output_dir=tmp_path / "eval",
+        **FAST,
+    )
     assert read_json(tmp_path / "eval" / "metrics.json")["n_images"] == len(content["validation"])
 
 
@@ -183,8 +222,13 @@ def test_calibrate_json_refits_a_models_calibration_in_place(trained, tmp_path):
     (models / "model.pt").write_bytes((trained["bundle_root"] / "models" / "model.pt").read_bytes())
     stored = read_json(trained["bundle_root"] / "models" / "model.json")
     (models / "model.json").write_text(json.dumps({k: v for k, v in stored.items() if k != "calibration"}))
-    run_bundle("['configs/train.json','configs/calibrate.json']", bundle_root=tmp_path,
-               dataset_dir=trained["dataset_dir"], datalist=trained["datalist"], **FAST)
+    run_bundle(
+        "['configs/train.json','configs/calibrate.json']",
+        bundle_root=tmp_path,
+        dataset_dir=trained["dataset_dir"],
+        datalist=trained["datalist"],
+        **FAST,
+    )
     refitted = read_json(models / "model.json")
     assert refitted["epoch"] == stored["epoch"], "the rest of the sidecar is kept"
     assert refitted["calibration"]["fit"]["n_images"] == len(read_json(trained["datalist"])["validation"])

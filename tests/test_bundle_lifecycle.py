@@ -15,8 +15,19 @@ import torch
 from bundle import data
 from bundle.labels import CLASS_NAMES
 from bundle.sidecar import verified_sidecar
-from tests.bundle_runs import (EVALUATE, FAST, INFERENCE, MULTI_GPU, REPO, TRAIN, TRAIN_CHAIN, bundle_command,
-                               bundle_env, read_json, run_bundle)
+from tests.bundle_runs import (
+    EVALUATE,
+    FAST,
+    INFERENCE,
+    MULTI_GPU,
+    REPO,
+    TRAIN,
+    TRAIN_CHAIN,
+    bundle_command,
+    bundle_env,
+    read_json,
+    run_bundle,
+)
 from tests.serving import bundle_with_random_weights
 
 CALIBRATE = "['configs/train.json','configs/calibrate.json']"
@@ -68,13 +79,21 @@ def test_resume_refuses_a_checkpoint_trained_on_another_datalist_size_or_network
     content["training"] = content["training"][1:]
     other = tmp_path / "one_image_less.json"
     other.write_text(json.dumps(content))
-    growth_rate_16 = {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 3, "out_channels": 7,
-                      "growth_rate": 16}
-    for overrides, named in [({"image_size": "[48,48]"}, "image_size [32, 32], this run's is [48, 48]"),
-                             ({"datalist": other}, "datalist 'sha256:"),
-                             ({"network_def": json.dumps(growth_rate_16)}, "network 'DenseNet121:sha256:")]:
-        result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=2,
-                            **{**dataset, **FAST, **overrides})
+    growth_rate_16 = {
+        "_target_": "DenseNet121",
+        "spatial_dims": 2,
+        "in_channels": 3,
+        "out_channels": 7,
+        "growth_rate": 16,
+    }
+    for overrides, named in [
+        ({"image_size": "[48,48]"}, "image_size [32, 32], this run's is [48, 48]"),
+        ({"datalist": other}, "datalist 'sha256:"),
+        ({"network_def": json.dumps(growth_rate_16)}, "network 'DenseNet121:sha256:"),
+    ]:
+        result = run_bundle(
+            TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=2, **{**dataset, **FAST, **overrides}
+        )
         assert f"cannot resume from {checkpoint}: it was trained on something else: " in result.stderr, result.stderr
         assert named in result.stderr and "Pass --resume false to start over" in result.stderr
         assert "preflight" not in result.stdout + result.stderr, "stopped before checking, let alone caching, images"
@@ -105,8 +124,15 @@ def test_inference_over_a_datalist_runs_the_preflight(synthetic_dir, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"testing": [{"image": "images/link.jpg"}, {"image": "images/absent.jpg"}]}))
     root = bundle_with_random_weights(tmp_path / "bundle", trained_image_size=[32, 32])
-    result = run_bundle(INFERENCE, expect_ok=False, bundle_root=root, input=datalist, dataset_dir=dataset_dir,
-                        output_dir=tmp_path / "out", **FAST)
+    result = run_bundle(
+        INFERENCE,
+        expect_ok=False,
+        bundle_root=root,
+        input=datalist,
+        dataset_dir=dataset_dir,
+        output_dir=tmp_path / "out",
+        **FAST,
+    )
     assert f"testing[0] images/link.jpg: resolves to {outside.resolve()}, outside dataset_dir" in result.stderr
     assert "testing[1] images/absent.jpg: file not found" in result.stderr
     assert not (tmp_path / "out" / "predictions.csv").exists()
@@ -124,8 +150,9 @@ def test_a_second_run_reuses_the_cache_even_memory_mapped(dataset, tmp_path):
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")}
     assert sorted(p.name.split("-")[0] for p in files) == ["training", "validation"]
     # as for a dataset larger than memory: batches read from the file on disk
-    again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", cache_storage="memmap",
-                       **dataset, **FAST)
+    again = run_bundle(
+        TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", cache_storage="memmap", **dataset, **FAST
+    )
     assert read_json(tmp_path / "models" / "history.json")[0]["val_auc"] > 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")} == files
     assert (again.stdout + again.stderr).count("reusing the image cache") == 2
@@ -142,8 +169,9 @@ def test_two_process_ddp_on_cpu_with_gloo(dataset, tmp_path):
     assert not any(key.startswith("module.") for key in state), "saved without the DDP wrapper"
     n_training = len(read_json(dataset["datalist"])["training"])
     shards = [len(np.load(p, mmap_mode="r")) for p in (tmp_path / "cache").glob("training-*.npy")]
-    assert len(shards) == 2 and sum(shards) >= n_training and max(shards) <= n_training // 2 + 1, \
+    assert len(shards) == 2 and sum(shards) >= n_training and max(shards) <= n_training // 2 + 1, (
         "each rank caches only its own shard"
+    )
     # the DDP-trained model evaluates with the single-process config
     run_bundle(EVALUATE, bundle_root=tmp_path, **dataset, **FAST)
     assert read_json(tmp_path / "eval" / "metrics.json")["n_images"] == len(read_json(dataset["datalist"])["testing"])
@@ -169,8 +197,9 @@ def test_preflight_failure_names_every_bad_file_and_keeps_the_old_model(dataset,
     model = tmp_path / "models" / "model.pt"
     model.parent.mkdir()
     model.write_bytes(b"previous model")
-    result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, dataset_dir=dataset["dataset_dir"],
-                        datalist=datalist, **FAST)
+    result = run_bundle(
+        TRAIN, expect_ok=False, bundle_root=tmp_path, dataset_dir=dataset["dataset_dir"], datalist=datalist, **FAST
+    )
     output = result.stdout + result.stderr
     assert "training[0] images/missing.jpg: file not found" in output
     assert "validation[1] ../outside.jpg" in output
@@ -178,8 +207,9 @@ def test_preflight_failure_names_every_bad_file_and_keeps_the_old_model(dataset,
 
 
 def test_a_config_typo_is_named(dataset, tmp_path):
-    result = run_bundle(TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=1, **{"optimizer#lrr": 0.1},
-                        **dataset, **FAST)
+    result = run_bundle(
+        TRAIN, expect_ok=False, bundle_root=tmp_path, max_epochs=1, **{"optimizer#lrr": 0.1}, **dataset, **FAST
+    )
     assert "lrr" in result.stderr
 
 
@@ -189,9 +219,22 @@ def test_evaluating_without_a_model_says_which_key(dataset, tmp_path):
 
 
 def test_metadata_verifies_offline_and_matches_the_class_list():
-    subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-                    "--filepath", "configs/schema/metadata_schema.json"], cwd=REPO, check=True, capture_output=True,
-                   env=dict(os.environ, no_proxy="*"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            "configs/metadata.json",
+            "--filepath",
+            "configs/schema/metadata_schema.json",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, no_proxy="*"),
+    )
     metadata = read_json(REPO / "configs" / "metadata.json")
     outputs = metadata["network_data_format"]["outputs"]["pred"]
     assert [outputs["channel_def"][str(i)] for i in range(len(CLASS_NAMES))] == list(CLASS_NAMES)

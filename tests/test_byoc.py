@@ -42,8 +42,13 @@ def mar(tmp_path_factory):
 
 
 def serve_env(root, model_dir, run_dir, python=sys.executable) -> dict:
-    env = dict(os.environ, SKIN_LESION_HOME=str(root / "opt" / "program"), SM_MODEL_DIR=str(model_dir),
-               SERVE_RUN_DIR=str(run_dir), PYTHON=python)
+    env = dict(
+        os.environ,
+        SKIN_LESION_HOME=str(root / "opt" / "program"),
+        SM_MODEL_DIR=str(model_dir),
+        SERVE_RUN_DIR=str(run_dir),
+        PYTHON=python,
+    )
     env.pop("SKIN_LESION_MAR", None)
     return env
 
@@ -51,8 +56,13 @@ def serve_env(root, model_dir, run_dir, python=sys.executable) -> dict:
 def test_without_a_mar_in_the_model_archive_the_baked_in_one_is_served(mar, tmp_path):
     root = image_root(tmp_path / "image", mar)
     (tmp_path / "model").mkdir()
-    result = subprocess.run([str(root / "usr" / "local" / "bin" / "serve"), "serve"], capture_output=True, text=True,
-                            env=serve_env(root, tmp_path / "model", tmp_path / "run", python="echo"), timeout=60)
+    result = subprocess.run(
+        [str(root / "usr" / "local" / "bin" / "serve"), "serve"],
+        capture_output=True,
+        text=True,
+        env=serve_env(root, tmp_path / "model", tmp_path / "run", python="echo"),
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     baked = root / "opt" / "program" / "dist" / "skin_lesion.mar"
     assert f"start --sagemaker --foreground --mar {baked} --run_dir {tmp_path / 'run'}" in result.stdout
@@ -66,11 +76,27 @@ def test_the_container_command_serves_ping_and_invocations_and_stops_on_sigterm(
     inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
     log = (tmp_path / "container.log").open("w")
     container = subprocess.Popen(
-        [str(root / "usr" / "local" / "bin" / "serve"), "serve", "--inference_port", str(inference),
-         "--management_port", str(management), "--metrics_port", str(metrics), "--grpc_inference_port",
-         str(grpc_inference), "--grpc_management_port", str(grpc_management), "--timeout_s", "240"],
-        env=serve_env(root, model_dir, tmp_path / "run"), stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL)
+        [
+            str(root / "usr" / "local" / "bin" / "serve"),
+            "serve",
+            "--inference_port",
+            str(inference),
+            "--management_port",
+            str(management),
+            "--metrics_port",
+            str(metrics),
+            "--grpc_inference_port",
+            str(grpc_inference),
+            "--grpc_management_port",
+            str(grpc_management),
+            "--timeout_s",
+            "240",
+        ],
+        env=serve_env(root, model_dir, tmp_path / "run"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{inference}"
     try:
         deadline = time.monotonic() + 240
@@ -82,8 +108,9 @@ def test_the_container_command_serves_ping_and_invocations_and_stops_on_sigterm(
         assert requests.get(f"{url}/ping", timeout=30).status_code == 200
         images = generate(tmp_path / "data", n_images=42, image_size=(64, 48), seed=2) / "images"
         image = sorted(images.glob("*.jpg"))[0]
-        response = requests.post(f"{url}/invocations", data=image.read_bytes(), headers={"Content-Type": JPEG},
-                                 timeout=120)
+        response = requests.post(
+            f"{url}/invocations", data=image.read_bytes(), headers={"Content-Type": JPEG}, timeout=120
+        )
         assert response.status_code == 200, response.text
         assert set(response.json()) == {"class", "label", "probability", "probabilities"}
     finally:

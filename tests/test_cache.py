@@ -108,10 +108,13 @@ def test_size_preprocessing_and_datalist_each_key_the_cache(tmp_path):
 def test_fingerprint_is_the_same_in_a_fresh_process(tmp_path):
     """No object addresses or other per-process values leak into the key."""
     items = write_images(tmp_path / "images")
-    code = ("import json, sys; from tests.test_cache import preprocessing; from bundle.cache import fingerprint; "
-            "print(fingerprint(json.loads(sys.argv[1]), preprocessing()))")
-    other = subprocess.run([sys.executable, "-c", code, json.dumps(items)], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    code = (
+        "import json, sys; from tests.test_cache import preprocessing; from bundle.cache import fingerprint; "
+        "print(fingerprint(json.loads(sys.argv[1]), preprocessing()))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(items)], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert other == fingerprint(items, preprocessing())
 
 
@@ -211,4 +214,3 @@ def test_channels_last_batches(tmp_path):
     batch = next(iter(CachedBatchLoader(cache, batch_size=4, channels_last=True)))
     assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert batch["image"].dtype == torch.float32 and 0 <= batch["image"].min() and batch["image"].max() <= 1
-

@@ -75,8 +75,9 @@ def test_calibration_round_trips_through_the_sidecar(tmp_path):
     assert Calibration.from_sidecar(tmp_path / "model.ts") == stored, "an exported model shares the sidecar"
 
 
-@pytest.mark.parametrize("bad", [{"temperature": -1, "class_bias": None}, {"class_bias": [0.0]},
-                                 {"temperature": "warm", "class_bias": None}])
+@pytest.mark.parametrize(
+    "bad", [{"temperature": -1, "class_bias": None}, {"class_bias": [0.0]}, {"temperature": "warm", "class_bias": None}]
+)
 def test_a_malformed_calibration_names_the_sidecar(tmp_path, bad):
     (tmp_path / "model.json").write_text(json.dumps({"image_size": [32, 32], "calibration": bad}))
     with pytest.raises(ValueError, match="model.json"):

@@ -94,7 +94,7 @@ def test_real_split_keeps_lesions_together_and_covers_every_image_once(real_reco
 def test_real_split_matches_requested_fractions_and_class_mix(real_records, seed):
     splits = split_by_lesion(real_records, val_frac=0.15, test_frac=0.15, seed=seed)
     whole = _class_shares(real_records)
-    for key, requested in zip(SPLITS, (0.70, 0.15, 0.15)):
+    for key, requested in zip(SPLITS, (0.70, 0.15, 0.15), strict=True):
         assert abs(len(splits[key]) / len(real_records) - requested) < 0.01, key
         assert np.abs(_class_shares(splits[key]) - whole).max() < 0.02, key
 
@@ -345,8 +345,11 @@ def test_preflight_follows_symlinks_out_of_dataset_dir(synthetic_dir, tmp_path):
     (dataset / "linked_folder").symlink_to(secrets, target_is_directory=True)
     inside = dataset / "images" / "inside_link.jpg"
     inside.symlink_to(dataset / good[1]["image"])  # a symlink that stays inside is fine
-    items = [{**good[2], "image": "images/link.jpg"}, {**good[3], "image": "linked_folder/private.jpg"},
-             {**good[4], "image": "images/inside_link.jpg"}]
+    items = [
+        {**good[2], "image": "images/link.jpg"},
+        {**good[3], "image": "linked_folder/private.jpg"},
+        {**good[4], "image": "images/inside_link.jpg"},
+    ]
     path = write_datalist({"training": items, "validation": good[5:7]}, tmp_path / "datalist.json", dataset)
     with pytest.raises(DatasetError) as raised:
         preflight(path, dataset)
@@ -367,8 +370,9 @@ def test_inference_over_a_datalist_runs_the_preflight_without_needing_labels(dat
     unlabelled = [{"image": item["image"]} for item in content["testing"]]
     path = tmp_path / "to_classify.json"
     path.write_text(json.dumps({"testing": unlabelled}))
-    assert [item["image"] for item in inference_items(path, synthetic_dir)] == \
-        [str(synthetic_dir / item["image"]) for item in unlabelled]
+    assert [item["image"] for item in inference_items(path, synthetic_dir)] == [
+        str(synthetic_dir / item["image"]) for item in unlabelled
+    ]
     (tmp_path / "escape.jpg").symlink_to(synthetic_dir / unlabelled[0]["image"])
     path.write_text(json.dumps({"testing": [*unlabelled, {"image": "../escape.jpg"}, {"image": "images/gone.jpg"}]}))
     with pytest.raises(DatasetError) as raised:

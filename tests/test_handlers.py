@@ -28,7 +28,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert list(tmp_path.iterdir()) == [target], "no temporary file left behind"
 
 
-@pytest.mark.parametrize("text, value", [("false", False), ("False", False), ("0", False), ("true", True), (True, True)])
+@pytest.mark.parametrize(
+    "text, value", [("false", False), ("False", False), ("0", False), ("true", True), (True, True)]
+)
 def test_flags_typed_on_the_command_line(text, value):
     assert as_bool(text, "resume") is value
 
@@ -41,7 +43,9 @@ def test_a_bad_flag_names_its_key():
 def _run(saver: BestModelSaver, scores: list[float]) -> None:
     """One validation epoch per score: the saver sees ``val_auc`` = that score."""
     engine = Engine(lambda e, b: None)
-    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_auc=scores[e.state.epoch - 1]))
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_auc=scores[e.state.epoch - 1])
+    )
     saver.attach(engine)
     engine.run([0], max_epochs=len(scores))
 
@@ -69,16 +73,24 @@ def test_best_model_saver_writes_the_trained_image_size_beside_the_weights(tmp_p
     net = torch.nn.Linear(2, 2)
     _run(BestModelSaver(net, str(path), "val_auc", image_size=(32, 48)), [0.6, 0.9, 0.7])
     assert json.loads((tmp_path / "model.json").read_text()) == {
-        "image_size": [32, 48], "class_names": list(CLASS_NAMES), "epoch": 2, "metric": {"val_auc": 0.9},
-        "weights_fingerprint": weights_fingerprint(net.state_dict())}
+        "image_size": [32, 48],
+        "class_names": list(CLASS_NAMES),
+        "epoch": 2,
+        "metric": {"val_auc": 0.9},
+        "weights_fingerprint": weights_fingerprint(net.state_dict()),
+    }
     assert trained_image_size(path) == [32, 48]  # what serving reads back
     assert verified_sidecar(path)["epoch"] == 2, "the sidecar belongs to the weights beside it"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"], "no temporary file left behind"
 
 
 def test_best_model_saver_on_a_non_writing_rank_writes_no_sidecar(tmp_path):
-    _run(BestModelSaver(torch.nn.Linear(2, 2), str(tmp_path / "model.pt"), "val_auc", enabled=False,
-                        image_size=[32, 32]), [0.6])
+    _run(
+        BestModelSaver(
+            torch.nn.Linear(2, 2), str(tmp_path / "model.pt"), "val_auc", enabled=False, image_size=[32, 32]
+        ),
+        [0.6],
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -100,7 +112,8 @@ def _killed_after_write(monkeypatch, n: int) -> None:
 
 
 def test_a_kill_after_the_new_weights_leaves_a_pair_no_loader_accepts_and_the_next_run_completes_it(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     net, path = torch.nn.Linear(2, 2), tmp_path / "model.pt"
     first = BestModelSaver(net, str(path), "val_auc", image_size=[32, 32])
     _run(first, [0.6])
@@ -111,8 +124,11 @@ def test_a_kill_after_the_new_weights_leaves_a_pair_no_loader_accepts_and_the_ne
         _run(first, [0.6, 0.9])  # epoch 2 improves: new weights written, then the process dies
     monkeypatch.undo()
     assert json.loads((tmp_path / "model.json").read_text())["epoch"] == 1, "the old sidecar beside the new weights"
-    with pytest.raises(SidecarError, match=r"model\.json belongs to other weights than .*model\.pt .*"
-                                           r": model\.json\.pending is there: a save was interrupted"):
+    with pytest.raises(
+        SidecarError,
+        match=r"model\.json belongs to other weights than .*model\.pt .*"
+        r": model\.json\.pending is there: a save was interrupted",
+    ):
         verified_sidecar(path)
 
     # the resumed run restores best 0.9 and never beats it, yet leaves a pair that belongs together
@@ -157,9 +173,11 @@ def test_a_checkpoint_trained_on_something_else_is_refused_naming_resume_false(t
 
     fewer = tmp_path / "fewer.json"
     fewer.write_text(json.dumps({"training": items[:3], "validation": items[4:]}))
-    for other, what in [(training_fingerprint(fewer, [32, 32], torch.nn.Linear(2, 7)), "datalist"),
-                        (training_fingerprint(datalist, [64, 64], torch.nn.Linear(2, 7)), "image_size [32, 32]"),
-                        (training_fingerprint(datalist, [32, 32], torch.nn.Linear(3, 7)), "network 'Linear:")]:
+    for other, what in [
+        (training_fingerprint(fewer, [32, 32], torch.nn.Linear(2, 7)), "datalist"),
+        (training_fingerprint(datalist, [64, 64], torch.nn.Linear(2, 7)), "image_size [32, 32]"),
+        (training_fingerprint(datalist, [32, 32], torch.nn.Linear(3, 7)), "network 'Linear:"),
+    ]:
         with pytest.raises(ValueError) as error:
             check_resume(checkpoint, True, other)
         assert what in str(error.value) and "Pass --resume false to start over" in str(error.value)

@@ -17,8 +17,8 @@ from monai.networks.nets import DenseNet121
 from PIL import Image
 
 from bundle import sidecar
-from bundle.labels import CLASS_LABELS, CLASS_NAMES
 from bundle.handlers import BestModelSaver
+from bundle.labels import CLASS_LABELS, CLASS_NAMES
 from bundle.predictor import Prediction, Predictor, Rejection, RejectionKind, bundle_files, trained_image_size
 from bundle.sidecar import SidecarError
 from tests.bundle_runs import INFERENCE, REPO, run_bundle

@@ -10,11 +10,27 @@ from tests.bundle_runs import REPO, bundle_env
 
 def test_each_run_is_trained_evaluated_and_tabulated(tmp_path):
     images = generate(tmp_path / "data", n_images=140, image_size=(64, 48), seed=2)
-    runs = {"tiny": {"image_size": [32, 32], "max_epochs": 1, "batch_size": 32, "num_workers": 0},
-            "broken": {"image_size": [32, 32], "max_epochs": 1, "imbalance": "oversample"}}
-    result = subprocess.run([sys.executable, "scripts/run_recipes.py", "--dataset_dir", str(images), "--work_dir",
-                             str(tmp_path / "work"), "--runs", json.dumps(runs)], cwd=REPO, env=bundle_env(),
-                            capture_output=True, text=True, timeout=600)
+    runs = {
+        "tiny": {"image_size": [32, 32], "max_epochs": 1, "batch_size": 32, "num_workers": 0},
+        "broken": {"image_size": [32, 32], "max_epochs": 1, "imbalance": "oversample"},
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/run_recipes.py",
+            "--dataset_dir",
+            str(images),
+            "--work_dir",
+            str(tmp_path / "work"),
+            "--runs",
+            json.dumps(runs),
+        ],
+        cwd=REPO,
+        env=bundle_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "work" / "runs.jsonl").read_text().splitlines()]
     assert [row["name"] for row in rows] == ["tiny"], "the failing run is reported, not tabulated"

@@ -23,8 +23,12 @@ TRAINED_IMAGE_SIZE = [32, 32]  # not inference.json's 64 x 64: the sidecar must 
 
 
 def _package(bundle_root, archive) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(bundle_root),
-                           "--output", str(archive)], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(bundle_root), "--output", str(archive)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +59,16 @@ def jpeg(tmp_path_factory):
 
 
 def test_the_archive_has_the_container_layout(model_dir):
-    for path in ("configs/inference.json", "models/model.pt", "models/model.json", "code/inference.py",
-                 "code/skin_lesion_handler.py", "code/requirements.txt", "code/bundle/predictor.py",
-                 "code/bundle/labels.py"):
+    for path in (
+        "configs/inference.json",
+        "models/model.pt",
+        "models/model.json",
+        "code/inference.py",
+        "code/skin_lesion_handler.py",
+        "code/requirements.txt",
+        "code/bundle/predictor.py",
+        "code/bundle/labels.py",
+    ):
         assert (model_dir / path).is_file(), path
     # TorchServe in the container takes this handler over the toolkit's (tests/test_sagemaker_container.py)
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]
@@ -81,8 +92,9 @@ def test_packaging_refuses_a_malformed_sidecar(tmp_path):
 
 def test_the_four_functions_classify_like_the_predictor(adapter, model_dir, jpeg):
     model = adapter.model_fn(str(model_dir))
-    body, content_type = adapter.output_fn(adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model),
-                                           "application/json")
+    body, content_type = adapter.output_fn(
+        adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), "application/json"
+    )
     answer = json.loads(body)
     assert content_type == "application/json"
     assert set(answer) == {"class", "label", "probability", "probabilities"}
@@ -99,13 +111,16 @@ def test_json_base64_input_gives_the_same_answer(adapter, model_dir, jpeg):
     assert json.loads(via_json) == json.loads(raw)
 
 
-@pytest.mark.parametrize("body, content_type, status", [
-    (b"", "image/jpeg", 400),
-    (b"not an image", "image/png", 400),
-    (b"{not json", "application/json", 400),
-    (json.dumps({"image": "***"}), "application/json", 400),
-    (b"GIF89a", "image/gif", 415),
-])
+@pytest.mark.parametrize(
+    "body, content_type, status",
+    [
+        (b"", "image/jpeg", 400),
+        (b"not an image", "image/png", 400),
+        (b"{not json", "application/json", 400),
+        (json.dumps({"image": "***"}), "application/json", 400),
+        (b"GIF89a", "image/gif", 415),
+    ],
+)
 def test_bad_requests_are_refused_with_a_4xx_and_a_reason(adapter, model_dir, body, content_type, status):
     model = adapter.model_fn(str(model_dir))
     with pytest.raises(adapter.ToolkitError) as refused:
@@ -134,7 +149,8 @@ def test_the_predict_client_reads_a_sagemaker_endpoint(adapter, model_dir, jpeg,
     from moto.server import ThreadedMotoServer
 
     body, content_type = adapter.output_fn(
-        adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), adapter.model_fn(str(model_dir))), "application/json")
+        adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), adapter.model_fn(str(model_dir))), "application/json"
+    )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -142,20 +158,42 @@ def test_the_predict_client_reads_a_sagemaker_endpoint(adapter, model_dir, jpeg,
     aws.start()
     try:
         endpoint_url = f"http://127.0.0.1:{port}"
-        requests.post(f"{endpoint_url}/moto-api/static/sagemaker/endpoint-results", timeout=10, json={
-            "account_id": "123456789012", "region": "eu-west-1",
-            "results": [{"Body": body, "ContentType": content_type}]}).raise_for_status()
+        requests.post(
+            f"{endpoint_url}/moto-api/static/sagemaker/endpoint-results",
+            timeout=10,
+            json={
+                "account_id": "123456789012",
+                "region": "eu-west-1",
+                "results": [{"Body": body, "ContentType": content_type}],
+            },
+        ).raise_for_status()
         image = tmp_path / "lesion.jpg"
         image.write_bytes(jpeg)
-        env = dict(os.environ, AWS_ENDPOINT_URL=endpoint_url, AWS_ACCESS_KEY_ID="testing",
-                   AWS_SECRET_ACCESS_KEY="testing")
+        env = dict(
+            os.environ, AWS_ENDPOINT_URL=endpoint_url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing"
+        )
         # --as_json: moto's server decodes request bodies as UTF-8, so raw JPEG bytes can't pass through it
-        result = subprocess.run([sys.executable, "scripts/predict.py", str(image), "--endpoint", "skin-lesion",
-                                 "--region", "eu-west-1", "--as_json"], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "scripts/predict.py",
+                str(image),
+                "--endpoint",
+                "skin-lesion",
+                "--region",
+                "eu-west-1",
+                "--as_json",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         aws.stop()
     answer = json.loads(body)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == (f"{image}: class: {answer['label']}, "
-                                     f"probability: {round(100 * answer['probability'])} percent")
+    assert result.stdout.strip() == (
+        f"{image}: class: {answer['label']}, probability: {round(100 * answer['probability'])} percent"
+    )

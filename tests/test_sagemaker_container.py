@@ -47,9 +47,22 @@ def packaged(tmp_path_factory):
     (root / "models" / "model.pt").rename(root / "models" / "best.pt")
     (root / "models" / "model.json").rename(root / "models" / "best.json")
     archive = tmp_path_factory.mktemp("dist") / "model.tar.gz"
-    result = subprocess.run([sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(root),
-                             "--weights", str(root / "models" / "best.pt"), "--output", str(archive)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/package_sagemaker.py",
+            "--bundle_root",
+            str(root),
+            "--weights",
+            str(root / "models" / "best.pt"),
+            "--output",
+            str(archive),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     model_dir = tmp_path_factory.mktemp("opt_ml_model")
     with tarfile.open(archive) as tar:
@@ -70,15 +83,18 @@ def container(packaged, tmp_path_factory):
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> dict[str, dict]:
     """Good requests in every accepted form: raw JPEG, raw PNG, JSON base64, raw bytes without a type."""
-    images = sorted((generate(tmp_path_factory.mktemp("images"), n_images=42, image_size=(64, 48), seed=3)
-                     / "images").glob("*.jpg"))
+    images = sorted(
+        (generate(tmp_path_factory.mktemp("images"), n_images=42, image_size=(64, 48), seed=3) / "images").glob("*.jpg")
+    )
     jpegs = [path.read_bytes() for path in images[:3]]
     with Image.open(images[3]) as image:
         png = encode(image.convert("RGB"), "PNG")
-    return {"raw_jpeg": {"data": jpegs[0], "headers": {"Content-Type": JPEG}},
-            "raw_png": {"data": png, "headers": {"Content-Type": PNG}},
-            "json_base64": {"json": {"image": base64.b64encode(jpegs[1]).decode()}},
-            "octet_stream": {"data": jpegs[2], "headers": {"Content-Type": "application/octet-stream"}}}
+    return {
+        "raw_jpeg": {"data": jpegs[0], "headers": {"Content-Type": JPEG}},
+        "raw_png": {"data": png, "headers": {"Content-Type": PNG}},
+        "json_base64": {"json": {"image": base64.b64encode(jpegs[1]).decode()}},
+        "octet_stream": {"data": jpegs[2], "headers": {"Content-Type": "application/octet-stream"}},
+    }
 
 
 BAD = {  # name: (request, status)
@@ -158,9 +174,22 @@ def test_the_model_is_served_at_its_sidecar_size_from_weights_named_otherwise(pa
 def test_the_predict_client_prints_each_refusal_cleanly(container, good, tmp_path):
     (tmp_path / "lesion.jpg").write_bytes(good["raw_jpeg"]["data"])
     (tmp_path / "broken.png").write_bytes(b"not an image at all")
-    result = subprocess.run([sys.executable, "scripts/predict.py", str(tmp_path / "lesion.jpg"),
-                             str(tmp_path / "broken.png"), "--url", container["url"], "--model", "model"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/predict.py",
+            str(tmp_path / "lesion.jpg"),
+            str(tmp_path / "broken.png"),
+            "--url",
+            container["url"],
+            "--model",
+            "model",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith(f"{tmp_path / 'lesion.jpg'}: class: ")

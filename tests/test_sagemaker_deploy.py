@@ -21,7 +21,8 @@ def aws(tmp_path_factory):
     (hooks / "sitecustomize.py").write_text(
         f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
         "from tests.aws_local import strip_moto_empty_fields\n"
-        "HOOK = strip_moto_empty_fields()  # kept: a collected generator would undo the patch\nHOOK.__enter__()\n")
+        "HOOK = strip_moto_empty_fields()  # kept: a collected generator would undo the patch\nHOOK.__enter__()\n"
+    )
     with local_aws(tmp_path_factory.mktemp("aws")) as env:
         env["PYTHONPATH"] = str(hooks)
         require("sagemaker.serve")  # within the region: importing it without one raises NoRegionError
@@ -32,8 +33,12 @@ def aws(tmp_path_factory):
 def archive(tmp_path_factory):
     root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"), trained_image_size=[32, 32])
     output = root / "model.tar.gz"
-    packaged = subprocess.run([sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(root),
-                               "--output", str(output)], cwd=REPO, capture_output=True, text=True)
+    packaged = subprocess.run(
+        [sys.executable, "scripts/package_sagemaker.py", "--bundle_root", str(root), "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert packaged.returncode == 0, packaged.stderr
     return output
 
@@ -41,8 +46,14 @@ def archive(tmp_path_factory):
 def deploy_cli(aws, *args, expect_ok=True) -> subprocess.CompletedProcess:
     import os
 
-    result = subprocess.run([sys.executable, "scripts/sagemaker_deploy.py", *args], cwd=REPO,
-                            env=dict(os.environ, **aws), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "scripts/sagemaker_deploy.py", *args],
+        cwd=REPO,
+        env=dict(os.environ, **aws),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert (result.returncode == 0) == expect_ok, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -74,9 +85,26 @@ def bucket_keys() -> list[str]:
 
 
 def test_deploy_with_autoscaling_then_delete_removes_everything(aws, archive):
-    result = deploy_cli(aws, "deploy", "--model", str(archive), "--endpoint", "lesions-rt", "--role", ROLE,
-                        "--bucket", BUCKET, "--instance_type", "ml.c5.xlarge", "--instance_count", "2",
-                        "--autoscale", "1,4", "--invocations_per_instance", "50")
+    result = deploy_cli(
+        aws,
+        "deploy",
+        "--model",
+        str(archive),
+        "--endpoint",
+        "lesions-rt",
+        "--role",
+        ROLE,
+        "--bucket",
+        BUCKET,
+        "--instance_type",
+        "ml.c5.xlarge",
+        "--instance_count",
+        "2",
+        "--autoscale",
+        "1,4",
+        "--invocations_per_instance",
+        "50",
+    )
     assert "classify: python scripts/predict.py IMAGE --endpoint lesions-rt --region eu-west-1" in result.stdout
     endpoint = sagemaker().describe_endpoint(EndpointName="lesions-rt")
     config = sagemaker().describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
@@ -100,8 +128,11 @@ def test_deploy_with_autoscaling_then_delete_removes_everything(aws, archive):
     deleted = deploy_cli(aws, "delete", "--endpoint", "lesions-rt")
     assert "deleted endpoint lesions-rt" in deleted.stdout
     assert not [e for e in sagemaker().list_endpoints()["Endpoints"] if e["EndpointName"] == "lesions-rt"]
-    assert not [c for c in sagemaker().list_endpoint_configs()["EndpointConfigs"]
-                if c["EndpointConfigName"] == endpoint["EndpointConfigName"]]
+    assert not [
+        c
+        for c in sagemaker().list_endpoint_configs()["EndpointConfigs"]
+        if c["EndpointConfigName"] == endpoint["EndpointConfigName"]
+    ]
     assert not [m for m in sagemaker().list_models()["Models"] if m["ModelName"] == variant["ModelName"]]
     assert not registered(resource) and not policies(resource)
 
@@ -111,8 +142,7 @@ def test_a_training_artifact_in_s3_deploys_on_the_byoc_image_without_a_bucket_ar
     (tmp_path / "artifact" / "model.tar.gz").write_bytes(archive.read_bytes())
     artifact = upload_folder(tmp_path / "artifact", BUCKET, "skin-lesion/output/job-1/output") + "model.tar.gz"
     before = len(bucket_keys())
-    deploy_cli(aws, "deploy", "--model", artifact, "--endpoint", "lesions-byoc", "--image", BYOC_IMAGE,
-               "--role", ROLE)
+    deploy_cli(aws, "deploy", "--model", artifact, "--endpoint", "lesions-byoc", "--image", BYOC_IMAGE, "--role", ROLE)
     assert len(bucket_keys()) == before  # nothing uploaded: the artifact is used where it is
     endpoint = sagemaker().describe_endpoint(EndpointName="lesions-byoc")
     config = sagemaker().describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
@@ -125,9 +155,24 @@ def test_a_training_artifact_in_s3_deploys_on_the_byoc_image_without_a_bucket_ar
 
 
 def test_batch_transform_over_a_prefix_then_its_model_is_deleted(aws, archive):
-    result = deploy_cli(aws, "transform", "--model", str(archive), "--input", f"s3://{BUCKET}/incoming/",
-                        "--output", f"s3://{BUCKET}/predictions/", "--role", ROLE, "--bucket", BUCKET,
-                        "--instance_type", "ml.m5.2xlarge", "--instance_count", "2")
+    result = deploy_cli(
+        aws,
+        "transform",
+        "--model",
+        str(archive),
+        "--input",
+        f"s3://{BUCKET}/incoming/",
+        "--output",
+        f"s3://{BUCKET}/predictions/",
+        "--role",
+        ROLE,
+        "--bucket",
+        BUCKET,
+        "--instance_type",
+        "ml.m5.2xlarge",
+        "--instance_count",
+        "2",
+    )
     job_name = result.stdout.split("transform job: ")[1].split()[0]
     job = sagemaker().describe_transform_job(TransformJobName=job_name)
     assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/incoming/"
@@ -141,21 +186,27 @@ def test_batch_transform_over_a_prefix_then_its_model_is_deleted(aws, archive):
     assert not [m for m in sagemaker().list_models()["Models"] if m["ModelName"] == job["ModelName"]]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["deploy", "--instance_type", "ml.m5.huge"], "unknown endpoint instance type 'ml.m5.huge'"),
-    (["deploy", "--instance_count", "0"], "--instance_count must be a whole number of instances, at least 1, not 0"),
-    (["deploy", "--autoscale", "4,1"], "--autoscale takes MIN,MAX instance counts with 1 <= MIN <= MAX"),
-    (["deploy", "--autoscale", "2,4"], "--instance_count 1 is outside --autoscale 2,4"),
-    (["deploy", "--endpoint", "bad_name!"], "--endpoint 'bad_name!' is not a valid endpoint name"),
-    (["deploy", "--model", "missing.tar.gz"], "--model missing.tar.gz not found"),
-    (["deploy", "--model", "README.md"], "--model README.md is not a tar archive"),
-    (["deploy", "--model", "s3:/bucket/model.tar.gz"], "--model 's3:/bucket/model.tar.gz' is not an S3 URI"),
-    (["deploy", "--role", ""], "no IAM role for SageMaker: pass --role or set SAGEMAKER_ROLE_ARN"),
-    (["deploy", "--bucket", ""], "no S3 bucket for code and artifacts: pass --bucket or set SAGEMAKER_BUCKET"),
-    (["transform", "--input", "incoming/"], "--input 'incoming/' is not an S3 URI"),
-    (["transform", "--output", "https://example.com/out"], "--output 'https://example.com/out' is not an S3 URI"),
-    (["transform", "--instance_type", "ml.t2.medium"], "unknown transform instance type 'ml.t2.medium'"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["deploy", "--instance_type", "ml.m5.huge"], "unknown endpoint instance type 'ml.m5.huge'"),
+        (
+            ["deploy", "--instance_count", "0"],
+            "--instance_count must be a whole number of instances, at least 1, not 0",
+        ),
+        (["deploy", "--autoscale", "4,1"], "--autoscale takes MIN,MAX instance counts with 1 <= MIN <= MAX"),
+        (["deploy", "--autoscale", "2,4"], "--instance_count 1 is outside --autoscale 2,4"),
+        (["deploy", "--endpoint", "bad_name!"], "--endpoint 'bad_name!' is not a valid endpoint name"),
+        (["deploy", "--model", "missing.tar.gz"], "--model missing.tar.gz not found"),
+        (["deploy", "--model", "README.md"], "--model README.md is not a tar archive"),
+        (["deploy", "--model", "s3:/bucket/model.tar.gz"], "--model 's3:/bucket/model.tar.gz' is not an S3 URI"),
+        (["deploy", "--role", ""], "no IAM role for SageMaker: pass --role or set SAGEMAKER_ROLE_ARN"),
+        (["deploy", "--bucket", ""], "no S3 bucket for code and artifacts: pass --bucket or set SAGEMAKER_BUCKET"),
+        (["transform", "--input", "incoming/"], "--input 'incoming/' is not an S3 URI"),
+        (["transform", "--output", "https://example.com/out"], "--output 'https://example.com/out' is not an S3 URI"),
+        (["transform", "--instance_type", "ml.t2.medium"], "unknown transform instance type 'ml.t2.medium'"),
+    ],
+)
 def test_bad_arguments_fail_before_anything_is_uploaded_or_created(aws, archive, args, expected):
     command, *rest = args
     options = {"--model": str(archive), "--role": ROLE, "--bucket": BUCKET}
@@ -164,8 +215,9 @@ def test_bad_arguments_fail_before_anything_is_uploaded_or_created(aws, archive,
     for flag, value in zip(rest[::2], rest[1::2], strict=True):
         options[flag] = value
     keys, models = bucket_keys(), sagemaker().list_models()["Models"]
-    result = deploy_cli(aws, command, *[item for pair in options.items() if pair[1] != "" for item in pair],
-                        expect_ok=False)
+    result = deploy_cli(
+        aws, command, *[item for pair in options.items() if pair[1] != "" for item in pair], expect_ok=False
+    )
     assert expected in result.stderr, result.stderr[-3000:]
     assert bucket_keys() == keys and sagemaker().list_models()["Models"] == models
 

@@ -67,14 +67,42 @@ def aws(tmp_path_factory, synthetic_dir):
 
 @pytest.fixture(scope="module")
 def one_host_job(aws):
-    return launched(launch("--data", aws["data"], "--role", ROLE, "--bucket", BUCKET, "--region", REGION,
-                           "--instance_type", "ml.g5.xlarge", **HYPERPARAMETERS))
+    return launched(
+        launch(
+            "--data",
+            aws["data"],
+            "--role",
+            ROLE,
+            "--bucket",
+            BUCKET,
+            "--region",
+            REGION,
+            "--instance_type",
+            "ml.g5.xlarge",
+            **HYPERPARAMETERS,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def two_host_job(aws):
-    return launched(launch("--data", aws["data"], "--role", ROLE, "--bucket", BUCKET, "--region", REGION,
-                           "--instance_type", "ml.m5.xlarge", "--instance_count", "2", **HYPERPARAMETERS))
+    return launched(
+        launch(
+            "--data",
+            aws["data"],
+            "--role",
+            ROLE,
+            "--bucket",
+            BUCKET,
+            "--region",
+            REGION,
+            "--instance_type",
+            "ml.m5.xlarge",
+            "--instance_count",
+            "2",
+            **HYPERPARAMETERS,
+        )
+    )
 
 
 def test_the_launched_job_has_the_image_instances_hyperparameters_data_and_source(aws, one_host_job):
@@ -98,8 +126,23 @@ def test_the_launched_job_has_the_image_instances_hyperparameters_data_and_sourc
 
 
 def test_torchrun_false_runs_one_plain_process(aws):
-    job = launched(launch("--data", aws["data"], "--role", ROLE, "--bucket", BUCKET, "--torchrun", "false",
-                          "--instance_type", "ml.c5.2xlarge", "--gpus_per_instance", "1", **HYPERPARAMETERS))
+    job = launched(
+        launch(
+            "--data",
+            aws["data"],
+            "--role",
+            ROLE,
+            "--bucket",
+            BUCKET,
+            "--torchrun",
+            "false",
+            "--instance_type",
+            "ml.c5.2xlarge",
+            "--gpus_per_instance",
+            "1",
+            **HYPERPARAMETERS,
+        )
+    )
     train_script = s3_text(channel(job, "sm_drivers") + "/sm_train.sh")
     assert "basic_script_driver.py" in train_script and "torchrun_driver.py" not in train_script
     assert job["AlgorithmSpecification"]["TrainingImage"].endswith("/pytorch-training:2.10-cpu-py313")
@@ -110,19 +153,22 @@ def test_a_two_instance_job_uses_torchrun(two_host_job):
     assert "torchrun_driver.py" in s3_text(channel(two_host_job, "sm_drivers") + "/sm_train.sh")
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--data", "ham10000/"], "--data 'ham10000/' is not an S3 URI"),
-    (["--data", "s3://Not_A_Bucket/x"], "is not an S3 URI"),
-    (["--instance_count", "0"], "--instance_count must be a whole number of instances, at least 1, not 0"),
-    (["--instance_type", "ml.m5.huge"], "unknown training instance type 'ml.m5.huge'; ml.m5 offers ml.m5.12xlarge"),
-    (["--instance_type", "p3.2xlarge"], "unknown training instance type 'p3.2xlarge'"),
-    (["--epoch", "3"], "unknown hyperparameter 'epoch' (did you mean 'epochs'?)"),
-    (["--datalist", "x.json"], "'datalist' is set by the training job itself"),
-    (["--role", ""], "no IAM role for SageMaker: pass --role or set SAGEMAKER_ROLE_ARN"),
-    (["--role", "admin"], "--role 'admin' is not an IAM role ARN"),
-    (["--bucket", ""], "no S3 bucket for code and artifacts: pass --bucket or set SAGEMAKER_BUCKET"),
-    (["--instance_count", "2", "--torchrun", "false"], "--instance_count above 1 needs --torchrun"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data", "ham10000/"], "--data 'ham10000/' is not an S3 URI"),
+        (["--data", "s3://Not_A_Bucket/x"], "is not an S3 URI"),
+        (["--instance_count", "0"], "--instance_count must be a whole number of instances, at least 1, not 0"),
+        (["--instance_type", "ml.m5.huge"], "unknown training instance type 'ml.m5.huge'; ml.m5 offers ml.m5.12xlarge"),
+        (["--instance_type", "p3.2xlarge"], "unknown training instance type 'p3.2xlarge'"),
+        (["--epoch", "3"], "unknown hyperparameter 'epoch' (did you mean 'epochs'?)"),
+        (["--datalist", "x.json"], "'datalist' is set by the training job itself"),
+        (["--role", ""], "no IAM role for SageMaker: pass --role or set SAGEMAKER_ROLE_ARN"),
+        (["--role", "admin"], "--role 'admin' is not an IAM role ARN"),
+        (["--bucket", ""], "no S3 bucket for code and artifacts: pass --bucket or set SAGEMAKER_BUCKET"),
+        (["--instance_count", "2", "--torchrun", "false"], "--instance_count above 1 needs --torchrun"),
+    ],
+)
 def test_bad_launch_arguments_fail_before_anything_is_uploaded(aws, args, expected):
     import boto3
 
@@ -146,8 +192,10 @@ def test_the_sdk_session_has_telemetry_opted_out(aws, monkeypatch):
     from sagemaker.core.common_utils import resolve_value_from_config
     from sagemaker.core.config.config_schema import TELEMETRY_OPT_OUT_PATH
 
-    assert resolve_value_from_config(config_path=TELEMETRY_OPT_OUT_PATH, default_value=False,
-                                     sagemaker_session=session) is True
+    assert (
+        resolve_value_from_config(config_path=TELEMETRY_OPT_OUT_PATH, default_value=False, sagemaker_session=session)
+        is True
+    )
 
 
 def load_model_dir(model_dir):
@@ -167,15 +215,23 @@ def load_model_dir(model_dir):
 def classify(model_dir, image_bytes) -> dict:
     adapter = load_model_dir(model_dir)
     predictor = adapter.model_fn(str(model_dir))
-    body, content_type = adapter.output_fn(adapter.predict_fn(adapter.input_fn(image_bytes, "image/jpeg"), predictor),
-                                           "application/json")
+    body, content_type = adapter.output_fn(
+        adapter.predict_fn(adapter.input_fn(image_bytes, "image/jpeg"), predictor), "application/json"
+    )
     assert content_type == "application/json"
     return json.loads(body)
 
 
 def assert_complete_model_dir(model_dir):
-    for path in ("configs/inference.json", "models/model.pt", "models/model.json", "code/inference.py",
-                 "code/requirements.txt", "code/bundle/predictor.py", "code/bundle/payloads.py"):
+    for path in (
+        "configs/inference.json",
+        "models/model.pt",
+        "models/model.json",
+        "code/inference.py",
+        "code/requirements.txt",
+        "code/bundle/predictor.py",
+        "code/bundle/payloads.py",
+    ):
         assert (model_dir / path).is_file(), path
     assert json.loads((model_dir / "models" / "model.json").read_text())["image_size"] == [32, 32]
 
@@ -210,8 +266,9 @@ def test_one_host_job_runs_through_the_sdk_torchrun_driver_and_leaves_a_complete
     assert "auc_macro" in json.loads((opt_ml / "output" / "data" / "metrics.json").read_text())
 
 
-def test_the_job_model_dir_classifies_through_the_adapter_and_aws_inference_toolkit(one_host_container, real_image,
-                                                                                    tmp_path):
+def test_the_job_model_dir_classifies_through_the_adapter_and_aws_inference_toolkit(
+    one_host_container, real_image, tmp_path
+):
     import requests
 
     model_dir = one_host_container[0] / "model"
@@ -219,8 +276,9 @@ def test_the_job_model_dir_classifies_through_the_adapter_and_aws_inference_tool
     assert set(answer) == {"class", "label", "probability", "probabilities"}
     assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     with inference_toolkit(model_dir, tmp_path) as url:
-        served = requests.post(f"{url}/invocations", data=real_image, headers={"Content-Type": "image/jpeg"},
-                               timeout=120)
+        served = requests.post(
+            f"{url}/invocations", data=real_image, headers={"Content-Type": "image/jpeg"}, timeout=120
+        )
     assert served.status_code == 200, served.text
     assert served.json()["class"] == answer["class"]
     assert served.json()["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-5)
@@ -253,27 +311,40 @@ def test_two_hosts_train_their_shards_and_only_rank_0_writes(two_host_job, tmp_p
 def run_entry(tmp_path, env_changes: dict, *args) -> subprocess.CompletedProcess:
     import os
 
-    env = dict(os.environ, SM_MODEL_DIR=str(tmp_path / "model"), SM_OUTPUT_DATA_DIR=str(tmp_path / "output" / "data"),
-               SM_OUTPUT_FAILURE=str(tmp_path / "output" / "failure"))
+    env = dict(
+        os.environ,
+        SM_MODEL_DIR=str(tmp_path / "model"),
+        SM_OUTPUT_DATA_DIR=str(tmp_path / "output" / "data"),
+        SM_OUTPUT_FAILURE=str(tmp_path / "output" / "failure"),
+    )
     (tmp_path / "output").mkdir(exist_ok=True)
     for key, value in env_changes.items():
         if value is None:
             env.pop(key, None)
         else:
             env[key] = value
-    return subprocess.run([sys.executable, "scripts/sagemaker_entry.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "scripts/sagemaker_entry.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("no channel", "no 'training' data channel (SM_CHANNEL_TRAINING is not set)"),
-    ("empty channel", "is empty: the S3 prefix holds no files"),
-    ("not HAM10000", "no metadata CSV in"),
-    ("unknown hyperparameter", "unknown hyperparameter 'learningrate' (did you mean 'learning_rate'?)"),
-    ("bad job setting", "hyperparameter 'val_frac' must be a float, not 'lots'"),
-    ("dangling flag", "hyperparameter --epochs has no value"),
-    ("hosts without torchrun", "2 hosts but no torchrun"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no channel", "no 'training' data channel (SM_CHANNEL_TRAINING is not set)"),
+        ("empty channel", "is empty: the S3 prefix holds no files"),
+        ("not HAM10000", "no metadata CSV in"),
+        ("unknown hyperparameter", "unknown hyperparameter 'learningrate' (did you mean 'learning_rate'?)"),
+        ("bad job setting", "hyperparameter 'val_frac' must be a float, not 'lots'"),
+        ("dangling flag", "hyperparameter --epochs has no value"),
+        ("hosts without torchrun", "2 hosts but no torchrun"),
+    ],
+)
 def test_the_entry_script_refuses_bad_input_before_any_work(tmp_path, synthetic_dir, case, expected):
     (tmp_path / "empty").mkdir()
     (tmp_path / "other").mkdir()

@@ -68,21 +68,31 @@ def test_learning_rate_scaling():
         scaled_learning_rate(1e-3, 256, 64, "cubic")
 
 
-@pytest.mark.parametrize("overlays, dataset_type, loader_type", [
-    ([], ImageCache, CachedBatchLoader),
-    (["train_chain.json"], CacheDataset, DataLoader),
-])
+@pytest.mark.parametrize(
+    "overlays, dataset_type, loader_type",
+    [
+        ([], ImageCache, CachedBatchLoader),
+        (["train_chain.json"], CacheDataset, DataLoader),
+    ],
+)
 def test_the_training_workflow_has_monais_bundle_properties_and_one_data_path(
-        overlays, dataset_type, loader_type, synthetic_dir, tmp_path):
+    overlays, dataset_type, loader_type, synthetic_dir, tmp_path
+):
     """MONAI's ConfigWorkflow finds every required training property (train#trainer, train#dataset,
     train#inferer, ...) and the optional ones under the ids it expects; each config builds one data path."""
     datalist = tmp_path / "datalist.json"
     data.write_datalist(data.split_by_lesion(data.read_ham10000(synthetic_dir), seed=0), datalist, synthetic_dir)
     workflow = ConfigWorkflow(
         config_file=[str(REPO / "configs" / name) for name in ["train.json", *overlays]],
-        meta_file=str(REPO / "configs" / "metadata.json"), logging_file=str(REPO / "configs" / "logging.conf"),
-        workflow_type="train", bundle_root=str(tmp_path), dataset_dir=str(synthetic_dir), datalist=str(datalist),
-        image_size=[32, 32], num_workers=0)
+        meta_file=str(REPO / "configs" / "metadata.json"),
+        logging_file=str(REPO / "configs" / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(synthetic_dir),
+        datalist=str(datalist),
+        image_size=[32, 32],
+        num_workers=0,
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     assert workflow.max_epochs == 30
@@ -95,9 +105,15 @@ def test_the_training_workflow_has_monais_bundle_properties_and_one_data_path(
 def test_the_inference_workflow_has_monais_bundle_properties(synthetic_dir, tmp_path):
     root = bundle_with_random_weights(tmp_path / "bundle", trained_image_size=[32, 32])
     workflow = ConfigWorkflow(
-        config_file=str(root / "configs" / "inference.json"), meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"), workflow_type="infer", bundle_root=str(root),
-        input=str(synthetic_dir), image_size=[32, 32], num_workers=0)
+        config_file=str(root / "configs" / "inference.json"),
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"),
+        workflow_type="infer",
+        bundle_root=str(root),
+        input=str(synthetic_dir),
+        image_size=[32, 32],
+        num_workers=0,
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     assert len(workflow.dataset) == len(list(synthetic_dir.rglob("*.jpg")))
