@@ -196,7 +196,9 @@ def load_rgb(source: str | os.PathLike | EncodedImage | bytes | io.BytesIO,
         raise UnusableImage("not an image file Pillow can identify") from None
     except Image.DecompressionBombError as error:
         raise UnusableImage(f"image too large: {error}") from None
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow raises SyntaxError for some corrupt headers
+    except MemoryError:
+        raise
+    except Exception as error:  # corrupt headers raise OSError, SyntaxError, ValueError, struct.error, ...
         raise UnusableImage(f"cannot read the image header: {error}") from None
     try:
         problem = header_problem(image, _size_in_bytes(source))
@@ -207,7 +209,7 @@ def load_rgb(source: str | os.PathLike | EncodedImage | bytes | io.BytesIO,
             if image.width >= 4 * SHRINK_MARGIN * width and image.height >= 4 * SHRINK_MARGIN * height:
                 # libjpeg decodes at the smallest of 1/2, 1/4, 1/8 that stays at least 2 x this size
                 image.draft(None, (2 * SHRINK_MARGIN * width, 2 * SHRINK_MARGIN * height))
-        image.load()
+        _decode(image)
         rgb = to_rgb(upright(image))
         if image_size is not None and (size := shrunk_size(*rgb.size, image_size)) != rgb.size:
             rgb = rgb.resize(size, Image.Resampling.BOX)  # area-weighted, the edges' partial pixels included
@@ -223,6 +225,16 @@ def load_rgb(source: str | os.PathLike | EncodedImage | bytes | io.BytesIO,
     if rgb is not image:
         image.close()
     return rgb
+
+
+def _decode(image: Image.Image) -> None:
+    """``image.load()``, every error of a corrupt file reported as ``UnusableImage``."""
+    try:
+        image.load()
+    except MemoryError:
+        raise
+    except Exception as error:  # truncation is an OSError; other corruption raises SyntaxError, struct.error, ...
+        raise UnusableImage(f"cannot decode: {error}") from None
 
 
 def _stored(image_size: Sequence[int], image: Image.Image) -> Sequence[int]:

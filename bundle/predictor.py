@@ -76,6 +76,7 @@ class RejectionKind(enum.StrEnum):
     TOO_LARGE = "too_large"
     BAD_SHAPE = "bad_shape"
     UNDECODABLE = "undecodable"
+    INTERNAL = "internal"  # not the client's fault: a bug, or the machine (memory, disk)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,10 @@ class Predictor:
                 positions.append(position)
             except _Rejected as rejected:
                 results[position] = rejected.rejection
+            except Exception:  # ours, not the client's: this image fails, never the rest of its batch
+                logger.exception("cannot preprocess image %d of the batch", position)
+                results[position] = Rejection(RejectionKind.INTERNAL,
+                                              "internal error preprocessing the image (see the server log)")
         if inputs:
             for position, probabilities in zip(positions, self._probabilities(torch.stack(inputs))):
                 results[position] = self._prediction(probabilities)
