@@ -20,7 +20,8 @@ USAGE = ('send JPEG or PNG bytes (Content-Type image/jpeg or image/png), multipa
          'in a file field named "data", or application/json {"image": "<base64>"}')
 
 REJECTION_STATUS = {RejectionKind.TOO_LARGE: http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    RejectionKind.UNSUPPORTED_FORMAT: http.HTTPStatus.UNSUPPORTED_MEDIA_TYPE}
+                    RejectionKind.UNSUPPORTED_FORMAT: http.HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    RejectionKind.INTERNAL: http.HTTPStatus.INTERNAL_SERVER_ERROR}
 
 
 class RequestError(Exception):
@@ -32,7 +33,7 @@ class RequestError(Exception):
 
 
 def rejection_status(rejection: Rejection) -> http.HTTPStatus:
-    """413 for images over the pixel limit, 415 for formats other than JPEG/PNG, else 400."""
+    """413 for images over the pixel limit, 415 for formats other than JPEG/PNG, 500 for our own failures, else 400."""
     return REJECTION_STATUS.get(rejection.kind, http.HTTPStatus.BAD_REQUEST)
 
 
@@ -52,6 +53,9 @@ def _image_from_json(value: bytes | bytearray | str | dict | list | int | float 
             value = json.loads(value)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RequestError(http.HTTPStatus.BAD_REQUEST, f"invalid JSON: {error}") from None
+        except RecursionError:  # the decoder recurses once per level of nesting: [[[[...]]]] 100,000 deep
+            raise RequestError(http.HTTPStatus.BAD_REQUEST, 'invalid JSON: nested too deeply; expected '
+                               '{"image": "<base64 of a JPEG or PNG>"}') from None
     if not isinstance(value, dict) or not isinstance(value.get("image"), str):
         raise RequestError(http.HTTPStatus.BAD_REQUEST, 'expected a JSON object {"image": "<base64 of a JPEG or PNG>"}')
     try:  # line breaks are allowed: the `base64` tool wraps its output

@@ -2,9 +2,11 @@
 
 The TorchServe handler, the SageMaker adapter and the command line all wrap ``Predictor``, so there
 is one serving path. It reads the network, the preprocessing, the inferer and the postprocessing
-from the bundle's ``configs/inference.json`` (never a second declaration), writes each image's bytes
-to a temporary file and runs the config's own transform chain on it, so a served image gets exactly
-the probabilities ``monai.bundle run --config_file configs/inference.json`` writes for the same file.
+from the bundle's ``configs/inference.json`` (never a second declaration) and runs the config's own
+transform chain on each image's bytes in memory (its reader, ``bundle.imageio.ShrinkingPILReader``,
+takes bytes as well as a path; no temporary file, so a full disk fails nothing), so a served image
+gets exactly the probabilities ``monai.bundle run --config_file configs/inference.json`` writes for
+the same file.
 
 A batch goes in; per image comes back either a ``Prediction`` or a ``Rejection`` saying what is wrong
 with that image. One bad image never fails the others.
@@ -23,7 +25,6 @@ import enum
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from PIL import Image, UnidentifiedImageError
 
-from bundle.imageio import decode_problem
+from bundle.imageio import EncodedImage, UnusableImage, decode_problem, png_size_problem, shape_problem
 from bundle.labels import CLASS_LABELS
 from bundle.sidecar import load_weights, sidecar_path, trained_image_size, verified_sidecar
 
@@ -41,9 +42,13 @@ logger = logging.getLogger(__name__)
 
 INFERENCE_CONFIG = Path("configs") / "inference.json"
 
-# Far above what the network sees and above common phone photos (12 MP), and small enough that a
-# worker decoding one to float32 (about 12 bytes a pixel) stays within a few hundred MB.
+# Far above what the network sees and above common phone photos (12-24 MP). A JPEG this size decodes at
+# 1/8 scale (bundle.imageio), but a PNG decodes whole: at 25 MP that is ~100 MB and ~0.5 s on one core
+# (docs/SERVING.md).
 MAX_PIXELS = 25_000_000
+# PNG has no reduced-size decoding: this many pixels take ~0.3 s of one core and ~60 MB to decode, so a
+# PNG may be a 4000 x 3000 photo but not a 25 MP one (docs/SERVING.md).
+MAX_PNG_PIXELS = 12_000_000
 
 # Pillow format -> file suffix; the formats the bundle's inference run reads (bundle.data.IMAGE_SUFFIXES).
 # MPO is how Pillow names the multi-picture JPEGs many cameras write.
@@ -72,7 +77,9 @@ class RejectionKind(enum.StrEnum):
     NOT_AN_IMAGE = "not_an_image"
     UNSUPPORTED_FORMAT = "unsupported_format"
     TOO_LARGE = "too_large"
+    BAD_SHAPE = "bad_shape"
     UNDECODABLE = "undecodable"
+    INTERNAL = "internal"  # not the client's fault: a bug, or the machine (memory, disk)
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ class Predictor:
 
     def __init__(self, bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None,
                  device: str | torch.device | None = None, max_pixels: int = MAX_PIXELS,
-                 allow_missing_sidecar: bool = False) -> None:
+                 max_png_pixels: int = MAX_PNG_PIXELS, allow_missing_sidecar: bool = False) -> None:
         parser = ConfigParser()
         parser.read_config(Path(bundle_root) / INFERENCE_CONFIG)
         parser["bundle_root"] = str(bundle_root)
@@ -141,6 +148,7 @@ class Predictor:
         self.device: torch.device = parser.get_parsed_content("device")
         self.class_names: list[str] = list(parser.get_parsed_content("class_names"))
         self.max_pixels = max_pixels
+        self.max_png_pixels = min(max_png_pixels, max_pixels)
         self.preprocessing = Compose(parser.get_parsed_content("preprocessing"))
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
@@ -159,32 +167,37 @@ class Predictor:
         """One result per image, in order; the images that pass every check go through the network together."""
         results: list[Prediction | Rejection | None] = [None] * len(images)
         inputs, positions = [], []
-        with tempfile.TemporaryDirectory(prefix="skin-lesion-batch-") as folder:
-            for position, data in enumerate(images):
-                try:
-                    inputs.append(self._preprocess(data, Path(folder) / str(position)))
-                    positions.append(position)
-                except _Rejected as rejected:
-                    results[position] = rejected.rejection
+        for position, data in enumerate(images):
+            try:
+                inputs.append(self.preprocess(data))
+                positions.append(position)
+            except _Rejected as rejected:
+                results[position] = rejected.rejection
+            except Exception:  # ours, not the client's: this image fails, never the rest of its batch
+                logger.exception("cannot preprocess image %d of the batch", position)
+                results[position] = Rejection(RejectionKind.INTERNAL,
+                                              "internal error preprocessing the image (see the server log)")
         if inputs:
             for position, probabilities in zip(positions, self._probabilities(torch.stack(inputs))):
                 results[position] = self._prediction(probabilities)
         return results
 
-    def _preprocess(self, data: bytes, stem: Path) -> torch.Tensor:
-        """Check the bytes, then run the config's transform chain on them as a file, as the bundle run does."""
-        path = stem.with_suffix(self._checked_suffix(data))
-        path.write_bytes(data)
+    def preprocess(self, data: bytes) -> torch.Tensor:
+        """Check the bytes' header, then run the config's transform chain on them, as the bundle run does on
+        a file; raises ``_Rejected`` for an image the client must fix."""
+        self._check_header(data)
         try:
-            return self.preprocessing({"image": str(path)})["image"].as_tensor()
-        except Exception:
-            problem = decode_problem(path)
+            return self.preprocessing({"image": EncodedImage(data)})["image"].as_tensor()
+        except Exception as error:
+            unusable = _unusable_cause(error)
+            problem = str(unusable) if unusable else decode_problem(data)
             if problem is None:
                 raise  # the image decodes: the failure is ours, not the client's
             raise _Rejected(RejectionKind.UNDECODABLE, problem) from None
 
-    def _checked_suffix(self, data: bytes) -> str:
-        """Reject empty, unknown, unsupported and oversized images from their header, before decoding any pixels."""
+    def _check_header(self, data: bytes) -> None:
+        """Reject empty, unknown, unsupported, oversized and degenerate images from their header, before
+        decoding any pixels."""
         if not data:
             raise _Rejected(RejectionKind.EMPTY, "empty image: no bytes were sent")
         try:
@@ -199,10 +212,17 @@ class Predictor:
         if image_format not in ACCEPTED_FORMATS:
             raise _Rejected(RejectionKind.UNSUPPORTED_FORMAT,
                             f"unsupported image format {image_format}: send a JPEG or PNG")
+        if problem := shape_problem(width, height):
+            raise _Rejected(RejectionKind.BAD_SHAPE, problem)
         if width * height > self.max_pixels:
             raise _Rejected(RejectionKind.TOO_LARGE, f"image too large: {width} x {height} = {width * height} "
                             f"pixels exceeds the limit of {self.max_pixels}")
-        return ACCEPTED_FORMATS[image_format]
+        if image_format == "PNG" and width * height > self.max_png_pixels:
+            raise _Rejected(RejectionKind.TOO_LARGE, f"PNG too large: {width} x {height} = {width * height} pixels "
+                            f"exceeds the PNG limit of {self.max_png_pixels} (PNG decodes at full size; send a "
+                            f"JPEG of up to {self.max_pixels} pixels)")
+        if image_format == "PNG" and (problem := png_size_problem(width, height, len(data))):
+            raise _Rejected(RejectionKind.UNDECODABLE, problem)
 
     def _probabilities(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """The config's inferer and postprocessing (calibrated softmax), image by image as the bundle's evaluator
@@ -214,3 +234,10 @@ class Predictor:
     def _prediction(self, probabilities: torch.Tensor) -> Prediction:
         values, top = probabilities.tolist(), int(self.calibration.decide(probabilities.numpy()))
         return Prediction(self.class_names[top], values[top], dict(zip(self.class_names, values)))
+
+
+def _unusable_cause(error: BaseException) -> UnusableImage | None:
+    """The reader's ``UnusableImage`` behind ``error`` (MONAI wraps a transform's exception in its own)."""
+    while error is not None and not isinstance(error, UnusableImage):
+        error = error.__cause__ or error.__context__
+    return error

@@ -2,6 +2,7 @@
 
     python scripts/benchmark_serving.py [--bundle_root .] [--requests 200] [--batch_size 8]
     python scripts/benchmark_serving.py --soak 600          # concurrency 32, good and bad images mixed
+    python scripts/benchmark_serving.py --cost              # per image size: preprocessing ms, worker peak memory
 
 Images: the first ``--n_images`` of ``$HAM10000_DIR`` when set, else a synthetic set made on the fly.
 Measures, on whatever device the Predictor picks: batch-1 latency (p50/p99) of TorchServe and of the
@@ -12,8 +13,17 @@ the server is stopped (so the two don't share the CPU); the worker's resident me
 inprocess_p50_ms=.. device=..``. ``--soak SECONDS`` instead holds concurrency 32 with one bad image
 in five and reports unexpected answers, latency drift (p50 of the last minute / first minute) and
 worker memory growth from the end of the first minute (after warm-up) to the end.
+
+``--cost`` instead reports, per image size (the first image resized to 200x150, 600x450 and 4000x3000
+JPEG, and 4000x3000 PNG): the in-process preprocessing time per image (``Predictor.preprocess``: header
+checks, decoding and the config's chain, as a worker runs them; median of ``--cost_repeats``), the
+TorchServe latency of one such request at a time, and the worker's peak resident memory while it
+answers ``--cost_requests`` of them at concurrency 8 (server batches of up to ``--batch_size``): its
+high-water mark (VmHWM) is reset before each size, so each row's peak is that size's own. The same
+script measures the code before issue 9 (3930892), which wrote each image to a temporary file first.
 """
 
+import io
 import os
 import socket
 import statistics
@@ -35,6 +45,8 @@ from handler import MODEL_NAME, control
 from handler.mar import write_mar
 
 BAD_IMAGES = (b"", b"not an image", b"\xff\xd8\xff\xe0 truncated jpeg")
+COST_SIZES = (("200x150 JPEG", (200, 150), "JPEG"), ("600x450 JPEG", (600, 450), "JPEG"),
+              ("4000x3000 JPEG", (4000, 3000), "JPEG"), ("4000x3000 PNG", (4000, 3000), "PNG"))
 
 
 def _images(n_images: int, scratch: Path) -> list[bytes]:
@@ -127,6 +139,70 @@ def _torchserve(client: Client, images: list[bytes], requests_n: int) -> dict:
     return result
 
 
+def _sized_images(image: bytes) -> dict[str, bytes]:
+    """``image`` resized (bicubic) to each of COST_SIZES and encoded as a camera would (JPEG quality 92)."""
+    from PIL import Image
+    with Image.open(io.BytesIO(image)) as source:
+        rgb = source.convert("RGB")
+    out = {}
+    for name, size, image_format in COST_SIZES:
+        buffer = io.BytesIO()
+        rgb.resize(size, Image.Resampling.BICUBIC).save(buffer, image_format, **({"quality": 92} if image_format == "JPEG" else {}))
+        out[name] = buffer.getvalue()
+    return out
+
+
+def _preprocess_function(predictor: Predictor):
+    if hasattr(predictor, "preprocess"):
+        return predictor.preprocess
+    folder = Path(tempfile.mkdtemp(prefix="benchmark-preprocess-"))  # before issue 9: through a temporary file
+    return lambda data: predictor._preprocess(data, folder / "image")
+
+
+def _preprocess_ms(predictor: Predictor, data: bytes, repeats: int) -> float:
+    preprocess = _preprocess_function(predictor)
+    preprocess(data)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        preprocess(data)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def _worker_pids(server: dict, headers: dict) -> list[int]:
+    answer = requests.get(f"{server['management_url']}/models/{server['model']}", headers=headers, timeout=10).json()
+    return [w["pid"] for entry in answer for w in entry["workers"]]
+
+
+def _memory_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _cost(client: Client, server: dict, management: dict, sized: dict[str, bytes], n_requests: int) -> dict:
+    """Per size: TorchServe latency one at a time, and the worker's peak memory over a concurrent burst."""
+    pids = _worker_pids(server, management)
+    rows = {}
+    for name, data in sized.items():
+        client.post(data)  # warm-up
+        latencies = [client.post(data) for _ in range(5)]
+        if any(status != 200 for status, _ in latencies):
+            sys.exit(f"TorchServe refused the {name} image: {latencies}")
+        idle = sum(_memory_kb(pid, "VmRSS:") for pid in pids)
+        for pid in pids:  # reset the high-water mark, so that this size's peak is its own
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        answers, _ = client.load([data] * n_requests, 8)
+        if any(status != 200 for status, _ in answers):
+            sys.exit(f"TorchServe refused the {name} image under load")
+        rows[name] = {"served_p50_ms": statistics.median(t for _, t in latencies) * 1000,
+                      "worker_idle_mb": idle / 1024,
+                      "worker_peak_mb": sum(_memory_kb(pid, "VmHWM:") for pid in pids) / 1024}
+    return rows
+
+
 def _soak(client: Client, images: list[bytes], seconds: float, rss) -> dict:
     """Concurrency 32 for ``seconds``; every fifth request is a bad image and must get a 4xx."""
     window = min(60.0, seconds / 3)
@@ -166,9 +242,11 @@ def _soak(client: Client, images: list[bytes], seconds: float, rss) -> dict:
 
 
 def benchmark(bundle_root: str = ".", weights: str | None = None, n_images: int = 64, requests: int = 200,
-              batch_size: int = 8, max_batch_delay_ms: int = 1, soak: float = 0) -> None:
+              batch_size: int = 8, max_batch_delay_ms: int = 1, soak: float = 0, cost: bool = False,
+              cost_repeats: int = 20, cost_requests: int = 24) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="benchmark-serving-"))
     images = _images(n_images, scratch)
+    sized = _sized_images(images[0]) if cost else {}
     weights = weights or str(Path(bundle_root) / "models" / "model.pt")
     write_mar(bundle_root, weights, export_path=str(scratch), batch_size=batch_size,
                         max_batch_delay_ms=max_batch_delay_ms)
@@ -179,6 +257,22 @@ def benchmark(bundle_root: str = ".", weights: str | None = None, n_images: int 
         client = Client(server, control.auth_headers(scratch / "run"))
         management = control.auth_headers(scratch / "run", api="management")
         rss = lambda: _worker_rss_mb(server, management)  # noqa: E731
+        if cost:
+            rows = _cost(client, server, management, sized, cost_requests)
+            predictor = Predictor(bundle_root, weights)
+            print(f"{'image':16}{'bytes':>10}{'preprocess ms':>15}{'served p50 ms':>15}{'worker idle MB':>16}"
+                  f"{'worker peak MB':>16}")
+            for name, data in sized.items():
+                row = rows[name]
+                row["preprocess_ms"] = _preprocess_ms(predictor, data, cost_repeats)
+                print(f"{name:16}{len(data):>10}{row['preprocess_ms']:>15.1f}{row['served_p50_ms']:>15.1f}"
+                      f"{row['worker_idle_mb']:>16.0f}{row['worker_peak_mb']:>16.0f}")
+            print(f"server batch {batch_size}, {cost_requests} requests per size at concurrency 8 for the peak; "
+                  f"preprocessing: median of {cost_repeats}, in this process, while the server idles")
+            print("RESULT " + " ".join(f"{name.split()[0]}_{name.split()[1].lower()}_preprocess_ms={row['preprocess_ms']:.1f}"
+                                       f" {name.split()[0]}_{name.split()[1].lower()}_worker_peak_mb={row['worker_peak_mb']:.0f}"
+                                       for name, row in rows.items()))
+            return
         if soak:
             report = _soak(client, images, soak, rss)
             print("\n".join(f"{k:>22}: {v:.1f}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in report.items()))

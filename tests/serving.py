@@ -97,6 +97,75 @@ def bad_image_bytes(good_jpeg: bytes, good_png: bytes, seed: int = 0) -> dict[st
     return cases
 
 
+def lying_png_headers() -> dict[str, bytes]:
+    """69-byte PNGs whose headers claim sizes their bytes cannot hold, degenerate shapes among them."""
+    sizes = [(1, 25_000_000), (25_000_000, 1), (2, 12_500_000), (5_000, 5_000), (4_000, 3_000), (3_000, 4_000),
+             (25_000, 1_000), (1_000, 25_000), (10_000, 2_500), (2_048, 2_048), (1_500, 1_000), (16, 1_000_000),
+             (1_000_000, 16), (15, 15), (16, 16), (160, 16), (161, 16), (65_535, 65_535), (2**31 - 1, 1), (1, 2**31 - 1)]
+    return {f"png_claims_{w}x{h}": png_header(w, h) for w, h in sizes}
+
+
+def fuzzed_image_bytes(good_jpeg: bytes, good_png: bytes, seed: int = 0, n_cuts: int = 120,
+                       n_flips: int = 200) -> dict[str, bytes]:
+    """Truncations and bit flips of a real JPEG and PNG: each may still decode (2xx) or not (4xx), never 5xx."""
+    rng = np.random.default_rng(seed)
+    cases = {}
+    for kind, data in (("jpeg", good_jpeg), ("png", good_png)):
+        for cut in sorted(set(rng.integers(1, len(data), n_cuts).tolist())):
+            cases[f"{kind}_cut_at_byte_{cut}"] = data[:cut]
+        for i in range(n_flips):
+            flipped = bytearray(data)
+            # half the flips land in the first 600 bytes, where headers, tables and chunk lengths live
+            limit = min(600, len(data)) if i % 2 else len(data)
+            for position in rng.integers(0, limit, rng.integers(1, 9)):
+                flipped[position] ^= 1 << int(rng.integers(0, 8))
+            cases[f"{kind}_bit_flips_{i}"] = bytes(flipped)
+    return cases
+
+
+# Content types clients send; the frontend and the handler must answer each with a 2xx or a 4xx. Not
+# application/x-www-form-urlencoded: TorchServe's frontend answers 500 itself when such a body is not
+# form-encoded, before any handler sees it.
+CONTENT_TYPES = [
+    "image/jpeg", "image/png", "IMAGE/JPEG", "image/png;charset=x", "image/jpeg; charset=binary", "image/jpg", "image/pjpeg",
+    "image/gif", "image/webp", "image/bmp", "image/tiff", "image/svg+xml", "image/heic", "image/avif", "image/x-icon",
+    "application/octet-stream", "application/x-image", "application/json", "application/json; charset=utf-8",
+    "application/ld+json", "application/xml", "application/pdf", "application/zip", "application/gzip",
+    "application/x-npy", "application/x-protobuf", "application/javascript", "text/plain", "text/html", "text/csv",
+    "text/xml", "text/json", "text/plain; charset=latin-1", "audio/wav", "audio/mpeg", "video/mp4", "font/woff",
+    "multipart/mixed", "multipart/related", "message/rfc822", "x-custom/thing", "*/*", "invalid", ";;;",
+]
+
+
+def nested_json(depth: int, under_image: bool, kind: str = "list") -> bytes:
+    opening, closing = ("[", "]") if kind == "list" else ('{"a": ', "}")
+    inner = opening * depth + ("1" if kind == "dict" else "") + closing * depth
+    return (f'{{"image": {inner}}}' if under_image else inner).encode()
+
+
+def hostile_json_requests(good_jpeg: bytes) -> dict[str, dict]:
+    """Nested, huge and oversized-base64 JSON bodies, each under the frontend's 16 MiB limit: 4xx each."""
+    json_type = {"Content-Type": "application/json"}
+    cases = {}
+    for depth in (1_000, 10_000, 100_000, 1_000_000):
+        for under_image in (False, True):
+            for kind in ("list", "dict"):
+                body = nested_json(depth, under_image, kind)
+                if len(body) < 16_000_000:
+                    cases[f"json_nested_{kind}_{depth}{'_under_image' if under_image else ''}"] = {
+                        "data": body, "headers": json_type}
+    cases["json_nested_unterminated"] = {"data": b"[" * 1_000_000, "headers": json_type}
+    cases["json_huge_base64_of_zeros"] = {"data": b'{"image": "' + b"A" * 15_000_000 + b'"}', "headers": json_type}
+    cases["json_huge_base64_of_noise"] = {"json": {"image": base64.b64encode(np.random.default_rng(1).bytes(11_000_000)).decode()}}
+    cases["json_base64_of_png_bomb"] = {"json": {"image": base64.b64encode(zero_filled_png(6_000, 5_000)).decode()}}
+    cases["json_huge_padding_field"] = {"json": {"padding": "x" * 12_000_000, "image": "!!"}}
+    cases["json_huge_array"] = {"data": ("[" + "1," * 5_000_000 + "1]").encode(), "headers": json_type}
+    cases["json_many_keys"] = {"data": json.dumps({f"k{i}": i for i in range(500_000)}).encode(), "headers": json_type}
+    cases["json_image_as_huge_string_of_non_base64"] = {"json": {"image": "é" * 2_000_000}}
+    cases["json_base64_wrapped_every_byte"] = {"json": {"image": "\n".join(base64.b64encode(b"x" * 30_000).decode())}}
+    return cases
+
+
 def malformed_requests(good_jpeg: bytes, good_png: bytes) -> dict[str, dict]:
     """At least 200 requests (``requests.post`` keyword arguments) that must each get a 4xx JSON error."""
     bad = bad_image_bytes(good_jpeg, good_png)
@@ -125,4 +194,21 @@ def malformed_requests(good_jpeg: bytes, good_png: bytes) -> dict[str, dict]:
     cases["multipart_without_image_field"] = {"files": {"other": ("x.jpg", good_jpeg, JPEG)}}
     cases["multipart_text_field"] = {"data": {"data": "not a file"}, "files": {"unrelated": ("x", b"", "text/plain")}}
     cases["form_urlencoded_field"] = {"data": {"image": "not an image"}}
+    cases |= {f"raw_png_type/{name}": {"data": data, "headers": {"Content-Type": PNG}}
+              for name, data in lying_png_headers().items()}
+    cases |= {f"json_base64/{name}": {"json": {"image": base64.b64encode(data).decode()}}
+              for name, data in lying_png_headers().items()}
+    cases |= hostile_json_requests(good_jpeg)
+    garbage = b"\x00garbage\xff" * 10
+    cases |= {f"garbage_as/{content_type}": {"data": garbage, "headers": {"Content-Type": content_type}}
+              for content_type in CONTENT_TYPES}
+    return cases
+
+
+def fuzzed_requests(good_jpeg: bytes, good_png: bytes) -> dict[str, dict]:
+    """Requests that may be answered 2xx or 4xx, never 5xx: fuzzed images, and a good image under every content type."""
+    cases = {f"raw/{name}": {"data": data, "headers": {"Content-Type": PNG if name.startswith("png") else JPEG}}
+             for name, data in fuzzed_image_bytes(good_jpeg, good_png).items()}
+    cases |= {f"good_jpeg_as/{content_type}": {"data": good_jpeg, "headers": {"Content-Type": content_type}}
+              for content_type in CONTENT_TYPES}
     return cases
