@@ -108,19 +108,19 @@ def test_probabilities_equal_the_bundle_run_on_real_ham10000_jpegs(predictor, bu
     _assert_parity(predictor, bundle_root, folder, tmp_path)
 
 
-def test_probabilities_equal_the_bundle_run_on_big_rotated_and_shrunk_images(predictor, bundle_root, good_jpeg,
+def test_probabilities_equal_the_bundle_run_on_big_rotated_and_shrunk_images(predictor, bundle_root, synthetic_dir,
                                                                                tmp_path):
     """The shrink and the EXIF turn are the config's own preprocessing: served = bundle run, at 1e-5."""
     folder = tmp_path / "images"
     folder.mkdir()
-    picture = decoded_rgb(good_jpeg)
+    pictures = iter(decoded_rgb(path.read_bytes()) for path in sorted((synthetic_dir / "images").glob("*.jpg")))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned a quarter; shown upright
     for name, size, image_format, params in (
             ("phone.jpg", (4_000, 3_000), "JPEG", {"quality": 92}), ("original.jpg", (600, 450), "JPEG", {}),
             ("sideways.jpg", (3_000, 4_000), "JPEG", {"exif": exif.tobytes()}),
             ("sideways.png", (450, 600), "PNG", {"exif": exif.tobytes()}), ("scan.png", (1_600, 1_200), "PNG", {})):
-        (folder / name).write_bytes(encode(picture.resize(size, Image.Resampling.BICUBIC), image_format, **params))
+        (folder / name).write_bytes(encode(next(pictures).resize(size, Image.Resampling.BICUBIC), image_format, **params))
     _assert_parity(predictor, bundle_root, folder, tmp_path)
 
 

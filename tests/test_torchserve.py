@@ -239,7 +239,7 @@ def test_hostile_headers_and_bodies_are_refused_quickly_and_a_phone_photo_is_cla
     cases = {
         "png_claims_1x25000000": ({"data": png_header(1, 25_000_000), "headers": {"Content-Type": PNG}}, 400,
                                   "at least 16 pixels"),
-        "png_claims_5000x5000": ({"data": png_header(5_000, 5_000), "headers": {"Content-Type": PNG}}, 400,
+        "png_claims_3000x3000": ({"data": png_header(3_000, 3_000), "headers": {"Content-Type": PNG}}, 400,
                                  "corrupt PNG"),
         "png_25_megapixels": ({"data": zero_filled_png(5_000, 5_000), "headers": {"Content-Type": PNG}}, 413,
                               "PNG limit"),
