@@ -53,9 +53,15 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA"})
 # Grayscale integer modes holding 16-bit data (Pillow opens 16-bit PNGs as "I;16"; older versions as "I").
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 # EXIF orientation -> the transpose that makes the picture upright (as PIL.ImageOps.exif_transpose).
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _ORIENTATION_TAG = 0x0112
 _SWAPS_SIDES = frozenset({5, 6, 7, 8})
 
@@ -111,9 +117,7 @@ def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
     """Scale 16-bit values to 8 bits by their top byte (65535 -> 255, 32768 -> 128), never by clipping."""
     values = np.asarray(image)
     if values.size and (values.min() < 0 or values.max() > 0xFFFF):
-        raise ValueError(
-            f"unsupported image mode {image.mode!r}: values {values.min()}..{values.max()} exceed 16 bits"
-        )
+        raise ValueError(f"unsupported image mode {image.mode!r}: values {values.min()}..{values.max()} exceed 16 bits")
     gray = (values >> 8).astype(np.uint8)  # in the array's own integer type: no 8-byte-a-pixel copy
     return Image.fromarray(gray, mode="L").convert("RGB")
 
@@ -121,11 +125,12 @@ def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
 def shape_problem(width: int, height: int) -> str | None:
     """Why a ``width`` x ``height`` image is not worth decoding, naming the limit; None when it is."""
     if min(width, height) < MIN_SIDE:
-        return (f"image too small: {width} x {height} pixels; each side must be at least {MIN_SIDE} pixels "
-                "to classify")
+        return f"image too small: {width} x {height} pixels; each side must be at least {MIN_SIDE} pixels to classify"
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        return (f"image too elongated: {width} x {height} pixels has an aspect ratio of "
-                f"{max(width, height) / min(width, height):.0f}:1, over the limit of {MAX_ASPECT_RATIO}:1")
+        return (
+            f"image too elongated: {width} x {height} pixels has an aspect ratio of "
+            f"{max(width, height) / min(width, height):.0f}:1, over the limit of {MAX_ASPECT_RATIO}:1"
+        )
     return None
 
 
@@ -137,8 +142,10 @@ def png_size_problem(width: int, height: int, n_bytes: int) -> str | None:
     """
     least_raw = height * (1 + math.ceil(width / 8))
     if n_bytes * DEFLATE_MAX_RATIO < least_raw:
-        return (f"corrupt PNG: its header claims {width} x {height} pixels, which need at least "
-                f"{math.ceil(least_raw / DEFLATE_MAX_RATIO)} bytes, but the file holds {n_bytes}")
+        return (
+            f"corrupt PNG: its header claims {width} x {height} pixels, which need at least "
+            f"{math.ceil(least_raw / DEFLATE_MAX_RATIO)} bytes, but the file holds {n_bytes}"
+        )
     return None
 
 
@@ -147,8 +154,7 @@ def header_problem(image: Image.Image, n_bytes: int) -> str | None:
     width, height = image.size
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
         # checked here rather than through Pillow's warning: warning filters are process-wide, not thread-safe
-        return (f"image too large: {width * height} pixels exceeds the decompression-bomb limit "
-                f"{Image.MAX_IMAGE_PIXELS}")
+        return f"image too large: {width * height} pixels exceeds the decompression-bomb limit {Image.MAX_IMAGE_PIXELS}"
     problem = shape_problem(width, height)
     if problem is None and image.format == "PNG":
         problem = png_size_problem(width, height, n_bytes)
@@ -159,8 +165,10 @@ def shrunk_size(width: int, height: int, image_size: Sequence[int]) -> tuple[int
     """The size an image is shrunk to in 8 bits: each side at least twice ``SHRINK_MARGIN`` times its target
     (``image_size`` is [height, width]) comes down to exactly ``SHRINK_MARGIN`` times it; the others stay."""
     target_height, target_width = image_size
-    return (SHRINK_MARGIN * target_width if width >= 2 * SHRINK_MARGIN * target_width else width,
-            SHRINK_MARGIN * target_height if height >= 2 * SHRINK_MARGIN * target_height else height)
+    return (
+        SHRINK_MARGIN * target_width if width >= 2 * SHRINK_MARGIN * target_width else width,
+        SHRINK_MARGIN * target_height if height >= 2 * SHRINK_MARGIN * target_height else height,
+    )
 
 
 def orientation(image: Image.Image) -> int:
@@ -179,8 +187,9 @@ def upright(image: Image.Image) -> Image.Image:
     return image if method is None else image.transpose(method)
 
 
-def load_rgb(source: str | os.PathLike | EncodedImage | bytes | io.BytesIO,
-             image_size: Sequence[int] | None = None) -> Image.Image:
+def load_rgb(
+    source: str | os.PathLike | EncodedImage | bytes | io.BytesIO, image_size: Sequence[int] | None = None
+) -> Image.Image:
     """Decode ``source`` (a path, bytes or a binary stream) upright as 8-bit RGB, shrunk in 8 bits for
     ``image_size`` ([height, width]) when one is given (see the module docstring).
 

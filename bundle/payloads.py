@@ -16,12 +16,16 @@ from bundle.predictor import Rejection, RejectionKind
 # An empty type is accepted too: `curl -T image.jpg` and many clients send raw bytes without one.
 RAW_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "application/x-image", "application/octet-stream", ""})
 JSON_TYPE = "application/json"
-USAGE = ('send JPEG or PNG bytes (Content-Type image/jpeg or image/png), multipart/form-data with the image '
-         'in a file field named "data", or application/json {"image": "<base64>"}')
+USAGE = (
+    "send JPEG or PNG bytes (Content-Type image/jpeg or image/png), multipart/form-data with the image "
+    'in a file field named "data", or application/json {"image": "<base64>"}'
+)
 
-REJECTION_STATUS = {RejectionKind.TOO_LARGE: http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    RejectionKind.UNSUPPORTED_FORMAT: http.HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                    RejectionKind.INTERNAL: http.HTTPStatus.INTERNAL_SERVER_ERROR}
+REJECTION_STATUS = {
+    RejectionKind.TOO_LARGE: http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    RejectionKind.UNSUPPORTED_FORMAT: http.HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    RejectionKind.INTERNAL: http.HTTPStatus.INTERNAL_SERVER_ERROR,
+}
 
 
 class RequestError(Exception):
@@ -54,8 +58,10 @@ def _image_from_json(value: bytes | bytearray | str | dict | list | int | float 
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RequestError(http.HTTPStatus.BAD_REQUEST, f"invalid JSON: {error}") from None
         except RecursionError:  # the decoder recurses once per level of nesting: [[[[...]]]] 100,000 deep
-            raise RequestError(http.HTTPStatus.BAD_REQUEST, 'invalid JSON: nested too deeply; expected '
-                               '{"image": "<base64 of a JPEG or PNG>"}') from None
+            raise RequestError(
+                http.HTTPStatus.BAD_REQUEST,
+                'invalid JSON: nested too deeply; expected {"image": "<base64 of a JPEG or PNG>"}',
+            ) from None
     if not isinstance(value, dict) or not isinstance(value.get("image"), str):
         raise RequestError(http.HTTPStatus.BAD_REQUEST, 'expected a JSON object {"image": "<base64 of a JPEG or PNG>"}')
     try:  # line breaks are allowed: the `base64` tool wraps its output

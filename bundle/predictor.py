@@ -55,8 +55,9 @@ MAX_PNG_PIXELS = 12_000_000
 ACCEPTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png"}
 
 
-def bundle_files(bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None,
-                 allow_missing_sidecar: bool = False) -> tuple[Path, Path, Path | None]:
+def bundle_files(
+    bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None, allow_missing_sidecar: bool = False
+) -> tuple[Path, Path, Path | None]:
     """The bundle root, its weights (default ``models/model.pt``) and their sidecar (None only when
     ``allow_missing_sidecar`` and there is none), checked as the Predictor checks them: what packaging
     needs. A malformed sidecar, or one that does not belong to the weights, fails here, not later in the server."""
@@ -96,8 +97,12 @@ class Prediction:
         return CLASS_LABELS[self.class_name]
 
     def to_json(self) -> dict:
-        return {"class": self.class_name, "label": self.label, "probability": self.probability,
-                "probabilities": self.probabilities}
+        return {
+            "class": self.class_name,
+            "label": self.label,
+            "probability": self.probability,
+            "probabilities": self.probabilities,
+        }
 
 
 @dataclass(frozen=True)
@@ -127,9 +132,15 @@ class Predictor:
     ``allow_missing_sidecar``: then they are served at the config's size, uncalibrated.
     """
 
-    def __init__(self, bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, max_pixels: int = MAX_PIXELS,
-                 max_png_pixels: int = MAX_PNG_PIXELS, allow_missing_sidecar: bool = False) -> None:
+    def __init__(
+        self,
+        bundle_root: str | os.PathLike,
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        max_pixels: int = MAX_PIXELS,
+        max_png_pixels: int = MAX_PNG_PIXELS,
+        allow_missing_sidecar: bool = False,
+    ) -> None:
         parser = ConfigParser()
         parser.read_config(Path(bundle_root) / INFERENCE_CONFIG)
         parser["bundle_root"] = str(bundle_root)
@@ -175,10 +186,11 @@ class Predictor:
                 results[position] = rejected.rejection
             except Exception:  # ours, not the client's: this image fails, never the rest of its batch
                 logger.exception("cannot preprocess image %d of the batch", position)
-                results[position] = Rejection(RejectionKind.INTERNAL,
-                                              "internal error preprocessing the image (see the server log)")
+                results[position] = Rejection(
+                    RejectionKind.INTERNAL, "internal error preprocessing the image (see the server log)"
+                )
         if inputs:
-            for position, probabilities in zip(positions, self._probabilities(torch.stack(inputs))):
+            for position, probabilities in zip(positions, self._probabilities(torch.stack(inputs)), strict=True):
                 results[position] = self._prediction(probabilities)
         return results
 
@@ -210,17 +222,23 @@ class Predictor:
         except (OSError, SyntaxError, ValueError) as error:  # Pillow raises SyntaxError for some corrupt headers
             raise _Rejected(RejectionKind.UNDECODABLE, f"cannot read the image header: {error}") from None
         if image_format not in ACCEPTED_FORMATS:
-            raise _Rejected(RejectionKind.UNSUPPORTED_FORMAT,
-                            f"unsupported image format {image_format}: send a JPEG or PNG")
+            raise _Rejected(
+                RejectionKind.UNSUPPORTED_FORMAT, f"unsupported image format {image_format}: send a JPEG or PNG"
+            )
         if problem := shape_problem(width, height):
             raise _Rejected(RejectionKind.BAD_SHAPE, problem)
         if width * height > self.max_pixels:
-            raise _Rejected(RejectionKind.TOO_LARGE, f"image too large: {width} x {height} = {width * height} "
-                            f"pixels exceeds the limit of {self.max_pixels}")
+            raise _Rejected(
+                RejectionKind.TOO_LARGE,
+                f"image too large: {width} x {height} = {width * height} pixels exceeds the limit of {self.max_pixels}",
+            )
         if image_format == "PNG" and width * height > self.max_png_pixels:
-            raise _Rejected(RejectionKind.TOO_LARGE, f"PNG too large: {width} x {height} = {width * height} pixels "
-                            f"exceeds the PNG limit of {self.max_png_pixels} (PNG decodes at full size; send a "
-                            f"JPEG of up to {self.max_pixels} pixels)")
+            raise _Rejected(
+                RejectionKind.TOO_LARGE,
+                f"PNG too large: {width} x {height} = {width * height} pixels "
+                f"exceeds the PNG limit of {self.max_png_pixels} (PNG decodes at full size; send a "
+                f"JPEG of up to {self.max_pixels} pixels)",
+            )
         if image_format == "PNG" and (problem := png_size_problem(width, height, len(data))):
             raise _Rejected(RejectionKind.UNDECODABLE, problem)
 
@@ -233,7 +251,7 @@ class Predictor:
 
     def _prediction(self, probabilities: torch.Tensor) -> Prediction:
         values, top = probabilities.tolist(), int(self.calibration.decide(probabilities.numpy()))
-        return Prediction(self.class_names[top], values[top], dict(zip(self.class_names, values)))
+        return Prediction(self.class_names[top], values[top], dict(zip(self.class_names, values, strict=True)))
 
 
 def _unusable_cause(error: BaseException) -> UnusableImage | None:

@@ -35,8 +35,12 @@ class SkinLesionHandler(BaseHandler):
         gpu_id = properties.get("gpu_id")
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
         options = (context.model_yaml_config or {}).get("handler", {})
-        self.predictor = Predictor(model_dir, model_dir / context.manifest["model"]["serializedFile"], device,
-                                   max_pixels=int(options.get("max_pixels", MAX_PIXELS)))
+        self.predictor = Predictor(
+            model_dir,
+            model_dir / context.manifest["model"]["serializedFile"],
+            device,
+            max_pixels=int(options.get("max_pixels", MAX_PIXELS)),
+        )
         self.initialized = True
 
     @timed
@@ -50,8 +54,11 @@ class SkinLesionHandler(BaseHandler):
                 images.append(error)
             except Exception:  # a bug reading one request must not fail the others in its batch
                 logger.exception("cannot read request %d of the batch", index)
-                images.append(RequestError(http.HTTPStatus.INTERNAL_SERVER_ERROR,
-                                           "internal error reading the request (see the model log)"))
+                images.append(
+                    RequestError(
+                        http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error reading the request (see the model log)"
+                    )
+                )
         return images
 
     @timed
@@ -59,11 +66,12 @@ class SkinLesionHandler(BaseHandler):
         """Classify every request that has image bytes in one predictor batch; keep the others' errors."""
         positions = [i for i, image in enumerate(images) if isinstance(image, bytes)]
         results: list = list(images)
-        for position, result in zip(positions, self.predictor.predict([images[i] for i in positions])):
+        for position, result in zip(positions, self.predictor.predict([images[i] for i in positions]), strict=True):
             results[position] = result
         classified = sum(isinstance(result, Prediction) for result in results)
-        logger.info("batch of %d requests: %d classified, %d refused", len(results), classified,
-                    len(results) - classified)
+        logger.info(
+            "batch of %d requests: %d classified, %d refused", len(results), classified, len(results) - classified
+        )
         return results
 
     @timed

@@ -45,8 +45,12 @@ from handler import MODEL_NAME, control
 from handler.mar import write_mar
 
 BAD_IMAGES = (b"", b"not an image", b"\xff\xd8\xff\xe0 truncated jpeg")
-COST_SIZES = (("200x150 JPEG", (200, 150), "JPEG"), ("600x450 JPEG", (600, 450), "JPEG"),
-              ("4000x3000 JPEG", (4000, 3000), "JPEG"), ("4000x3000 PNG", (4000, 3000), "PNG"))
+COST_SIZES = (
+    ("200x150 JPEG", (200, 150), "JPEG"),
+    ("600x450 JPEG", (600, 450), "JPEG"),
+    ("4000x3000 JPEG", (4000, 3000), "JPEG"),
+    ("4000x3000 PNG", (4000, 3000), "PNG"),
+)
 
 
 def _images(n_images: int, scratch: Path) -> list[bytes]:
@@ -101,8 +105,12 @@ def _batch_one_latencies(client: "Client", predictor: Predictor, images: list[by
         start = time.perf_counter()
         predictor.predict([images[i % len(images)]])
         local.append(time.perf_counter() - start)
-    return {"ts_p50_ms": _percentile_ms(served, 50), "ts_p99_ms": _percentile_ms(served, 99),
-            "p50_ms": _percentile_ms(local, 50), "p99_ms": _percentile_ms(local, 99)}
+    return {
+        "ts_p50_ms": _percentile_ms(served, 50),
+        "ts_p99_ms": _percentile_ms(served, 99),
+        "p50_ms": _percentile_ms(local, 50),
+        "p99_ms": _percentile_ms(local, 99),
+    }
 
 
 class Client:
@@ -142,12 +150,15 @@ def _torchserve(client: Client, images: list[bytes], requests_n: int) -> dict:
 def _sized_images(image: bytes) -> dict[str, bytes]:
     """``image`` resized (bicubic) to each of COST_SIZES and encoded as a camera would (JPEG quality 92)."""
     from PIL import Image
+
     with Image.open(io.BytesIO(image)) as source:
         rgb = source.convert("RGB")
     out = {}
     for name, size, image_format in COST_SIZES:
         buffer = io.BytesIO()
-        rgb.resize(size, Image.Resampling.BICUBIC).save(buffer, image_format, **({"quality": 92} if image_format == "JPEG" else {}))
+        rgb.resize(size, Image.Resampling.BICUBIC).save(
+            buffer, image_format, **({"quality": 92} if image_format == "JPEG" else {})
+        )
         out[name] = buffer.getvalue()
     return out
 
@@ -197,9 +208,11 @@ def _cost(client: Client, server: dict, management: dict, sized: dict[str, bytes
         answers, _ = client.load([data] * n_requests, 8)
         if any(status != 200 for status, _ in answers):
             sys.exit(f"TorchServe refused the {name} image under load")
-        rows[name] = {"served_p50_ms": statistics.median(t for _, t in latencies) * 1000,
-                      "worker_idle_mb": idle / 1024,
-                      "worker_peak_mb": sum(_memory_kb(pid, "VmHWM:") for pid in pids) / 1024}
+        rows[name] = {
+            "served_p50_ms": statistics.median(t for _, t in latencies) * 1000,
+            "worker_idle_mb": idle / 1024,
+            "worker_peak_mb": sum(_memory_kb(pid, "VmHWM:") for pid in pids) / 1024,
+        }
     return rows
 
 
@@ -234,24 +247,45 @@ def _soak(client: Client, images: list[bytes], seconds: float, rss) -> dict:
     early = [lat for t, lat, _, bad in records if t - first_t < window and not bad]
     late = [lat for t, lat, _, bad in records if t > records[-1][0] - window and not bad]
     rss_end = rss()
-    return {"requests": len(records), "unexpected": sum(r[2] for r in records),
-            "bad_sent": sum(r[3] for r in records), "p50_first_ms": statistics.median(early) * 1000,
-            "p50_last_ms": statistics.median(late) * 1000, "worker_rss_start_mb": rss_start,
-            "worker_rss_after_first_window_mb": rss_warm[0], "worker_rss_end_mb": rss_end,
-            "worker_rss_growth_pct": 100 * (rss_end / rss_warm[0] - 1)}
+    return {
+        "requests": len(records),
+        "unexpected": sum(r[2] for r in records),
+        "bad_sent": sum(r[3] for r in records),
+        "p50_first_ms": statistics.median(early) * 1000,
+        "p50_last_ms": statistics.median(late) * 1000,
+        "worker_rss_start_mb": rss_start,
+        "worker_rss_after_first_window_mb": rss_warm[0],
+        "worker_rss_end_mb": rss_end,
+        "worker_rss_growth_pct": 100 * (rss_end / rss_warm[0] - 1),
+    }
 
 
-def benchmark(bundle_root: str = ".", weights: str | None = None, n_images: int = 64, requests: int = 200,
-              batch_size: int = 8, max_batch_delay_ms: int = 1, soak: float = 0, cost: bool = False,
-              cost_repeats: int = 20, cost_requests: int = 24) -> None:
+def benchmark(
+    bundle_root: str = ".",
+    weights: str | None = None,
+    n_images: int = 64,
+    requests: int = 200,
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 1,
+    soak: float = 0,
+    cost: bool = False,
+    cost_repeats: int = 20,
+    cost_requests: int = 24,
+) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="benchmark-serving-"))
     images = _images(n_images, scratch)
     sized = _sized_images(images[0]) if cost else {}
     weights = weights or str(Path(bundle_root) / "models" / "model.pt")
-    write_mar(bundle_root, weights, export_path=str(scratch), batch_size=batch_size,
-                        max_batch_delay_ms=max_batch_delay_ms)
-    ports = dict(zip(("inference_port", "management_port", "metrics_port", "grpc_inference_port",
-                      "grpc_management_port"), (_free_port() for _ in range(5))))
+    write_mar(
+        bundle_root, weights, export_path=str(scratch), batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms
+    )
+    ports = dict(
+        zip(
+            ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"),
+            (_free_port() for _ in range(5)),
+            strict=True,
+        )
+    )
     server = control.start_server(scratch / f"{MODEL_NAME}.mar", scratch / "run", **ports)
     try:
         client = Client(server, control.auth_headers(scratch / "run"))
@@ -260,25 +294,40 @@ def benchmark(bundle_root: str = ".", weights: str | None = None, n_images: int 
         if cost:
             rows = _cost(client, server, management, sized, cost_requests)
             predictor = Predictor(bundle_root, weights)
-            print(f"{'image':16}{'bytes':>10}{'preprocess ms':>15}{'served p50 ms':>15}{'worker idle MB':>16}"
-                  f"{'worker peak MB':>16}")
+            print(
+                f"{'image':16}{'bytes':>10}{'preprocess ms':>15}{'served p50 ms':>15}{'worker idle MB':>16}"
+                f"{'worker peak MB':>16}"
+            )
             for name, data in sized.items():
                 row = rows[name]
                 row["preprocess_ms"] = _preprocess_ms(predictor, data, cost_repeats)
-                print(f"{name:16}{len(data):>10}{row['preprocess_ms']:>15.1f}{row['served_p50_ms']:>15.1f}"
-                      f"{row['worker_idle_mb']:>16.0f}{row['worker_peak_mb']:>16.0f}")
-            print(f"server batch {batch_size}, {cost_requests} requests per size at concurrency 8 for the peak; "
-                  f"preprocessing: median of {cost_repeats}, in this process, while the server idles")
-            print("RESULT " + " ".join(f"{name.split()[0]}_{name.split()[1].lower()}_preprocess_ms={row['preprocess_ms']:.1f}"
-                                       f" {name.split()[0]}_{name.split()[1].lower()}_worker_peak_mb={row['worker_peak_mb']:.0f}"
-                                       for name, row in rows.items()))
+                print(
+                    f"{name:16}{len(data):>10}{row['preprocess_ms']:>15.1f}{row['served_p50_ms']:>15.1f}"
+                    f"{row['worker_idle_mb']:>16.0f}{row['worker_peak_mb']:>16.0f}"
+                )
+            print(
+                f"server batch {batch_size}, {cost_requests} requests per size at concurrency 8 for the peak; "
+                f"preprocessing: median of {cost_repeats}, in this process, while the server idles"
+            )
+            print(
+                "RESULT "
+                + " ".join(
+                    f"{name.split()[0]}_{name.split()[1].lower()}_preprocess_ms={row['preprocess_ms']:.1f}"
+                    f" {name.split()[0]}_{name.split()[1].lower()}_worker_peak_mb={row['worker_peak_mb']:.0f}"
+                    for name, row in rows.items()
+                )
+            )
             return
         if soak:
             report = _soak(client, images, soak, rss)
-            print("\n".join(f"{k:>22}: {v:.1f}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in report.items()))
-            print(f"RESULT soak_s={soak:.0f} unexpected={report['unexpected']} requests={report['requests']} "
-                  f"latency_drift={report['p50_last_ms'] / report['p50_first_ms']:.2f} "
-                  f"worker_rss_growth_pct={report['worker_rss_growth_pct']:.1f}")
+            print(
+                "\n".join(f"{k:>22}: {v:.1f}" if isinstance(v, float) else f"{k:>22}: {v}" for k, v in report.items())
+            )
+            print(
+                f"RESULT soak_s={soak:.0f} unexpected={report['unexpected']} requests={report['requests']} "
+                f"latency_drift={report['p50_last_ms'] / report['p50_first_ms']:.2f} "
+                f"worker_rss_growth_pct={report['worker_rss_growth_pct']:.1f}"
+            )
             return
         ts = _torchserve(client, images, requests)
         predictor = Predictor(bundle_root, weights)
@@ -295,10 +344,14 @@ def benchmark(bundle_root: str = ".", weights: str | None = None, n_images: int 
     print(f"{'TorchServe c=1':24}{latency['ts_p50_ms']:>10.1f}{latency['ts_p99_ms']:>10.1f}{ts['img_per_s_c1']:>10.1f}")
     for c in (8, 32):
         print(f"{f'TorchServe c={c}':24}{'':>20}{ts[f'img_per_s_c{c}']:>10.1f}")
-    print(f"worker resident memory: {worker_mb:.0f} MB; {len(images)} images, {requests} requests per row, "
-          f"server batch {batch_size}, max delay {max_batch_delay_ms} ms")
-    print(f"RESULT serving_vs_inprocess={best_ts / local_img_per_s:.2f} ts_p50_ms={latency['ts_p50_ms']:.1f} "
-          f"inprocess_p50_ms={latency['p50_ms']:.1f} device={predictor.device}")
+    print(
+        f"worker resident memory: {worker_mb:.0f} MB; {len(images)} images, {requests} requests per row, "
+        f"server batch {batch_size}, max delay {max_batch_delay_ms} ms"
+    )
+    print(
+        f"RESULT serving_vs_inprocess={best_ts / local_img_per_s:.2f} ts_p50_ms={latency['ts_p50_ms']:.1f} "
+        f"inprocess_p50_ms={latency['p50_ms']:.1f} device={predictor.device}"
+    )
 
 
 if __name__ == "__main__":

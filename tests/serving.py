@@ -84,14 +84,24 @@ def bad_image_bytes(good_jpeg: bytes, good_png: bytes, seed: int = 0) -> dict[st
     small = Image.new("RGB", (8, 8), (120, 60, 30))
     cases = {"empty": b""}
     cases |= {f"random_{n}_bytes": rng.bytes(n) for n in (1, 2, 7, 64, 500, 4096)}
-    cases |= {f"text_{i}": text.encode() for i, text in enumerate(
-        ["hello", "<html><body>not an image</body></html>", "%PDF-1.4\n", "GIF", "\x89PNG", "\xff\xd8\xff"])}
-    cases |= {f"jpeg_cut_at_{fraction:.2f}": good_jpeg[: int(len(good_jpeg) * fraction)]
-              for fraction in np.linspace(0.05, 0.9, 18)}
-    cases |= {f"png_cut_at_{fraction:.2f}": good_png[: int(len(good_png) * fraction)]
-              for fraction in np.linspace(0.05, 0.9, 12)}
-    cases |= {f"png_declares_{w}x{h}": png_header(w, h)
-              for w, h in ((100_000, 100_000), (20_000, 20_000), (6_000, 5_000), (50_000, 600), (1, 30_000_000))}
+    cases |= {
+        f"text_{i}": text.encode()
+        for i, text in enumerate(
+            ["hello", "<html><body>not an image</body></html>", "%PDF-1.4\n", "GIF", "\x89PNG", "\xff\xd8\xff"]
+        )
+    }
+    cases |= {
+        f"jpeg_cut_at_{fraction:.2f}": good_jpeg[: int(len(good_jpeg) * fraction)]
+        for fraction in np.linspace(0.05, 0.9, 18)
+    }
+    cases |= {
+        f"png_cut_at_{fraction:.2f}": good_png[: int(len(good_png) * fraction)]
+        for fraction in np.linspace(0.05, 0.9, 12)
+    }
+    cases |= {
+        f"png_declares_{w}x{h}": png_header(w, h)
+        for w, h in ((100_000, 100_000), (20_000, 20_000), (6_000, 5_000), (50_000, 600), (1, 30_000_000))
+    }
     cases["png_bomb_6000x5000"] = zero_filled_png(6_000, 5_000)
     cases |= {f"format_{fmt.lower()}": encode(small, fmt) for fmt in ("GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM")}
     return cases
@@ -99,14 +109,34 @@ def bad_image_bytes(good_jpeg: bytes, good_png: bytes, seed: int = 0) -> dict[st
 
 def lying_png_headers() -> dict[str, bytes]:
     """69-byte PNGs whose headers claim sizes their bytes cannot hold, degenerate shapes among them."""
-    sizes = [(1, 25_000_000), (25_000_000, 1), (2, 12_500_000), (5_000, 5_000), (4_000, 3_000), (3_000, 4_000),
-             (25_000, 1_000), (1_000, 25_000), (10_000, 2_500), (2_048, 2_048), (1_500, 1_000), (16, 1_000_000),
-             (1_000_000, 16), (15, 15), (16, 16), (160, 16), (161, 16), (65_535, 65_535), (2**31 - 1, 1), (1, 2**31 - 1)]
+    sizes = [
+        (1, 25_000_000),
+        (25_000_000, 1),
+        (2, 12_500_000),
+        (5_000, 5_000),
+        (4_000, 3_000),
+        (3_000, 4_000),
+        (25_000, 1_000),
+        (1_000, 25_000),
+        (10_000, 2_500),
+        (2_048, 2_048),
+        (1_500, 1_000),
+        (16, 1_000_000),
+        (1_000_000, 16),
+        (15, 15),
+        (16, 16),
+        (160, 16),
+        (161, 16),
+        (65_535, 65_535),
+        (2**31 - 1, 1),
+        (1, 2**31 - 1),
+    ]
     return {f"png_claims_{w}x{h}": png_header(w, h) for w, h in sizes}
 
 
-def fuzzed_image_bytes(good_jpeg: bytes, good_png: bytes, seed: int = 0, n_cuts: int = 120,
-                       n_flips: int = 200) -> dict[str, bytes]:
+def fuzzed_image_bytes(
+    good_jpeg: bytes, good_png: bytes, seed: int = 0, n_cuts: int = 120, n_flips: int = 200
+) -> dict[str, bytes]:
     """Truncations and bit flips of a real JPEG and PNG: each may still decode (2xx) or not (4xx), never 5xx."""
     rng = np.random.default_rng(seed)
     cases = {}
@@ -127,13 +157,50 @@ def fuzzed_image_bytes(good_jpeg: bytes, good_png: bytes, seed: int = 0, n_cuts:
 # application/x-www-form-urlencoded: TorchServe's frontend answers 500 itself when such a body is not
 # form-encoded, before any handler sees it.
 CONTENT_TYPES = [
-    "image/jpeg", "image/png", "IMAGE/JPEG", "image/png;charset=x", "image/jpeg; charset=binary", "image/jpg", "image/pjpeg",
-    "image/gif", "image/webp", "image/bmp", "image/tiff", "image/svg+xml", "image/heic", "image/avif", "image/x-icon",
-    "application/octet-stream", "application/x-image", "application/json", "application/json; charset=utf-8",
-    "application/ld+json", "application/xml", "application/pdf", "application/zip", "application/gzip",
-    "application/x-npy", "application/x-protobuf", "application/javascript", "text/plain", "text/html", "text/csv",
-    "text/xml", "text/json", "text/plain; charset=latin-1", "audio/wav", "audio/mpeg", "video/mp4", "font/woff",
-    "multipart/mixed", "multipart/related", "message/rfc822", "x-custom/thing", "*/*", "invalid", ";;;",
+    "image/jpeg",
+    "image/png",
+    "IMAGE/JPEG",
+    "image/png;charset=x",
+    "image/jpeg; charset=binary",
+    "image/jpg",
+    "image/pjpeg",
+    "image/gif",
+    "image/webp",
+    "image/bmp",
+    "image/tiff",
+    "image/svg+xml",
+    "image/heic",
+    "image/avif",
+    "image/x-icon",
+    "application/octet-stream",
+    "application/x-image",
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/ld+json",
+    "application/xml",
+    "application/pdf",
+    "application/zip",
+    "application/gzip",
+    "application/x-npy",
+    "application/x-protobuf",
+    "application/javascript",
+    "text/plain",
+    "text/html",
+    "text/csv",
+    "text/xml",
+    "text/json",
+    "text/plain; charset=latin-1",
+    "audio/wav",
+    "audio/mpeg",
+    "video/mp4",
+    "font/woff",
+    "multipart/mixed",
+    "multipart/related",
+    "message/rfc822",
+    "x-custom/thing",
+    "*/*",
+    "invalid",
+    ";;;",
 ]
 
 
@@ -153,10 +220,14 @@ def hostile_json_requests(good_jpeg: bytes) -> dict[str, dict]:
                 body = nested_json(depth, under_image, kind)
                 if len(body) < 16_000_000:
                     cases[f"json_nested_{kind}_{depth}{'_under_image' if under_image else ''}"] = {
-                        "data": body, "headers": json_type}
+                        "data": body,
+                        "headers": json_type,
+                    }
     cases["json_nested_unterminated"] = {"data": b"[" * 1_000_000, "headers": json_type}
     cases["json_huge_base64_of_zeros"] = {"data": b'{"image": "' + b"A" * 15_000_000 + b'"}', "headers": json_type}
-    cases["json_huge_base64_of_noise"] = {"json": {"image": base64.b64encode(np.random.default_rng(1).bytes(11_000_000)).decode()}}
+    cases["json_huge_base64_of_noise"] = {
+        "json": {"image": base64.b64encode(np.random.default_rng(1).bytes(11_000_000)).decode()}
+    }
     cases["json_base64_of_png_bomb"] = {"json": {"image": base64.b64encode(zero_filled_png(6_000, 5_000)).decode()}}
     cases["json_huge_padding_field"] = {"json": {"padding": "x" * 12_000_000, "image": "!!"}}
     cases["json_huge_array"] = {"data": ("[" + "1," * 5_000_000 + "1]").encode(), "headers": json_type}
@@ -175,40 +246,86 @@ def malformed_requests(good_jpeg: bytes, good_png: bytes) -> dict[str, dict]:
         cases[f"raw_png_type/{name}"] = {"data": data, "headers": {"Content-Type": PNG}}
         cases[f"multipart/{name}"] = {"files": {"data": ("upload", data, "application/octet-stream")}}
         cases[f"json_base64/{name}"] = {"json": {"image": base64.b64encode(data).decode()}}
-    bad_json = ["{", "}", "[", "nul", '{"image": ', "{'image': 'abc'}", '{"image": "abc"', "\ufeff{", "{}}",
-                '{"image": "a" "b"}', "NaN NaN", '{"image": undefined}']
-    cases |= {f"bad_json_{i}": {"data": text.encode(), "headers": {"Content-Type": "application/json"}}
-              for i, text in enumerate(bad_json)}
+    bad_json = [
+        "{",
+        "}",
+        "[",
+        "nul",
+        '{"image": ',
+        "{'image': 'abc'}",
+        '{"image": "abc"',
+        "\ufeff{",
+        "{}}",
+        '{"image": "a" "b"}',
+        "NaN NaN",
+        '{"image": undefined}',
+    ]
+    cases |= {
+        f"bad_json_{i}": {"data": text.encode(), "headers": {"Content-Type": "application/json"}}
+        for i, text in enumerate(bad_json)
+    }
     cases["bad_json_not_utf8"] = {"data": b'{"image": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}}
-    wrong_shape = [[], {}, 5, "text", None, {"img": "abc"}, {"image": 5}, {"image": None}, {"image": ["a"]},
-                   [{"image": "abc"}]]
-    cases |= {f"json_shape_{i}": {"data": json.dumps(value).encode(), "headers": {"Content-Type": "application/json"}}
-              for i, value in enumerate(wrong_shape)}
+    wrong_shape = [
+        [],
+        {},
+        5,
+        "text",
+        None,
+        {"img": "abc"},
+        {"image": 5},
+        {"image": None},
+        {"image": ["a"]},
+        [{"image": "abc"}],
+    ]
+    cases |= {
+        f"json_shape_{i}": {"data": json.dumps(value).encode(), "headers": {"Content-Type": "application/json"}}
+        for i, value in enumerate(wrong_shape)
+    }
     bad_base64 = ["!!!!", "abc", "a", "====", "ab=c", "é", "data:image/jpeg;base64,/9j/", "ab\x00c", "%%%%", "a==="]
     cases |= {f"bad_base64_{i}": {"json": {"image": text}} for i, text in enumerate(bad_base64)}
     # Not application/x-www-form-urlencoded: TorchServe's frontend answers 500 itself when such a body is
     # not form-encoded, before any handler sees it (a well-formed form is below).
-    wrong_types = ["text/plain", "application/xml", "text/html", "image/gif", "application/pdf", "video/mp4",
-                   "image/svg+xml", "text/csv", "audio/wav", "application/zip"]
+    wrong_types = [
+        "text/plain",
+        "application/xml",
+        "text/html",
+        "image/gif",
+        "application/pdf",
+        "video/mp4",
+        "image/svg+xml",
+        "text/csv",
+        "audio/wav",
+        "application/zip",
+    ]
     cases |= {f"content_type_{t}": {"data": good_jpeg, "headers": {"Content-Type": t}} for t in wrong_types}
     cases["multipart_without_image_field"] = {"files": {"other": ("x.jpg", good_jpeg, JPEG)}}
     cases["multipart_text_field"] = {"data": {"data": "not a file"}, "files": {"unrelated": ("x", b"", "text/plain")}}
     cases["form_urlencoded_field"] = {"data": {"image": "not an image"}}
-    cases |= {f"raw_png_type/{name}": {"data": data, "headers": {"Content-Type": PNG}}
-              for name, data in lying_png_headers().items()}
-    cases |= {f"json_base64/{name}": {"json": {"image": base64.b64encode(data).decode()}}
-              for name, data in lying_png_headers().items()}
+    cases |= {
+        f"raw_png_type/{name}": {"data": data, "headers": {"Content-Type": PNG}}
+        for name, data in lying_png_headers().items()
+    }
+    cases |= {
+        f"json_base64/{name}": {"json": {"image": base64.b64encode(data).decode()}}
+        for name, data in lying_png_headers().items()
+    }
     cases |= hostile_json_requests(good_jpeg)
     garbage = b"\x00garbage\xff" * 10
-    cases |= {f"garbage_as/{content_type}": {"data": garbage, "headers": {"Content-Type": content_type}}
-              for content_type in CONTENT_TYPES}
+    cases |= {
+        f"garbage_as/{content_type}": {"data": garbage, "headers": {"Content-Type": content_type}}
+        for content_type in CONTENT_TYPES
+    }
     return cases
 
 
 def fuzzed_requests(good_jpeg: bytes, good_png: bytes) -> dict[str, dict]:
     """Requests that may be answered 2xx or 4xx, never 5xx: fuzzed images, and a good image under every content type."""
-    cases = {f"raw/{name}": {"data": data, "headers": {"Content-Type": PNG if name.startswith("png") else JPEG}}
-             for name, data in fuzzed_image_bytes(good_jpeg, good_png).items()}
-    cases |= {f"good_jpeg_as/{content_type}": {"data": good_jpeg, "headers": {"Content-Type": content_type}}
-              for content_type in CONTENT_TYPES}
+    cases = {
+        f"raw/{name}": {"data": data, "headers": {"Content-Type": PNG if name.startswith("png") else JPEG}}
+        for name, data in fuzzed_image_bytes(good_jpeg, good_png).items()
+    }
+    cases |= {
+        f"good_jpeg_as/{content_type}": {"data": good_jpeg, "headers": {"Content-Type": content_type}}
+        for content_type in CONTENT_TYPES
+    }
     return cases

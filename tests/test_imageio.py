@@ -13,8 +13,20 @@ from monai.data import PILReader
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRange
 from PIL import Image, ImageOps
 
-from bundle.imageio import (MAX_ASPECT_RATIO, MIN_SIDE, SHRINK_MARGIN, EncodedImage, ShrinkingPILReader, UnusableImage,
-                            decode_problem, load_rgb, png_size_problem, shape_problem, shrunk_size, to_rgb)
+from bundle.imageio import (
+    MAX_ASPECT_RATIO,
+    MIN_SIDE,
+    SHRINK_MARGIN,
+    EncodedImage,
+    ShrinkingPILReader,
+    UnusableImage,
+    decode_problem,
+    load_rgb,
+    png_size_problem,
+    shape_problem,
+    shrunk_size,
+    to_rgb,
+)
 from tests.bundle_runs import REPO
 from tests.serving import png_header
 
@@ -195,11 +207,16 @@ def _bytes(image: Image.Image, image_format: str, **params) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("width", "height", "limit"), [
-    (1, 25_000_000, f"at least {MIN_SIDE} pixels"), (25_000_000, 1, f"at least {MIN_SIDE} pixels"),
-    (15, 100, f"at least {MIN_SIDE} pixels"), (2_000, 100, f"limit of {MAX_ASPECT_RATIO}:1"),
-    (100, 1_001, f"limit of {MAX_ASPECT_RATIO}:1"),
-])
+@pytest.mark.parametrize(
+    ("width", "height", "limit"),
+    [
+        (1, 25_000_000, f"at least {MIN_SIDE} pixels"),
+        (25_000_000, 1, f"at least {MIN_SIDE} pixels"),
+        (15, 100, f"at least {MIN_SIDE} pixels"),
+        (2_000, 100, f"limit of {MAX_ASPECT_RATIO}:1"),
+        (100, 1_001, f"limit of {MAX_ASPECT_RATIO}:1"),
+    ],
+)
 def test_degenerate_shapes_are_refused_from_the_header_naming_the_limit(width, height, limit):
     data = png_header(width, height)  # a header and almost no pixels: decoding would fail differently
     started = time.process_time()
@@ -234,13 +251,16 @@ def test_the_png_size_bound_never_refuses_a_real_png():
         assert decode_problem(data) is None
 
 
-@pytest.mark.parametrize(("size", "image_size", "decoded"), [
-    ((4_000, 3_000), (64, 64), (128, 128)),  # 1/8 in libjpeg (500 x 375), then box-resampled to twice 64
-    ((4_000, 3_000), (32, 48), (96, 64)),    # [height, width]: 1/8, then to twice each side
-    ((600, 450), (64, 64), (128, 128)),      # 600 x 450 decodes whole (1/2 would leave under 4 x 64 rows)
-    ((600, 450), (128, 128), (256, 450)),    # only the side at least four times its target shrinks
-    ((200, 150), (64, 64), (200, 150)),      # untouched
-])
+@pytest.mark.parametrize(
+    ("size", "image_size", "decoded"),
+    [
+        ((4_000, 3_000), (64, 64), (128, 128)),  # 1/8 in libjpeg (500 x 375), then box-resampled to twice 64
+        ((4_000, 3_000), (32, 48), (96, 64)),  # [height, width]: 1/8, then to twice each side
+        ((600, 450), (64, 64), (128, 128)),  # 600 x 450 decodes whole (1/2 would leave under 4 x 64 rows)
+        ((600, 450), (128, 128), (256, 450)),  # only the side at least four times its target shrinks
+        ((200, 150), (64, 64), (200, 150)),  # untouched
+    ],
+)
 def test_big_images_are_shrunk_in_8_bits_to_twice_the_target(size, image_size, decoded):
     image = load_rgb(_bytes(_photo(*size), "JPEG", quality=90), image_size)
     assert (image.mode, image.size) == ("RGB", decoded)
@@ -283,9 +303,14 @@ def test_the_png_shrink_is_an_area_average_of_the_converted_image(mode):
 def test_the_shrink_changes_the_preprocessed_image_by_little():
     """Full-size decoding against the shrunk one, after the same area resize, for a picture as smooth at the
     network's scale as a lesion photo: within a few grey levels, under one on average."""
-    plain = Compose([LoadImage(reader=PILReader(converter=to_rgb, reverse_indexing=False), image_only=True),
-                     EnsureChannelFirst(), ScaleIntensityRange(0, 255, 0, 1, clip=True),
-                     Resize((64, 64), mode="area")])
+    plain = Compose(
+        [
+            LoadImage(reader=PILReader(converter=to_rgb, reverse_indexing=False), image_only=True),
+            EnsureChannelFirst(),
+            ScaleIntensityRange(0, 255, 0, 1, clip=True),
+            Resize((64, 64), mode="area"),
+        ]
+    )
     for size, image_format in (((600, 450), "JPEG"), ((4_000, 3_000), "JPEG"), ((1_600, 1_200), "PNG")):
         picture = _photo(*size, cell=size[0] // 12)  # a colour change every 5 output pixels
         data = _bytes(picture, image_format, **({"quality": 90} if image_format == "JPEG" else {}))
@@ -317,7 +342,10 @@ def test_the_reader_refuses_without_falling_back_to_monai_default_readers(tmp_pa
 
 def test_a_file_and_its_bytes_in_memory_preprocess_identically(tmp_path):
     chain = _preprocessing()
-    for name, data in {"big.jpg": _bytes(_photo(1_000, 750), "JPEG"), "small.png": _bytes(_photo(90, 70), "PNG")}.items():
+    for name, data in {
+        "big.jpg": _bytes(_photo(1_000, 750), "JPEG"),
+        "small.png": _bytes(_photo(90, 70), "PNG"),
+    }.items():
         (tmp_path / name).write_bytes(data)
         from_file = chain({"image": str(tmp_path / name)})["image"]
         assert torch.equal(from_file, chain({"image": EncodedImage(data)})["image"])
@@ -339,11 +367,14 @@ def test_a_png_with_an_exif_orientation_preprocesses_like_the_prerotated_png(ori
         assert image.getexif()[ORIENTATION] == orientation
         prerotated = _bytes(ImageOps.exif_transpose(image), "PNG")
     chain = _preprocessing()
-    assert torch.equal(chain({"image": EncodedImage(tagged)})["image"],
-                       chain({"image": EncodedImage(prerotated)})["image"])
+    assert torch.equal(
+        chain({"image": EncodedImage(tagged)})["image"], chain({"image": EncodedImage(prerotated)})["image"]
+    )
     if orientation != 1:  # not vacuous: the stored picture preprocesses differently
-        assert not torch.equal(chain({"image": EncodedImage(_bytes(stored, "PNG"))})["image"],
-                               chain({"image": EncodedImage(prerotated)})["image"])
+        assert not torch.equal(
+            chain({"image": EncodedImage(_bytes(stored, "PNG"))})["image"],
+            chain({"image": EncodedImage(prerotated)})["image"],
+        )
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
@@ -352,7 +383,9 @@ def test_a_phone_jpeg_with_an_exif_orientation_preprocesses_like_its_upright_pix
     with Image.open(io.BytesIO(small)) as image:
         upright_png = _bytes(ImageOps.exif_transpose(image.convert("RGB")), "PNG")
     chain = _preprocessing()
-    assert torch.equal(chain({"image": EncodedImage(small)})["image"], chain({"image": EncodedImage(upright_png)})["image"])
+    assert torch.equal(
+        chain({"image": EncodedImage(small)})["image"], chain({"image": EncodedImage(upright_png)})["image"]
+    )
     # a 4000 x 3000 photo stored sideways: draft decoding sizes the stored picture for the upright target
     big = _tagged(_photo(4_000, 3_000, cell=300), orientation, "JPEG")
     with Image.open(io.BytesIO(big)) as image:
@@ -360,11 +393,13 @@ def test_a_phone_jpeg_with_an_exif_orientation_preprocesses_like_its_upright_pix
     (tmp_path / "big.png").write_bytes(upright_png)
     assert load_rgb(big, (64, 48)).size == (96, 128)  # upright [height, width] x 2, whatever the stored shape
     difference = chain({"image": EncodedImage(big)})["image"] - chain({"image": str(tmp_path / "big.png")})["image"]
-    assert difference.abs().max().item() < 6 / 255 and difference.abs().mean().item() < 1 / 255  # a wrong turn differs by far more
+    assert (
+        difference.abs().max().item() < 6 / 255 and difference.abs().mean().item() < 1 / 255
+    )  # a wrong turn differs by far more
 
 
 def test_an_unreadable_exif_block_leaves_the_picture_as_stored():
     data = bytearray(_tagged(_photo(90, 60), 6, "JPEG"))
     start = data.index(b"Exif\0\0") + 6
-    data[start:start + 8] = b"XXXXXXXX"  # not a TIFF header
+    data[start : start + 8] = b"XXXXXXXX"  # not a TIFF header
     assert load_rgb(bytes(data)).size == (90, 60)

@@ -10,12 +10,15 @@ from bundle.payloads import JSON_TYPE, RequestError, image_bytes
 DEPTH = 100_000
 
 
-@pytest.mark.parametrize("body", [
-    "[" * DEPTH + "]" * DEPTH,
-    '{"image": ' + "[" * DEPTH + "]" * DEPTH + "}",
-    '{"image": ' + '{"a": ' * DEPTH + "1" + "}" * DEPTH + "}",
-    "[" * DEPTH,  # unterminated as well
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[" * DEPTH + "]" * DEPTH,
+        '{"image": ' + "[" * DEPTH + "]" * DEPTH + "}",
+        '{"image": ' + '{"a": ' * DEPTH + "1" + "}" * DEPTH + "}",
+        "[" * DEPTH,  # unterminated as well
+    ],
+)
 @pytest.mark.parametrize("as_bytes", [True, False])
 def test_deeply_nested_json_is_a_400_not_a_recursion_error(body, as_bytes):
     with pytest.raises(RequestError) as error:

@@ -56,10 +56,20 @@ def good_jpeg(synthetic_dir) -> bytes:
 
 def _bundle_run_probabilities(bundle_root: Path, folder: Path, output_dir: Path, **overrides) -> dict[str, np.ndarray]:
     """``monai.bundle run --config_file configs/inference.json --input folder``: probabilities per file name."""
-    run_bundle(INFERENCE, bundle_root=bundle_root, input=folder, output_dir=output_dir, num_workers=0, batch_size=8,
-               device="$torch.device('cpu')", **overrides)
+    run_bundle(
+        INFERENCE,
+        bundle_root=bundle_root,
+        input=folder,
+        output_dir=output_dir,
+        num_workers=0,
+        batch_size=8,
+        device="$torch.device('cpu')",
+        **overrides,
+    )
     with open(output_dir / "predictions.csv", newline="") as f:
-        return {Path(row["image"]).name: np.array([float(row[f"p_{c}"]) for c in CLASS_NAMES]) for row in csv.DictReader(f)}
+        return {
+            Path(row["image"]).name: np.array([float(row[f"p_{c}"]) for c in CLASS_NAMES]) for row in csv.DictReader(f)
+        }
 
 
 def _served(predictor: Predictor, folder: Path, names: list[str]) -> np.ndarray:
@@ -87,7 +97,8 @@ def few_jpegs(synthetic_dir, tmp_path_factory) -> Path:
 
 
 def test_probabilities_equal_the_bundle_run_on_synthetic_jpegs_and_converted_modes(
-        predictor, bundle_root, synthetic_dir, tmp_path):
+    predictor, bundle_root, synthetic_dir, tmp_path
+):
     folder = tmp_path / "images"
     folder.mkdir()
     sources = sorted((synthetic_dir / "images").glob("*.jpg"))[:8]
@@ -108,8 +119,9 @@ def test_probabilities_equal_the_bundle_run_on_real_ham10000_jpegs(predictor, bu
     _assert_parity(predictor, bundle_root, folder, tmp_path)
 
 
-def test_probabilities_equal_the_bundle_run_on_big_rotated_and_shrunk_images(predictor, bundle_root, synthetic_dir,
-                                                                               tmp_path):
+def test_probabilities_equal_the_bundle_run_on_big_rotated_and_shrunk_images(
+    predictor, bundle_root, synthetic_dir, tmp_path
+):
     """The shrink and the EXIF turn are the config's own preprocessing: served = bundle run, at 1e-5."""
     folder = tmp_path / "images"
     folder.mkdir()
@@ -117,10 +129,15 @@ def test_probabilities_equal_the_bundle_run_on_big_rotated_and_shrunk_images(pre
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned a quarter; shown upright
     for name, size, image_format, params in (
-            ("phone.jpg", (4_000, 3_000), "JPEG", {"quality": 92}), ("original.jpg", (600, 450), "JPEG", {}),
-            ("sideways.jpg", (3_000, 4_000), "JPEG", {"exif": exif.tobytes()}),
-            ("sideways.png", (450, 600), "PNG", {"exif": exif.tobytes()}), ("scan.png", (1_600, 1_200), "PNG", {})):
-        (folder / name).write_bytes(encode(next(pictures).resize(size, Image.Resampling.BICUBIC), image_format, **params))
+        ("phone.jpg", (4_000, 3_000), "JPEG", {"quality": 92}),
+        ("original.jpg", (600, 450), "JPEG", {}),
+        ("sideways.jpg", (3_000, 4_000), "JPEG", {"exif": exif.tobytes()}),
+        ("sideways.png", (450, 600), "PNG", {"exif": exif.tobytes()}),
+        ("scan.png", (1_600, 1_200), "PNG", {}),
+    ):
+        (folder / name).write_bytes(
+            encode(next(pictures).resize(size, Image.Resampling.BICUBIC), image_format, **params)
+        )
     _assert_parity(predictor, bundle_root, folder, tmp_path)
 
 
@@ -129,15 +146,19 @@ def test_prediction_names_the_most_probable_class(predictor, good_jpeg):
     assert result.class_name == max(result.probabilities, key=result.probabilities.get)
     assert result.probability == result.probabilities[result.class_name]
     assert sum(result.probabilities.values()) == pytest.approx(1, abs=1e-5)
-    assert result.to_json() == {"class": result.class_name, "label": CLASS_LABELS[result.class_name],
-                                "probability": result.probability, "probabilities": result.probabilities}
+    assert result.to_json() == {
+        "class": result.class_name,
+        "label": CLASS_LABELS[result.class_name],
+        "probability": result.probability,
+        "probabilities": result.probabilities,
+    }
     assert list(result.probabilities) == list(CLASS_NAMES)
 
 
 def test_non_rgb_images_are_converted_and_classified(predictor, good_jpeg):
     variants = mode_variants(decoded_rgb(good_jpeg))
     results = predictor.predict(list(variants.values()))
-    assert all(isinstance(result, Prediction) for result in results), dict(zip(variants, results))
+    assert all(isinstance(result, Prediction) for result in results), dict(zip(variants, results, strict=True))
 
 
 EXPECTED_KIND = {
@@ -162,10 +183,11 @@ def test_each_bad_image_gets_its_own_rejection_and_the_good_ones_are_unaffected(
         batch += [good_jpeg, bad[name]]
     results = predictor.predict(batch)
     [alone] = predictor.predict([good_jpeg])
-    for name, good_result, bad_result in zip(names, results[0::2], results[1::2]):
+    for name, good_result, bad_result in zip(names, results[0::2], results[1::2], strict=True):
         assert isinstance(good_result, Prediction)
-        np.testing.assert_allclose(list(good_result.probabilities.values()), list(alone.probabilities.values()),
-                                   atol=TOLERANCE)
+        np.testing.assert_allclose(
+            list(good_result.probabilities.values()), list(alone.probabilities.values()), atol=TOLERANCE
+        )
         assert isinstance(bad_result, Rejection), f"{name} was classified"
         assert bad_result.error and bad_result.to_json() == {"error": bad_result.error}
         if name in EXPECTED_KIND:
@@ -173,9 +195,19 @@ def test_each_bad_image_gets_its_own_rejection_and_the_good_ones_are_unaffected(
 
 
 def test_rejections_say_what_is_wrong(predictor, good_jpeg):
-    results = predictor.predict([b"", b"hello", good_jpeg[: len(good_jpeg) // 2], png_header(6000, 5000),
-                                 encode(Image.new("RGB", (4, 4)), "GIF")])
-    assert [r.error for r in results[:2]] == ["empty image: no bytes were sent", "not an image: expected JPEG or PNG bytes"]
+    results = predictor.predict(
+        [
+            b"",
+            b"hello",
+            good_jpeg[: len(good_jpeg) // 2],
+            png_header(6000, 5000),
+            encode(Image.new("RGB", (4, 4)), "GIF"),
+        ]
+    )
+    assert [r.error for r in results[:2]] == [
+        "empty image: no bytes were sent",
+        "not an image: expected JPEG or PNG bytes",
+    ]
     assert "truncated" in results[2].error
     assert results[3].error == "image too large: 6000 x 5000 = 30000000 pixels exceeds the limit of 25000000"
     assert results[4].error == "unsupported image format GIF: send a JPEG or PNG"
@@ -193,11 +225,14 @@ def test_torchscript_weights_give_the_same_probabilities(bundle_root, predictor,
     shutil.copy(bundle_root / "models" / "model.json", tmp_path / "model.json")  # an export shares the sidecar
     [scripted] = Predictor(bundle_root, weights=tmp_path / "model.ts", device="cpu").predict([good_jpeg])
     [eager] = predictor.predict([good_jpeg])
-    np.testing.assert_allclose(list(scripted.probabilities.values()), list(eager.probabilities.values()), atol=TOLERANCE)
+    np.testing.assert_allclose(
+        list(scripted.probabilities.values()), list(eager.probabilities.values()), atol=TOLERANCE
+    )
 
 
 def test_the_sidecar_size_wins_over_the_config_and_matches_a_bundle_run_at_that_size(
-        predictor_32, predictor, bundle_root_32, few_jpegs, tmp_path):
+    predictor_32, predictor, bundle_root_32, few_jpegs, tmp_path
+):
     assert (predictor_32.image_size, predictor.image_size) == ([32, 32], [64, 64])  # inference.json says 64
     served = _assert_parity(predictor_32, bundle_root_32, few_jpegs, tmp_path, image_size="[32,32]")
     # the same weights at the config's 64 x 64 give other probabilities: the size is what differs
@@ -206,11 +241,20 @@ def test_the_sidecar_size_wins_over_the_config_and_matches_a_bundle_run_at_that_
 
 
 def test_the_bundle_run_refuses_a_size_other_than_the_trained_one(bundle_root_32, few_jpegs, tmp_path):
-    result = run_bundle(INFERENCE, expect_ok=False, bundle_root=bundle_root_32, input=few_jpegs,
-                        output_dir=tmp_path, num_workers=0, device="$torch.device('cpu')")
+    result = run_bundle(
+        INFERENCE,
+        expect_ok=False,
+        bundle_root=bundle_root_32,
+        input=few_jpegs,
+        output_dir=tmp_path,
+        num_workers=0,
+        device="$torch.device('cpu')",
+    )
     ckpt_path = f"{bundle_root_32}/models/model.pt"
-    assert (f"ckpt_path {ckpt_path} was trained at image_size [32, 32] (says {bundle_root_32}/models/model.json), "
-            f"but this run's image_size is [64, 64]: pass --image_size \"[32,32]\"") in result.stderr, result.stderr
+    assert (
+        f"ckpt_path {ckpt_path} was trained at image_size [32, 32] (says {bundle_root_32}/models/model.json), "
+        f'but this run\'s image_size is [64, 64]: pass --image_size "[32,32]"'
+    ) in result.stderr, result.stderr
     assert not (tmp_path / "predictions.csv").exists()
 
 
@@ -252,8 +296,10 @@ def test_a_sidecar_with_the_classes_in_another_order_is_refused(bundle_root, tmp
     (tmp_path / "model.json").write_text(json.dumps(record))
     with pytest.raises(SidecarError) as error:
         Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu", allow_missing_sidecar=True)
-    assert f"{tmp_path / 'model.json'} (the sidecar of {tmp_path / 'model.pt'}) says the outputs are the classes " \
-           f"{list(reversed(CLASS_NAMES))}, but this bundle serves {list(CLASS_NAMES)}" in str(error.value)
+    assert (
+        f"{tmp_path / 'model.json'} (the sidecar of {tmp_path / 'model.pt'}) says the outputs are the classes "
+        f"{list(reversed(CLASS_NAMES))}, but this bundle serves {list(CLASS_NAMES)}" in str(error.value)
+    )
 
 
 def test_a_sidecar_written_before_fingerprints_needs_the_opt_in(bundle_root, tmp_path):
@@ -261,26 +307,35 @@ def test_a_sidecar_written_before_fingerprints_needs_the_opt_in(bundle_root, tmp
     (tmp_path / "model.json").write_text(json.dumps({"image_size": [32, 32]}))
     with pytest.raises(SidecarError, match="records no weights_fingerprint and class_names.*allow_missing_sidecar"):
         Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu")
-    assert Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu",
-                     allow_missing_sidecar=True).image_size == [32, 32]
+    assert Predictor(
+        bundle_root, weights=tmp_path / "model.pt", device="cpu", allow_missing_sidecar=True
+    ).image_size == [32, 32]
 
 
-@pytest.mark.parametrize("script, output", [("package_mar.py", ["--export_path", "dist"]),
-                                            ("package_sagemaker.py", ["--output", "dist/model.tar.gz"])])
+@pytest.mark.parametrize(
+    "script, output",
+    [("package_mar.py", ["--export_path", "dist"]), ("package_sagemaker.py", ["--output", "dist/model.tar.gz"])],
+)
 def test_packaging_refuses_weights_without_a_sidecar(bundle_root, tmp_path, script, output):
     root = tmp_path / "bundle"
     shutil.copytree(bundle_root / "configs", root / "configs")
     (root / "models").mkdir()
     shutil.copy(bundle_root / "models" / "model.pt", root / "models" / "model.pt")
-    result = subprocess.run([sys.executable, REPO / "scripts" / script, "--bundle_root", root, *output],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, REPO / "scripts" / script, "--bundle_root", root, *output],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert f"error: weights {root / 'models' / 'model.pt'} have no sidecar" in result.stderr, result.stderr
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
 
 
 def test_a_training_run_killed_between_weights_and_sidecar_is_not_served_until_resumed(
-        bundle_root, good_jpeg, tmp_path, monkeypatch):
+    bundle_root, good_jpeg, tmp_path, monkeypatch
+):
     """BestModelSaver on the served DenseNet: killed after writing better weights, before their sidecar."""
     shutil.copytree(bundle_root / "configs", tmp_path / "configs")
     weights = tmp_path / "models" / "model.pt"
@@ -294,10 +349,12 @@ def test_a_training_run_killed_between_weights_and_sidecar_is_not_served_until_r
     [before] = Predictor(tmp_path, device="cpu").predict([good_jpeg])
 
     real_replace = sidecar.os.replace
+
     def killed(source, target):  # the sidecar's rename is the last step; the new weights are in place
         if Path(source).name.endswith(".pending"):
             raise KeyboardInterrupt("killed")
         real_replace(source, target)
+
     monkeypatch.setattr(sidecar.os, "replace", killed)
     with torch.no_grad():
         network.class_layers.out.bias.add_(2.0)
@@ -322,19 +379,23 @@ def test_torchscript_weights_use_the_sidecar_beside_them(bundle_root_32, predict
     scripted = Predictor(bundle_root_32, weights=tmp_path / "model.ts", device="cpu")
     assert scripted.image_size == [32, 32]
     [from_script], [eager] = scripted.predict([good_jpeg]), predictor_32.predict([good_jpeg])
-    np.testing.assert_allclose(list(from_script.probabilities.values()), list(eager.probabilities.values()),
-                               atol=TOLERANCE)
+    np.testing.assert_allclose(
+        list(from_script.probabilities.values()), list(eager.probabilities.values()), atol=TOLERANCE
+    )
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("{not json", "is not a JSON object with an 'image_size'"),
-    ("[32, 32]", "is not a JSON object with an 'image_size'"),
-    ('{"size": [32, 32]}', "is not a JSON object with an 'image_size'"),
-    ('{"image_size": [32]}', "'image_size' must be [height, width] in pixels, got [32]"),
-    ('{"image_size": "32x32"}', "'image_size' must be [height, width] in pixels, got '32x32'"),
-    ('{"image_size": [0, 32]}', "'image_size' must be [height, width] in pixels, got [0, 32]"),
-    ('{"image_size": [32.5, 32]}', "'image_size' must be [height, width] in pixels, got [32.5, 32]"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("{not json", "is not a JSON object with an 'image_size'"),
+        ("[32, 32]", "is not a JSON object with an 'image_size'"),
+        ('{"size": [32, 32]}', "is not a JSON object with an 'image_size'"),
+        ('{"image_size": [32]}', "'image_size' must be [height, width] in pixels, got [32]"),
+        ('{"image_size": "32x32"}', "'image_size' must be [height, width] in pixels, got '32x32'"),
+        ('{"image_size": [0, 32]}', "'image_size' must be [height, width] in pixels, got [0, 32]"),
+        ('{"image_size": [32.5, 32]}', "'image_size' must be [height, width] in pixels, got [32.5, 32]"),
+    ],
+)
 def test_a_malformed_sidecar_is_an_error_naming_it(tmp_path, text, problem):
     (tmp_path / "model.json").write_text(text)
     with pytest.raises(ValueError) as error:
@@ -364,7 +425,9 @@ def test_the_calibration_beside_the_weights_is_served(bundle_root, predictor, go
     bias = [0.0] * len(CLASS_NAMES)
     bias[weakest] = 100.0  # a rule that always picks the least probable class
     record = json.loads((bundle_root / "models" / "model.json").read_text())
-    (tmp_path / "model.json").write_text(json.dumps({**record, "calibration": {"temperature": 3.0, "class_bias": bias}}))
+    (tmp_path / "model.json").write_text(
+        json.dumps({**record, "calibration": {"temperature": 3.0, "class_bias": bias}})
+    )
     [calibrated] = Predictor(bundle_root, weights=tmp_path / "model.pt", device="cpu").predict([good_jpeg])
     expected = torch.softmax(torch.tensor(logits) / 3.0, 0).numpy()
     np.testing.assert_allclose([calibrated.probabilities[c] for c in CLASS_NAMES], expected, atol=1e-5)

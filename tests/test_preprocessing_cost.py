@@ -73,8 +73,15 @@ def _encode(image: Image.Image, image_format: str, **params) -> bytes:
     return buffer.getvalue()
 
 
-WORST_CASES = ["phone_4000x3000.jpg", "25mp_progressive_444.jpg", "25mp_cmyk.jpg", "12mp_rgb.png", "12mp_rgba.png",
-               "12mp_16bit.png", "12mp_palette_transparent.png"]
+WORST_CASES = [
+    "phone_4000x3000.jpg",
+    "25mp_progressive_444.jpg",
+    "25mp_cmyk.jpg",
+    "12mp_rgb.png",
+    "12mp_rgba.png",
+    "12mp_16bit.png",
+    "12mp_palette_transparent.png",
+]
 
 
 def _worst_cases() -> dict[str, bytes]:
@@ -122,9 +129,14 @@ def worst_cases(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def costs(worst_cases, bundle_root) -> dict[str, dict]:
-    probe = subprocess.run([sys.executable, "-c", PROBE, str(bundle_root), *map(str, worst_cases.values())], cwd=REPO,
-                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}, capture_output=True, text=True,
-                           timeout=600)
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, str(bundle_root), *map(str, worst_cases.values())],
+        cwd=REPO,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     return json.loads(probe.stdout.splitlines()[-1])
 
@@ -149,8 +161,11 @@ REFUSED_FROM_THE_HEADER = {
     "3000x3000_in_69_bytes": (png_header(3_000, 3_000), RejectionKind.UNDECODABLE, "corrupt PNG: its header claims"),
     "real_png_5000x5000": (zero_filled_png(5_000, 5_000), RejectionKind.TOO_LARGE, f"PNG limit of {MAX_PNG_PIXELS}"),
     "real_png_12000x400": (zero_filled_png(12_000, 400), RejectionKind.BAD_SHAPE, f"limit of {MAX_ASPECT_RATIO}:1"),
-    "real_jpeg_6000x5000": (_encode(Image.new("RGB", (6_000, 5_000)), "JPEG"), RejectionKind.TOO_LARGE,
-                            f"limit of {MAX_PIXELS}"),
+    "real_jpeg_6000x5000": (
+        _encode(Image.new("RGB", (6_000, 5_000)), "JPEG"),
+        RejectionKind.TOO_LARGE,
+        f"limit of {MAX_PIXELS}",
+    ),
 }
 
 

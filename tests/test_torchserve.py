@@ -27,8 +27,19 @@ from bundle.predictor import Predictor
 from bundle.sidecar import new_record, save_pair
 from handler import control
 from tests.bundle_runs import REPO
-from tests.serving import (JPEG, PNG, bundle_with_random_weights, decoded_rgb, encode, fuzzed_requests,
-                           malformed_requests, mode_variants, nested_json, png_header, zero_filled_png)
+from tests.serving import (
+    JPEG,
+    PNG,
+    bundle_with_random_weights,
+    decoded_rgb,
+    encode,
+    fuzzed_requests,
+    malformed_requests,
+    mode_variants,
+    nested_json,
+    png_header,
+    zero_filled_png,
+)
 
 BATCH_SIZE = 4
 MAX_BATCH_DELAY_MS = 100
@@ -62,8 +73,15 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _package(bundle_root: Path, export_path: Path, **options) -> Path:
-    command = [sys.executable, "scripts/package_mar.py", "--bundle_root", str(bundle_root),
-               "--export_path", str(export_path), *(f"--{key}={value}" for key, value in options.items())]
+    command = [
+        sys.executable,
+        "scripts/package_mar.py",
+        "--bundle_root",
+        str(bundle_root),
+        "--export_path",
+        str(export_path),
+        *(f"--{key}={value}" for key, value in options.items()),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return export_path / "skin_lesion.mar"
@@ -71,15 +89,38 @@ def _package(bundle_root: Path, export_path: Path, **options) -> Path:
 
 def _serve(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     """scripts/serve.py as users run it; its own output is small, and the server's goes to the run folder."""
-    return subprocess.run([sys.executable, "scripts/serve.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "scripts/serve.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _start_args(mar: Path, run_dir: Path, *extra) -> list:
     inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
-    return ["start", "--mar", mar, "--run_dir", run_dir, "--inference_port", inference,
-            "--management_port", management, "--metrics_port", metrics, "--grpc_inference_port", grpc_inference,
-            "--grpc_management_port", grpc_management, "--timeout_s", 240, *extra]
+    return [
+        "start",
+        "--mar",
+        mar,
+        "--run_dir",
+        run_dir,
+        "--inference_port",
+        inference,
+        "--management_port",
+        management,
+        "--metrics_port",
+        metrics,
+        "--grpc_inference_port",
+        grpc_inference,
+        "--grpc_management_port",
+        grpc_management,
+        "--timeout_s",
+        240,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +131,9 @@ def bundle_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def archive(bundle_root, tmp_path_factory) -> Path:
-    return _package(bundle_root, tmp_path_factory.mktemp("dist"), batch_size=BATCH_SIZE,
-                    max_batch_delay_ms=MAX_BATCH_DELAY_MS)
+    return _package(
+        bundle_root, tmp_path_factory.mktemp("dist"), batch_size=BATCH_SIZE, max_batch_delay_ms=MAX_BATCH_DELAY_MS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +159,9 @@ def expected(bundle_root, images) -> dict[str, dict]:
     """What the predictor, run here in the test process at the sidecar's image size, says about each image."""
     predictor = Predictor(bundle_root, device="cpu")
     assert predictor.image_size == TRAINED_IMAGE_SIZE
-    return {name: result.to_json() for name, result in zip(images, predictor.predict(list(images.values())))}
+    return {
+        name: result.to_json() for name, result in zip(images, predictor.predict(list(images.values())), strict=True)
+    }
 
 
 def _post(server: dict, route: str = "predictions/skin_lesion", authorised: bool = True, **kwargs) -> requests.Response:
@@ -126,8 +170,11 @@ def _post(server: dict, route: str = "predictions/skin_lesion", authorised: bool
 
 
 def _worker_pids(server: dict) -> list[int]:
-    response = requests.get(f"{server['management_url']}/models/skin_lesion",
-                            headers=control.auth_headers(server["run_dir"], "management"), timeout=30)
+    response = requests.get(
+        f"{server['management_url']}/models/skin_lesion",
+        headers=control.auth_headers(server["run_dir"], "management"),
+        timeout=30,
+    )
     response.raise_for_status()
     return sorted(worker["pid"] for worker in response.json()[0]["workers"])
 
@@ -135,8 +182,9 @@ def _worker_pids(server: dict) -> list[int]:
 def _assert_same_prediction(answer: dict, expected: dict) -> None:
     assert (answer["class"], answer["label"]) == (expected["class"], CLASS_LABELS[expected["class"]])
     assert list(answer["probabilities"]) == list(CLASS_NAMES)
-    np.testing.assert_allclose(list(answer["probabilities"].values()), list(expected["probabilities"].values()),
-                               rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(
+        list(answer["probabilities"].values()), list(expected["probabilities"].values()), rtol=0, atol=TOLERANCE
+    )
     assert answer["probability"] == pytest.approx(expected["probability"], abs=TOLERANCE)
 
 
@@ -216,7 +264,7 @@ def test_malformed_corpus_gets_4xx_errors_and_no_worker_restarts(server, images,
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(send, jobs))
     wrong, latencies = {}, []
-    for (kind, name, _), (response, seconds) in zip(jobs, answers):
+    for (kind, name, _), (response, seconds) in zip(jobs, answers, strict=True):
         status = response.status_code
         if kind == "good":
             latencies.append(seconds)
@@ -237,16 +285,31 @@ def test_hostile_headers_and_bodies_are_refused_quickly_and_a_phone_photo_is_cla
     """Each of these once cost seconds or a 500: a 69-byte PNG claiming 1 x 25,000,000 pixels, JSON nested
     100,000 deep."""
     cases = {
-        "png_claims_1x25000000": ({"data": png_header(1, 25_000_000), "headers": {"Content-Type": PNG}}, 400,
-                                  "at least 16 pixels"),
-        "png_claims_3000x3000": ({"data": png_header(3_000, 3_000), "headers": {"Content-Type": PNG}}, 400,
-                                 "corrupt PNG"),
-        "png_25_megapixels": ({"data": zero_filled_png(5_000, 5_000), "headers": {"Content-Type": PNG}}, 413,
-                              "PNG limit"),
-        "json_nested_list": ({"data": nested_json(100_000, False), "headers": {"Content-Type": "application/json"}},
-                             400, "nested too deeply"),
-        "json_nested_under_image": ({"data": nested_json(100_000, True), "headers": {"Content-Type": "application/json"}},
-                                    400, "nested too deeply"),
+        "png_claims_1x25000000": (
+            {"data": png_header(1, 25_000_000), "headers": {"Content-Type": PNG}},
+            400,
+            "at least 16 pixels",
+        ),
+        "png_claims_3000x3000": (
+            {"data": png_header(3_000, 3_000), "headers": {"Content-Type": PNG}},
+            400,
+            "corrupt PNG",
+        ),
+        "png_25_megapixels": (
+            {"data": zero_filled_png(5_000, 5_000), "headers": {"Content-Type": PNG}},
+            413,
+            "PNG limit",
+        ),
+        "json_nested_list": (
+            {"data": nested_json(100_000, False), "headers": {"Content-Type": "application/json"}},
+            400,
+            "nested too deeply",
+        ),
+        "json_nested_under_image": (
+            {"data": nested_json(100_000, True), "headers": {"Content-Type": "application/json"}},
+            400,
+            "nested too deeply",
+        ),
     }
     for name, (kwargs, status, words) in cases.items():
         started = time.monotonic()
@@ -275,8 +338,10 @@ def test_concurrent_batches_mixing_good_and_bad_images(server, images, expected)
     and each request still gets its own answer."""
     rng = random.Random(0)
     bad = [b"", b"not an image", next(iter(images.values()))[:300], b"GIF89a"]
-    jobs = [("good", rng.choice(list(images))) if rng.random() < 0.5 else ("bad", rng.randrange(len(bad)))
-            for _ in range(64)]
+    jobs = [
+        ("good", rng.choice(list(images))) if rng.random() < 0.5 else ("bad", rng.randrange(len(bad)))
+        for _ in range(64)
+    ]
 
     def send(job):
         kind, key = job
@@ -284,28 +349,38 @@ def test_concurrent_batches_mixing_good_and_bad_images(server, images, expected)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         responses = list(pool.map(send, jobs))
-    for (kind, key), response in zip(jobs, responses):
+    for (kind, key), response in zip(jobs, responses, strict=True):
         if kind == "good":
             assert response.status_code == 200, response.text
             _assert_same_prediction(response.json(), expected[key])
         else:
             assert 400 <= response.status_code < 500 and response.json()["error"], response.text
-    batch_lines = [line for line in (server["run_dir"] / "logs" / "model_log.log").read_text().splitlines()
-                   if "requests:" in line and "classified" in line]
-    mixed = [line for line in batch_lines if "batch of 1 " not in line and " 0 classified" not in line
-             and " 0 refused" not in line]
+    batch_lines = [
+        line
+        for line in (server["run_dir"] / "logs" / "model_log.log").read_text().splitlines()
+        if "requests:" in line and "classified" in line
+    ]
+    mixed = [
+        line
+        for line in batch_lines
+        if "batch of 1 " not in line and " 0 classified" not in line and " 0 refused" not in line
+    ]
     assert mixed, "no batch held good and bad images together:\n" + "\n".join(batch_lines[-20:])
 
 
 def test_ping_says_healthy(server):
-    response = requests.get(f"{server['inference_url']}/ping", headers=control.auth_headers(server["run_dir"]), timeout=30)
+    response = requests.get(
+        f"{server['inference_url']}/ping", headers=control.auth_headers(server["run_dir"]), timeout=30
+    )
     assert response.status_code == 200 and response.json()["status"] == "Healthy"
 
 
 def test_token_auth_rejects_requests_without_the_right_key(server, images):
     data = next(iter(images.values()))
     without_key = _post(server, authorised=False, data=data, headers={"Content-Type": JPEG})
-    wrong_key = _post(server, authorised=False, data=data, headers={"Content-Type": JPEG, "Authorization": "Bearer nope"})
+    wrong_key = _post(
+        server, authorised=False, data=data, headers={"Content-Type": JPEG, "Authorization": "Bearer nope"}
+    )
     management = requests.get(f"{server['management_url']}/models/skin_lesion", timeout=30)
     for response in (without_key, wrong_key, management):
         assert 400 <= response.status_code < 500, response.text
@@ -318,8 +393,12 @@ def test_oversize_request_is_refused_by_the_frontend(server):
 
 
 def test_model_management_api_is_off(server, archive):
-    response = requests.post(f"{server['management_url']}/models", params={"url": archive.name, "model_name": "other"},
-                             headers=control.auth_headers(server["run_dir"], "management"), timeout=30)
+    response = requests.post(
+        f"{server['management_url']}/models",
+        params={"url": archive.name, "model_name": "other"},
+        headers=control.auth_headers(server["run_dir"], "management"),
+        timeout=30,
+    )
     assert 400 <= response.status_code < 500, response.text
 
 
@@ -331,8 +410,9 @@ def test_sagemaker_mode_serves_ping_and_invocations_without_a_token(archive, ima
         server = control.read_server(run_dir)
         assert requests.get(f"{server['inference_url']}/ping", timeout=30).status_code == 200
         name, data = next(iter(images.items()))
-        response = requests.post(f"{server['inference_url']}/invocations", data=data,
-                                 headers={"Content-Type": JPEG}, timeout=120)
+        response = requests.post(
+            f"{server['inference_url']}/invocations", data=data, headers={"Content-Type": JPEG}, timeout=120
+        )
         assert response.status_code == 200, response.text
         _assert_same_prediction(response.json(), expected[name])
         assert not (run_dir / "key_file.json").exists()
@@ -371,18 +451,42 @@ def test_ping_turns_unhealthy_once_workers_keep_failing_past_max_retry_timeout(b
     run_dir = tmp_path / "run"
     (run_dir / "tmp").mkdir(parents=True)
     inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
-    env = dict(os.environ, LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"),
-               TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
-               TS_INFERENCE_ADDRESS=f"http://127.0.0.1:{inference}",
-               TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{management}", TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}",
-               TS_GRPC_INFERENCE_PORT=str(grpc_inference), TS_GRPC_MANAGEMENT_PORT=str(grpc_management))
-    command = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--disable-token-auth",
-               "--ts-config", str(control.TS_CONFIG), "--model-store", str(broken_archive.parent),
-               "--models", f"skin_lesion={broken_archive.name}"]
+    env = dict(
+        os.environ,
+        LOG_LOCATION=str(run_dir / "logs"),
+        METRICS_LOCATION=str(run_dir / "logs"),
+        TMPDIR=str(run_dir / "tmp"),
+        TEMP=str(run_dir / "tmp"),
+        TS_INFERENCE_ADDRESS=f"http://127.0.0.1:{inference}",
+        TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{management}",
+        TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}",
+        TS_GRPC_INFERENCE_PORT=str(grpc_inference),
+        TS_GRPC_MANAGEMENT_PORT=str(grpc_management),
+    )
+    command = [
+        str(Path(sys.executable).parent / "torchserve"),
+        "--start",
+        "--ncs",
+        "--disable-token-auth",
+        "--ts-config",
+        str(control.TS_CONFIG),
+        "--model-store",
+        str(broken_archive.parent),
+        "--models",
+        f"skin_lesion={broken_archive.name}",
+    ]
     try:
         with open(run_dir / "torchserve.out", "wb") as out:
-            subprocess.run(command, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                           stderr=subprocess.STDOUT, check=True, timeout=120)
+            subprocess.run(
+                command,
+                cwd=run_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=True,
+                timeout=120,
+            )
         statuses, deadline = [], time.monotonic() + 120
         while time.monotonic() < deadline and 500 not in statuses:
             try:
@@ -407,7 +511,12 @@ def test_the_predict_client_prints_a_sentence_per_image_and_refusals(server, tmp
     lines = result.stdout.splitlines()
     assert re.fullmatch(rf"{re.escape(str(good))}: class: [a-z /-]+, probability: \d+ percent", lines[0]), lines
     assert lines[1].startswith(f"{bad}: refused: ")
-    raw = subprocess.run([*client[:3], "--run_dir", str(server["run_dir"]), "--json"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    raw = subprocess.run(
+        [*client[:3], "--run_dir", str(server["run_dir"]), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     answer = json.loads(raw.stdout)
     assert raw.returncode == 0 and answer["status"] == 200 and answer["response"]["class"] in CLASS_NAMES
