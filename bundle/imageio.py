@@ -208,7 +208,7 @@ def load_rgb(
     except MemoryError:
         raise
     except Exception as error:  # corrupt headers raise OSError, SyntaxError, ValueError, struct.error, ...
-        raise UnusableImage(f"cannot read the image header: {error}") from None
+        raise UnusableImage(f"cannot decode: unreadable image header ({error})") from None
     try:
         problem = header_problem(image, _size_in_bytes(source))
         if problem:

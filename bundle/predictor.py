@@ -220,7 +220,7 @@ class Predictor:
         except Image.DecompressionBombError as error:
             raise _Rejected(RejectionKind.TOO_LARGE, f"image too large: {error}") from None
         except (OSError, SyntaxError, ValueError) as error:  # Pillow raises SyntaxError for some corrupt headers
-            raise _Rejected(RejectionKind.UNDECODABLE, f"cannot read the image header: {error}") from None
+            raise _Rejected(RejectionKind.UNDECODABLE, f"cannot decode: unreadable image header ({error})") from None
         if image_format not in ACCEPTED_FORMATS:
             raise _Rejected(
                 RejectionKind.UNSUPPORTED_FORMAT, f"unsupported image format {image_format}: send a JPEG or PNG"

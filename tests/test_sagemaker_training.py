@@ -23,7 +23,7 @@ from tests.aws_local import (
 from tests.bundle_runs import REPO
 
 # Small and fast on 2 CPU cores; strings as SageMaker carries them.
-HYPERPARAMETERS = {"epochs": "1", "image_size": "[32, 32]", "batch_size": "16", "num_workers": "0"}
+HYPERPARAMETERS = {"epochs": "1", "image_size": "[32, 32]", "batch_size": "16"}
 
 
 def launch(*args, **hyperparameters) -> subprocess.CompletedProcess:
