@@ -7,6 +7,9 @@ import io
 import json
 import shutil
 import struct
+import subprocess
+import sys
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -329,3 +332,29 @@ def fuzzed_requests(good_jpeg: bytes, good_png: bytes) -> dict[str, dict]:
         for content_type in CONTENT_TYPES
     }
     return cases
+
+
+def sagemaker_model_dir(bundle_root: Path, work: Path, *options: str) -> Path:
+    """``model.tar.gz`` built by scripts/package_sagemaker.py from ``bundle_root`` (``options``: more of its
+    flags), extracted under ``work`` as the container extracts it to /opt/ml/model."""
+    archive = work / "model.tar.gz"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/package_sagemaker.py",
+            "--bundle_root",
+            str(bundle_root),
+            "--output",
+            str(archive),
+            *options,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    extracted = work / "opt_ml_model"
+    with tarfile.open(archive) as tar:
+        tar.extractall(extracted, filter="data")
+    return extracted

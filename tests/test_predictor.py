@@ -29,16 +29,6 @@ N_REAL_IMAGES = 6
 
 
 @pytest.fixture(scope="module")
-def bundle_root(tmp_path_factory) -> Path:
-    return bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root"))
-
-
-@pytest.fixture(scope="module")
-def predictor(bundle_root) -> Predictor:
-    return Predictor(bundle_root, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def bundle_root_32(tmp_path_factory) -> Path:
     """The same weights as ``bundle_root``, with a sidecar saying they were trained at 32 x 32."""
     return bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root_32"), trained_image_size=[32, 32])

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from bundle.imageio import MAX_ASPECT_RATIO, MIN_SIDE
-from bundle.predictor import MAX_PIXELS, MAX_PNG_PIXELS, Prediction, Predictor, Rejection, RejectionKind
+from bundle.predictor import MAX_PIXELS, MAX_PNG_PIXELS, Prediction, Rejection, RejectionKind
 from tests.bundle_runs import REPO
-from tests.serving import bundle_with_random_weights, png_header, zero_filled_png
+from tests.serving import png_header, zero_filled_png
 
 MAX_CPU_S = 0.5
 MAX_EXTRA_MB = 300
@@ -104,16 +104,6 @@ def _worst_cases() -> dict[str, bytes]:
     }
     assert list(cases) == WORST_CASES
     return cases
-
-
-@pytest.fixture(scope="module")
-def bundle_root(tmp_path_factory) -> Path:
-    return bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root"))
-
-
-@pytest.fixture(scope="module")
-def predictor(bundle_root) -> Predictor:
-    return Predictor(bundle_root, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 
 import pytest
 import requests
@@ -17,7 +16,7 @@ from PIL import Image
 from bundle.predictor import Predictor
 from bundle.synthetic import generate
 from tests.bundle_runs import REPO
-from tests.serving import bundle_with_random_weights, encode
+from tests.serving import bundle_with_random_weights, encode, sagemaker_model_dir
 
 TRAINED_IMAGE_SIZE = [32, 32]  # not inference.json's 64 x 64: the sidecar must travel with the weights
 
@@ -35,13 +34,7 @@ def _package(bundle_root, archive) -> subprocess.CompletedProcess:
 def model_dir(tmp_path_factory):
     """model.tar.gz built by scripts/package_sagemaker.py, extracted as the container does."""
     root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"), trained_image_size=TRAINED_IMAGE_SIZE)
-    archive = root / "model.tar.gz"
-    packaged = _package(root, archive)
-    assert packaged.returncode == 0, packaged.stdout + packaged.stderr
-    extracted = tmp_path_factory.mktemp("opt_ml_model")
-    with tarfile.open(archive) as tar:
-        tar.extractall(extracted, filter="data")
-    return extracted
+    return sagemaker_model_dir(root, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")

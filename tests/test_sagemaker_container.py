@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 
 import pytest
@@ -22,7 +21,7 @@ from PIL import Image
 from bundle.synthetic import generate
 from tests.aws_local import inference_toolkit, require
 from tests.bundle_runs import REPO
-from tests.serving import JPEG, PNG, bundle_with_random_weights, encode
+from tests.serving import JPEG, PNG, bundle_with_random_weights, encode, sagemaker_model_dir
 
 BATCH_SIZE = 4
 # Long enough that requests sent together land in one batch on a busy 2-core machine.
@@ -46,28 +45,7 @@ def packaged(tmp_path_factory):
     root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"), trained_image_size=TRAINED_IMAGE_SIZE)
     (root / "models" / "model.pt").rename(root / "models" / "best.pt")
     (root / "models" / "model.json").rename(root / "models" / "best.json")
-    archive = tmp_path_factory.mktemp("dist") / "model.tar.gz"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/package_sagemaker.py",
-            "--bundle_root",
-            str(root),
-            "--weights",
-            str(root / "models" / "best.pt"),
-            "--output",
-            str(archive),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    model_dir = tmp_path_factory.mktemp("opt_ml_model")
-    with tarfile.open(archive) as tar:
-        tar.extractall(model_dir, filter="data")
-    return model_dir
+    return sagemaker_model_dir(root, tmp_path_factory.mktemp("dist"), "--weights", str(root / "models" / "best.pt"))
 
 
 @pytest.fixture(scope="module")
