@@ -4,9 +4,14 @@ The per-sample chain in train.json runs MONAI's RandRotated, RandFlipd (both axe
 each image in a loader worker. ``BatchAugmentation`` does what that chain does to every image of a
 batch at once: each image draws its own parameters with the same probabilities and ranges, the
 rotation, flips and zoom are composed into one affine matrix per image in the same order as the
-chain (rotate, flip, zoom), and MONAI's ``AffineTransform`` resamples the batch with them in one
-``grid_sample``. The matrices follow MONAI's own ``Rotate`` convention (pull direction, array-index
-order, centred on the middle pixel), so an angle means what it means to RandRotated.
+chain (rotate, flip, zoom), and one ``grid_sample`` resamples the batch with them. The matrices
+follow MONAI's own ``Rotate`` convention (pull direction, array-index order, centred on the middle
+pixel), so an angle means what it means to RandRotated.
+
+Nothing here copies a tensor from the host to the GPU (a blocking copy waits for the GPU to finish
+everything queued): every constant is a Python number, so a training step queues its augmentation
+and moves on. That is why the warp is written out here rather than MONAI's ``AffineTransform``,
+which builds its normalisation matrices on the host.
 
 Colour jitter (brightness, contrast, saturation: dermoscopes differ in light and white balance) is
 one function, ``colour_jitter``, that both paths call: ``BatchAugmentation`` on the whole batch and
@@ -18,7 +23,6 @@ from collections.abc import Sequence
 
 import torch
 from monai.config import KeysCollection
-from monai.networks.layers import AffineTransform
 from monai.transforms import MapTransform, RandomizableTransform
 
 # ITU-R BT.601 luma weights: the grey a saturation change pulls towards
@@ -38,13 +42,17 @@ def colour_jitter(
     def per_image(factor):
         return factor.to(images.dtype).reshape(-1, 1, 1, 1)
 
-    luma = torch.tensor(LUMA, dtype=images.dtype, device=images.device).reshape(1, 3, 1, 1)
     images = images * per_image(brightness)
-    mean_grey = (images * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    mean_grey = _grey(images).mean((2, 3), keepdim=True)
     images = mean_grey + (images - mean_grey) * per_image(contrast)
-    grey = (images * luma).sum(1, keepdim=True)
+    grey = _grey(images)
     images = grey + (images - grey) * per_image(saturation)
     return images.clamp_(0.0, 1.0)
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    """``(N, 1, H, W)`` luma of an RGB batch (weights as Python numbers: no host-to-device copy)."""
+    return sum(w * images[:, c : c + 1] for c, w in enumerate(LUMA))
 
 
 def _jitter_factors(u: torch.Tensor, strength: float) -> torch.Tensor:
@@ -148,9 +156,7 @@ class BatchAugmentation:
         self.max_radians = math.radians(abs(float(rotate_degrees)))
         self.rotate_prob, self.flip_prob, self.zoom_prob = rotate_prob, flip_prob, zoom_prob
         self.zoom_range = (min_zoom, max_zoom)
-        self.warp = AffineTransform(
-            normalized=False, mode="bilinear", padding_mode=padding_mode, align_corners=False, reverse_indexing=True
-        )
+        self.padding_mode = padding_mode
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -196,12 +202,34 @@ class BatchAugmentation:
         # rotation @ diag(sign) @ diag(1/zoom), written out: column j of the rotation scaled by sign_j / zoom
         linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
         linear = linear * (sign * inv_zoom[:, None])[:, None, :]
-        centre = torch.tensor([(s - 1) / 2 for s in spatial_size], dtype=angle.dtype, device=device)
+        centre = [(s - 1) / 2 for s in spatial_size]
         m = torch.zeros(n, 3, 3, dtype=angle.dtype, device=device)
         m[:, :2, :2] = linear
-        m[:, :2, 2] = centre - (linear @ centre)  # keeps the middle pixel fixed
+        for row in range(2):  # keeps the middle pixel fixed
+            m[:, row, 2] = centre[row] - (linear[:, row, 0] * centre[0] + linear[:, row, 1] * centre[1])
         m[:, 2, 2] = 1.0
         return m
+
+    def warp(self, images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+        """Resample each image of a ``(N, C, H, W)`` batch through its pull matrix (from ``matrices``).
+
+        grid_sample works in normalised (x, y) coordinates, -1 and 1 at the outer pixel edges
+        (``align_corners=False``): pixel index ``i = h n + c`` with ``h = size / 2`` and
+        ``c = (size - 1) / 2`` on each axis, so the normalised pull is ``h⁻¹ (M (h n + c) - c)``,
+        then reversed from (row, column) to (x, y) order.
+        """
+        half = [s / 2 for s in images.shape[2:]]
+        centre = [(s - 1) / 2 for s in images.shape[2:]]
+        theta = torch.empty(matrices.shape[0], 2, 3, dtype=matrices.dtype, device=matrices.device)
+        for row in range(2):
+            pulled_centre = sum(matrices[:, row, k] * centre[k] for k in range(2)) + matrices[:, row, 2]
+            for col in range(2):
+                theta[:, 1 - row, 1 - col] = matrices[:, row, col] * (half[col] / half[row])
+            theta[:, 1 - row, 2] = (pulled_centre - centre[row]) / half[row]
+        grid = torch.nn.functional.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(
+            images, grid, mode="bilinear", padding_mode=self.padding_mode, align_corners=False
+        )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """A new batch: each image warped by its own random rotation, flips and zoom."""

@@ -69,10 +69,16 @@ class CachedBatchLoader:
         return math.ceil(self._epoch_size() / self.batch_size)
 
     def _batches(self) -> Iterator[dict]:
-        for indices in torch.tensor_split(self._epoch_order(), len(self)):
-            batch = {"image": self.cache.gather(indices)}
+        order = self._epoch_order()
+        # one copy of the epoch's order to the device: a copy per batch would wait for the GPU every step
+        on_device = order.to(self.cache.device)
+        gather_order = on_device if self.cache.storage == "device" else order
+        for indices, device_indices, gather_indices in zip(
+            *(torch.tensor_split(o, len(self)) for o in (order, on_device, gather_order)), strict=True
+        ):
+            batch = {"image": self.cache.gather(gather_indices)}
             if self.cache.labels is not None:
-                batch["label"] = self.cache.labels[indices.to(self.cache.labels.device)]
+                batch["label"] = self.cache.labels[device_indices]
             if self.with_paths:
                 batch["image_path"] = [self.cache.paths[i] for i in indices.tolist()]
             yield batch

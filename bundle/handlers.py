@@ -6,6 +6,7 @@ per-epoch history on disk, and turn a finished evaluation or inference into file
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from bundle import calibration
 from bundle.atomic import atomic_write
@@ -214,11 +215,9 @@ class WeightAverage:
         if float(epochs) < 0:
             raise ValueError(f"config key 'ema_epochs' must be 0 (off) or positive, got {epochs}")
         self.decay = 1.0 - 1.0 / max(float(epochs) * int(steps_per_epoch), 1.0) if self.enabled else 0.0
-        self.averaged = (
-            AveragedModel(_unwrapped(network), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
-            if self.enabled
-            else None
-        )
+        # AveragedModel holds the copy and its checkpoint format; the update is ours (see _update)
+        self.averaged = AveragedModel(_unwrapped(network), use_buffers=True) if self.enabled else None
+        self._empty = True
 
     @property
     def model(self) -> torch.nn.Module:
@@ -229,8 +228,31 @@ class WeightAverage:
         if self.enabled:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
 
+    @torch.no_grad()
     def _update(self, engine: Engine) -> None:
-        self.averaged.update_parameters(_unwrapped(self.network))
+        """One step of the average, queued on the device without waiting for it.
+
+        ``AveragedModel.update_parameters`` reads its step count from the device twice per call, and
+        each read waits for the GPU to finish the step; here the "first step?" flag is a Python bool.
+        Float tensors (weights, batch-norm statistics) move towards the network's; integer ones
+        (batch counts) are copied.
+        """
+
+        def tensors(module):
+            return itertools.chain(module.parameters(), module.buffers())
+
+        pairs = list(zip(tensors(self.averaged.module), tensors(_unwrapped(self.network)), strict=True))
+        floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+        counts = [(a, c) for a, c in pairs if not a.is_floating_point()]
+        averaged, current = (list(t) for t in zip(*floats, strict=True))
+        if self._empty:
+            torch._foreach_copy_(averaged, current)
+            self._empty = False
+        else:
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+        if counts:
+            torch._foreach_copy_(*(list(t) for t in zip(*counts, strict=True)))
+        self.averaged.n_averaged += 1
 
     def state_dict(self) -> dict:
         return self.averaged.state_dict() if self.enabled else {}
@@ -238,6 +260,7 @@ class WeightAverage:
     def load_state_dict(self, state: dict) -> None:
         if self.enabled:
             self.averaged.load_state_dict(state)
+            self._empty = int(self.averaged.n_averaged) == 0
 
 
 def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
@@ -364,7 +387,7 @@ class TrainingHistory:
         self.path = Path(path)
         self.validator = validator
         self.rows: list[dict] | None = None
-        self._loss_sum = 0.0
+        self._loss_sum: torch.Tensor | float = 0.0
         self._count = 0
 
     def attach(self, engine: Engine) -> None:
@@ -383,11 +406,12 @@ class TrainingHistory:
         self._loss_sum, self._count = 0.0, 0
 
     def _accumulate(self, engine: Engine) -> None:
-        self._loss_sum += float(from_engine(["loss"], first=True)(engine.state.output))
+        # summed on the loss's device and read once per epoch: reading it every step would wait for the GPU
+        self._loss_sum = self._loss_sum + from_engine(["loss"], first=True)(engine.state.output).detach().float()
         self._count += 1
 
     def _record(self, engine: Engine) -> None:
-        row = {"epoch": engine.state.epoch, "train_loss": self._loss_sum / max(self._count, 1)}
+        row = {"epoch": engine.state.epoch, "train_loss": float(self._loss_sum) / max(self._count, 1)}
         validator = self.validator
         if validator is not None and validator.state.epoch == engine.state.epoch:
             row.update({k: float(v) for k, v in validator.state.metrics.items() if np.isscalar(v)})

@@ -30,13 +30,20 @@ def scaled_learning_rate(learning_rate: float, batch_size: int, reference_batch_
     return float(learning_rate) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scaling]
 
 
-def undecollated_iteration(engine, batchdata) -> list[dict]:
-    """SupervisedTrainer's own iteration, its whole-batch output handed on as a one-item list.
+def trainer_iteration(engine, batchdata) -> list[dict]:
+    """SupervisedTrainer's own iteration without two of its waits for the GPU.
 
-    MONAI's handlers (StatsHandler, MLFlowHandler, ...) read the loss with
-    ``from_engine(["loss"], first=True)``, i.e. from the first item of a decollated batch. Decollating
-    a training batch splits it per image and turns each label into a Python int: one GPU sync per
-    label, about a tenth of a 64-px step. The trainer runs with ``decollate: false`` and this
-    iteration instead, so the loss is where those handlers look and nothing is split.
+    - Its whole-batch output is handed on as a one-item list. MONAI's handlers (StatsHandler,
+      MLFlowHandler, ...) read the loss with ``from_engine(["loss"], first=True)``, i.e. from the first
+      item of a decollated batch. Decollating a training batch splits it per image and turns each label
+      into a Python int: one GPU sync per label, about a tenth of a 64-px step. The trainer runs with
+      ``decollate: false`` and this iteration instead, so the loss is where those handlers look and
+      nothing is split.
+    - Under bfloat16 autocast MONAI's loss scaler is switched off: bfloat16 has float32's exponent
+      range, so no gradient underflows for it to rescue, and its overflow check reads a flag back
+      from the GPU every step.
     """
+    scaler = getattr(engine, "scaler", None)
+    if scaler is not None and scaler.is_enabled() and engine.amp_kwargs.get("dtype") == torch.bfloat16:
+        engine.scaler = torch.amp.GradScaler(enabled=False)
     return [engine._iteration(engine, batchdata)]

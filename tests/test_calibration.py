@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bundle import calibration
 from bundle.calibration import CalibratedSoftmaxd, Calibration, fit_decision_rule, fit_temperature
@@ -126,6 +127,42 @@ def test_the_weight_average_lags_the_network_and_resumes():
     restored = WeightAverage(torch.nn.Linear(3, 2), epochs=2, steps_per_epoch=5)
     restored.load_state_dict(average.state_dict())
     assert torch.equal(restored.model.weight, average.model.weight)
+
+
+def test_the_weight_average_is_torchs_ema_of_weights_and_batch_norm_statistics_across_a_resume():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 2)
+    )
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    average = WeightAverage(network, epochs=2, steps_per_epoch=5)
+    reference = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(average.decay), use_buffers=True)
+
+    def step(engine, images):
+        optimizer.zero_grad()
+        network(images).pow(2).mean().backward()
+        optimizer.step()
+
+    def run(average: WeightAverage, steps: int) -> None:
+        engine = Engine(step)
+        average.attach(engine)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: reference.update_parameters(network))
+        engine.run([torch.rand(8, 3, 6, 6) for _ in range(steps)], max_epochs=1)
+
+    def assert_matches_reference(average: WeightAverage) -> None:
+        ours, theirs = average.model.state_dict(), reference.module.state_dict()
+        for name, tensor in theirs.items():
+            if tensor.is_floating_point():
+                assert torch.allclose(ours[name], tensor, atol=1e-6), name
+        assert int(ours["1.num_batches_tracked"]) == int(network[1].num_batches_tracked), "counts are copied"
+
+    run(average, steps=7)
+    assert_matches_reference(average)
+    restored = WeightAverage(network, epochs=2, steps_per_epoch=5)
+    restored.load_state_dict(average.state_dict())
+    run(restored, steps=3)  # a resumed average goes on averaging: it does not restart from a copy
+    assert_matches_reference(restored)
+    assert int(restored.averaged.n_averaged) == int(reference.n_averaged) == 10
 
 
 def test_no_weight_average_validates_the_network_itself():

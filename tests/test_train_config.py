@@ -1,18 +1,22 @@
 """train.json's choices that depend on the device, checked without one: the config resolves them from
 ``device`` alone, so pointing ``device`` at CUDA shows what a GPU run gets."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import CacheDataset, DataLoader
+from monai.engines import SupervisedTrainer
 from monai.metrics import compute_roc_auc
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bundle import data
 from bundle.cache import ImageCache
 from bundle.fastpath import CachedBatchLoader
-from bundle.training import scaled_learning_rate
+from bundle.training import scaled_learning_rate, trainer_iteration
 from tests.serving import bundle_with_random_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +43,39 @@ def test_a_cpu_run_keeps_the_tutorials_batch_and_full_precision():
     assert parser.get_parsed_content("batch_size") == 64
     assert parser.get_parsed_content("amp") is False
     assert parser.get_parsed_content("memory_format") == torch.preserve_format
+
+
+def test_a_gpu_run_steps_adamw_fused():
+    parser = train_config(device="$torch.device('cuda:0')", network=torch.nn.Linear(2, 2))
+    assert parser.get_parsed_content("optimizer").defaults["fused"] is True
+    parser = train_config(device="$torch.device('cpu')", network=torch.nn.Linear(2, 2))
+    assert parser.get_parsed_content("optimizer").defaults["fused"] is False
+
+
+@pytest.mark.parametrize("dtype, keeps_scaler", [(torch.bfloat16, False), (torch.float16, True)])
+def test_the_trainer_iteration_drops_loss_scaling_for_bf16_only_and_hands_on_the_whole_batch(dtype, keeps_scaler):
+    torch.manual_seed(0)
+    network = torch.nn.Linear(4, 3)
+    before = network.weight.detach().clone()
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"image": torch.rand(8, 4), "label": torch.arange(8) % 3}] * 2,
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.5),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        amp=True,
+        amp_kwargs={"dtype": dtype},
+        decollate=False,
+        iteration_update=trainer_iteration,
+    )
+    # MONAI's run() makes a CUDA scaler, which a CPU disables; an enabled CPU one stands in for it
+    trainer.add_event_handler(Events.STARTED, lambda engine: setattr(engine, "scaler", torch.amp.GradScaler("cpu")))
+    trainer.run()
+    assert trainer.scaler.is_enabled() is keeps_scaler
+    assert not torch.equal(network.weight, before), "the optimizer stepped"
+    (output,) = trainer.state.output
+    assert output["loss"].ndim == 0 and output["pred"].shape == (8, 3)
 
 
 def test_the_learning_rate_follows_the_batch_size():
@@ -117,3 +154,62 @@ def test_the_inference_workflow_has_monais_bundle_properties(synthetic_dir, tmp_
     workflow.initialize()
     assert workflow.check_properties() == []
     assert len(workflow.dataset) == len(list(synthetic_dir.rglob("*.jpg")))
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (``item()``, ``float()``, ``bool()`` of a tensor, ...):
+    on a GPU each one waits until every kernel queued before it has run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_but_the_logged_loss(synthetic_dir, tmp_path):
+    """Every handler of train.json attached, the real trainer: within a step (its iteration and every
+    ITERATION_COMPLETED handler) the only value read back is the loss TensorBoard logs every 10 steps.
+    A per-step read (a handler's float(loss), a weight average's step counter, per-image labels) would
+    make the CPU wait for the GPU every step instead of queuing the next one."""
+    datalist = tmp_path / "datalist.json"
+    data.write_datalist(data.split_by_lesion(data.read_ham10000(synthetic_dir), seed=0), datalist, synthetic_dir)
+    steps = 12
+    workflow = ConfigWorkflow(
+        config_file=str(REPO / "configs" / "train.json"),
+        meta_file=str(REPO / "configs" / "metadata.json"),
+        logging_file=str(REPO / "configs" / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(synthetic_dir),
+        datalist=str(datalist),
+        image_size=[32, 32],
+        batch_size=8,
+        max_epochs=1,
+        # fused as on a GPU: the CPU's per-parameter AdamW reads each step count from a CPU tensor
+        **{"train#trainer#epoch_length": steps, "optimizer#fused": True},
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    reads, per_step = ScalarReads(), []
+
+    def step_started(engine):
+        reads.count = 0
+        reads.__enter__()
+
+    def step_completed(engine):  # registered after every handler of the config, so it runs last
+        reads.__exit__(None, None, None)
+        per_step.append(reads.count)
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, step_started)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, step_completed)
+    workflow.run()
+    assert len(per_step) == steps
+    logged = [i for i in range(steps) if (i + 1) % 10 == 0]
+    assert [n for i, n in enumerate(per_step) if i not in logged] == [0] * (steps - len(logged)), per_step
+    assert all(per_step[i] == 1 for i in logged), per_step
+    history = json.loads((tmp_path / "models" / "history.json").read_text())
+    assert history[0]["train_loss"] > 0, "the epoch's mean loss is still recorded"
