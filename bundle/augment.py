@@ -8,6 +8,9 @@ chain (rotate, flip, zoom), and one ``grid_sample`` resamples the batch with the
 follow MONAI's own ``Rotate`` convention (pull direction, array-index order, centred on the middle
 pixel), so an angle means what it means to RandRotated.
 
+Cutout (one square-ish hole of black per image, ``cutout``) follows MONAI's ``RandCoarseDropoutd``,
+which the chain runs: a hole of ``cutout_pixels`` pixels, placed uniformly where it fits whole.
+
 Nothing here copies a tensor from the host to the GPU (a blocking copy waits for the GPU to finish
 everything queued): every constant is a Python number, so a training step queues its augmentation
 and moves on. That is why the warp is written out here rather than MONAI's ``AffineTransform``,
@@ -48,6 +51,28 @@ def colour_jitter(
     grey = _grey(images)
     images = grey + (images - grey) * per_image(saturation)
     return images.clamp_(0.0, 1.0)
+
+
+def cutout_pixels(fraction: float, spatial_size: Sequence[int]) -> list[int]:
+    """The cutout hole's size in pixels: ``fraction`` of each side, at least one pixel."""
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"augmentation cutout_size must be a fraction of the side in [0, 1), got {fraction}")
+    return [max(1, round(float(fraction) * int(side))) for side in spatial_size]
+
+
+def cutout(images: torch.Tensor, holed: torch.Tensor, starts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Black out a ``size`` hole in each image of a ``(N, C, H, W)`` batch where ``holed`` is true.
+
+    ``starts`` (``(N, 2)``, uniform in [0, 1)) places each hole: its first row and column are drawn
+    uniformly among the positions where it fits whole, as MONAI's ``RandCoarseDropout`` does.
+    """
+    inside = []
+    for axis, (side, hole) in enumerate(zip(images.shape[2:], size, strict=True)):
+        first = torch.floor(starts[:, axis] * (side - hole + 1))[:, None]
+        position = torch.arange(side, device=images.device, dtype=starts.dtype)[None]
+        inside.append((position >= first) & (position < first + hole))
+    hole_mask = inside[0][:, :, None] & inside[1][:, None, :] & holed[:, None, None]
+    return images.masked_fill(hole_mask[:, None], 0.0)
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
@@ -119,6 +144,8 @@ class BatchAugmentation:
         brightness, contrast, saturation: colour jitter strengths; a jittered image's factors are drawn
             uniformly from [1 - strength, 1 + strength] (see ``colour_jitter``). All 0: no jitter.
         colour_prob: probability that an image is colour-jittered.
+        cutout_size: the cutout hole's side as a fraction of the image's (see ``cutout_pixels``); 0: no cutout.
+        cutout_prob: probability that an image gets a hole.
         padding_mode: grid_sample padding for pixels pulled from outside the image ("border"
             repeats the edge, like the chain's ``border``/``edge``).
         seed: seeds the generator, so the same seed gives the same augmentation stream.
@@ -135,6 +162,8 @@ class BatchAugmentation:
         contrast: float = 0.0,
         saturation: float = 0.0,
         colour_prob: float = 0.5,
+        cutout_size: float = 0.0,
+        cutout_prob: float = 0.5,
         padding_mode: str = "border",
         seed: int = 0,
     ) -> None:
@@ -143,8 +172,11 @@ class BatchAugmentation:
             ("flip_prob", flip_prob),
             ("zoom_prob", zoom_prob),
             ("colour_prob", colour_prob),
+            ("cutout_prob", cutout_prob),
         ):
             _check_prob(name, p)
+        cutout_pixels(cutout_size, [1])  # refuses a bad fraction now, not at the first batch
+        self.cutout_size, self.cutout_prob = float(cutout_size), cutout_prob
         self.colour_strengths = [
             _check_strength(n, v)
             for n, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))
@@ -169,7 +201,9 @@ class BatchAugmentation:
 
     def sample_parameters(self, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Independent random parameters for ``n`` images: angle (radians, 0 when not rotated),
-        zoom (1 when not zoomed) and flip (``(n, 2)`` booleans, one per spatial axis)."""
+        zoom (1 when not zoomed) and flip (``(n, 2)`` booleans, one per spatial axis); with colour
+        jitter, ``colour`` (``(n, 3)`` factors); with cutout, ``cutout`` (holed or not) and
+        ``cutout_start`` (``(n, 2)`` uniform draws placing the hole)."""
         g = self.generator(device)
         u = torch.rand(n, 6, device=device, generator=g)  # one draw for every decision and value
         angle = (u[:, 1] * 2 - 1) * self.max_radians
@@ -184,6 +218,9 @@ class BatchAugmentation:
             jittered = c[:, :1] < self.colour_prob
             factors = torch.stack([_jitter_factors(c[:, i + 1], s) for i, s in enumerate(self.colour_strengths)], 1)
             params["colour"] = torch.where(jittered, factors, torch.ones_like(factors))
+        if self.cutout_size:  # drawn last, for the same reason
+            c = torch.rand(n, 3, device=device, generator=g)
+            params["cutout"], params["cutout_start"] = c[:, 0] < self.cutout_prob, c[:, 1:]
         return params
 
     @staticmethod
@@ -232,11 +269,15 @@ class BatchAugmentation:
         )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """A new batch: each image warped by its own random rotation, flips and zoom."""
+        """A new batch: each image warped by its own random rotation, flips and zoom, then colour-jittered
+        and holed."""
         if images.ndim != 4:
             raise ValueError(f"BatchAugmentation expects a (N, C, H, W) batch, got shape {tuple(images.shape)}")
         params = self.sample_parameters(images.shape[0], images.device)
         images = self.warp(images, self.matrices(params, images.shape[2:]))
         if "colour" in params:
             images = colour_jitter(images, *params["colour"].unbind(1))
+        if "cutout" in params:
+            size = cutout_pixels(self.cutout_size, images.shape[2:])
+            images = cutout(images, params["cutout"], params["cutout_start"], size)
         return images

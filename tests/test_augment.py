@@ -1,13 +1,16 @@
 """The batched device augmentation does what the per-sample MONAI chain in train.json does."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from monai.transforms import Flip, Rotate, Zoom
+from monai.bundle import ConfigParser
+from monai.transforms import Flip, RandCoarseDropoutd, Rotate, Zoom
 
 from bundle.augment import LUMA, BatchAugmentation, RandColourJitterd, colour_jitter
 
+REPO = Path(__file__).resolve().parents[1]
 N = 20_000  # parameter draws for the statistical checks: a share's standard error is ~0.0035
 
 
@@ -108,7 +111,10 @@ def test_no_augmentation_is_the_identity():
     assert (out - image).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("kwargs", [{"rotate_prob": 1.5}, {"flip_prob": -0.1}, {"zoom_range": (1.1, 0.9)}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"rotate_prob": 1.5}, {"flip_prob": -0.1}, {"zoom_range": (1.1, 0.9)}, {"cutout_size": 1.0}, {"cutout_prob": 2}],
+)
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="augmentation"):
         BatchAugmentation(**kwargs)
@@ -140,11 +146,13 @@ def test_batched_colour_jitter_draws_each_images_factors_in_range():
         assert values.mean().item() == pytest.approx(1.0, abs=0.005)
 
 
-def test_colour_jitter_leaves_the_spatial_stream_of_a_seed_unchanged():
+def test_colour_jitter_and_cutout_leave_the_earlier_streams_of_a_seed_unchanged():
     plain = BatchAugmentation(seed=3).sample_parameters(100)
     coloured = BatchAugmentation(brightness=0.2, seed=3).sample_parameters(100)
+    holed = BatchAugmentation(brightness=0.2, cutout_size=0.25, seed=3).sample_parameters(100)
     for key in ("angle", "zoom", "flip"):
-        assert torch.equal(plain[key], coloured[key])
+        assert torch.equal(plain[key], coloured[key]) and torch.equal(plain[key], holed[key])
+    assert torch.equal(coloured["colour"], holed["colour"])
 
 
 def test_the_chains_colour_jitter_uses_the_same_function_and_ranges():
@@ -159,3 +167,53 @@ def test_the_chains_colour_jitter_uses_the_same_function_and_ranges():
         )
     never = RandColourJitterd("image", brightness=0.2, prob=0.0)
     assert torch.equal(never({"image": image})["image"], image)
+
+
+def _holes(images: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """Each image's black rectangle as (first row, first column, rows, columns), None when it has none;
+    asserts that the black pixels of an image form one filled rectangle."""
+    found = []
+    for image in images:
+        black = (image == 0).all(0)
+        if not black.any():
+            found.append(None)
+            continue
+        rows, cols = black.any(1).nonzero()[:, 0], black.any(0).nonzero()[:, 0]
+        box = (rows[0].item(), cols[0].item(), len(rows), len(cols))
+        assert black.sum().item() == box[2] * box[3], "one filled rectangle"
+        found.append(box)
+    return found
+
+
+def _chain_cutout(image_size: list[int], **augment):
+    """The RandCoarseDropoutd train_chain.json builds for these settings (the configs' defaults otherwise)."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "configs" / "train.json"), str(REPO / "configs" / "train_chain.json")])
+    parser.update({"image_size": image_size, **{f"augment#{key}": value for key, value in augment.items()}})
+    (transform,) = [t for t in parser.get_parsed_content("train#augmentation") if isinstance(t, RandCoarseDropoutd)]
+    return transform
+
+
+def test_cutout_holes_one_black_rectangle_placed_where_it_fits_like_the_chains_coarse_dropout():
+    """Both paths: a quarter of each side (5x7 px on 20x28), half the images, first row uniform over
+    0..15 and first column over 0..21, the hole always whole."""
+    n, grey = 4000, torch.full((3, 20, 28), 0.5)
+    batched = BatchAugmentation(rotate_prob=0, flip_prob=0, zoom_prob=0, cutout_size=0.25, cutout_prob=0.5, seed=0)
+    batched_holes = _holes(batched(grey[None].repeat(n, 1, 1, 1)))
+    chain = _chain_cutout([20, 28], cutout_size=0.25, cutout_prob=0.5)
+    chain.set_random_state(0)
+    chain_holes = _holes(torch.stack([torch.as_tensor(chain({"image": grey.clone()})["image"]) for _ in range(n)]))
+    for holes in (batched_holes, chain_holes):
+        placed = [h for h in holes if h is not None]
+        assert len(placed) / n == pytest.approx(0.5, abs=0.03)
+        assert {h[2:] for h in placed} == {(5, 7)}
+        rows, cols = torch.tensor([h[0] for h in placed]).float(), torch.tensor([h[1] for h in placed]).float()
+        assert (rows.min().item(), rows.max().item(), cols.min().item(), cols.max().item()) == (0, 15, 0, 21)
+        assert rows.mean().item() == pytest.approx(7.5, abs=0.3) and cols.mean().item() == pytest.approx(10.5, abs=0.4)
+
+
+def test_no_cutout_by_default_in_either_path():
+    image = _smooth_image()[None].repeat(64, 1, 1, 1)
+    assert _holes(BatchAugmentation(rotate_prob=0, flip_prob=0, zoom_prob=0)(image)) == [None] * 64
+    chain = _chain_cutout([40, 56])
+    assert all(torch.equal(torch.as_tensor(chain({"image": im})["image"]), im) for im in image)
