@@ -8,7 +8,10 @@ chain (rotate, flip, zoom), and one ``grid_sample`` resamples the batch with the
 follow MONAI's own ``Rotate`` convention (pull direction, array-index order, centred on the middle
 pixel), so an angle means what it means to RandRotated.
 
-Cutout (one square-ish hole of black per image, ``cutout``) follows MONAI's ``RandCoarseDropoutd``,
+Elastic deformation follows MONAI's ``Rand2DElasticd`` (the chain runs it after the zoom): a coarse grid
+of control points, each displaced by a normal draw scaled by a magnitude drawn per image, upsampled
+bicubically to every pixel; here the displacement joins the rotation, flips and zoom in the same one
+resampling. Cutout (one square-ish hole of black per image, ``cutout``) follows MONAI's ``RandCoarseDropoutd``,
 which the chain runs: a hole of ``cutout_pixels`` pixels, placed uniformly where it fits whole.
 
 Nothing here copies a tensor from the host to the GPU (a blocking copy waits for the GPU to finish
@@ -58,6 +61,43 @@ def cutout_pixels(fraction: float, spatial_size: Sequence[int]) -> list[int]:
     if not 0.0 <= float(fraction) < 1.0:
         raise ValueError(f"augmentation cutout_size must be a fraction of the side in [0, 1), got {fraction}")
     return [max(1, round(float(fraction) * int(side))) for side in spatial_size]
+
+
+def elastic_pixels(fraction: float, spatial_size: Sequence[int]) -> list[int]:
+    """The elastic control points' spacing in pixels: ``fraction`` of each side, at least 2 pixels."""
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"augmentation elastic_spacing must be a fraction of the side in (0, 1], got {fraction}")
+    return [max(2, round(float(fraction) * int(side))) for side in spatial_size]
+
+
+def _control_points(side: int, spacing: int) -> int:
+    """How many control points MONAI's ``create_control_grid`` lays along a side (a margin beyond each edge)."""
+    if side % 2 == 0:
+        return int(math.ceil((side - 1.0) / (2.0 * spacing) + 0.5) * 2 + 2)
+    return int(math.ceil((side - 1.0) / (2.0 * spacing)) * 2 + 3)
+
+
+def elastic_displacement(
+    magnitudes: torch.Tensor, spatial_size: Sequence[int], spacing: Sequence[int], generator: torch.Generator
+) -> torch.Tensor:
+    """``(N, 2, H, W)`` pixel displacements (rows, columns), one smooth random field per image.
+
+    As MONAI's ``Rand2DElastic``: a normal draw at each control point times the image's magnitude,
+    upsampled by the spacing with bicubic interpolation and cropped to the image's centre.
+    """
+    counts = [_control_points(int(side), int(step)) for side, step in zip(spatial_size, spacing, strict=True)]
+    offsets = torch.randn(
+        magnitudes.shape[0], 2, *counts, device=magnitudes.device, dtype=magnitudes.dtype, generator=generator
+    )
+    dense = torch.nn.functional.interpolate(
+        offsets * magnitudes.reshape(-1, 1, 1, 1),
+        scale_factor=[float(step) for step in spacing],
+        mode="bicubic",
+        align_corners=False,
+        recompute_scale_factor=True,
+    )
+    starts = [(full - int(side)) // 2 for full, side in zip(dense.shape[2:], spatial_size, strict=True)]
+    return dense[:, :, starts[0] : starts[0] + int(spatial_size[0]), starts[1] : starts[1] + int(spatial_size[1])]
 
 
 def cutout(images: torch.Tensor, holed: torch.Tensor, starts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -144,6 +184,11 @@ class BatchAugmentation:
         brightness, contrast, saturation: colour jitter strengths; a jittered image's factors are drawn
             uniformly from [1 - strength, 1 + strength] (see ``colour_jitter``). All 0: no jitter.
         colour_prob: probability that an image is colour-jittered.
+        elastic_magnitude: the largest standard deviation of the elastic control points' displacement,
+            as a fraction of the image's shorter side; a deformed image draws its own uniformly up to
+            it. 0: no elastic deformation.
+        elastic_spacing: the control points' spacing as a fraction of each side (see ``elastic_pixels``).
+        elastic_prob: probability that an image is elastically deformed.
         cutout_size: the cutout hole's side as a fraction of the image's (see ``cutout_pixels``); 0: no cutout.
         cutout_prob: probability that an image gets a hole.
         padding_mode: grid_sample padding for pixels pulled from outside the image ("border"
@@ -162,6 +207,9 @@ class BatchAugmentation:
         contrast: float = 0.0,
         saturation: float = 0.0,
         colour_prob: float = 0.5,
+        elastic_magnitude: float = 0.0,
+        elastic_spacing: float = 0.25,
+        elastic_prob: float = 0.5,
         cutout_size: float = 0.0,
         cutout_prob: float = 0.5,
         padding_mode: str = "border",
@@ -173,8 +221,14 @@ class BatchAugmentation:
             ("zoom_prob", zoom_prob),
             ("colour_prob", colour_prob),
             ("cutout_prob", cutout_prob),
+            ("elastic_prob", elastic_prob),
         ):
             _check_prob(name, p)
+        if float(elastic_magnitude) < 0:
+            raise ValueError(f"augmentation elastic_magnitude must be 0 (off) or positive, got {elastic_magnitude}")
+        elastic_pixels(elastic_spacing, [1])
+        self.elastic_magnitude, self.elastic_spacing = float(elastic_magnitude), float(elastic_spacing)
+        self.elastic_prob = elastic_prob
         cutout_pixels(cutout_size, [1])  # refuses a bad fraction now, not at the first batch
         self.cutout_size, self.cutout_prob = float(cutout_size), cutout_prob
         self.colour_strengths = [
@@ -203,7 +257,8 @@ class BatchAugmentation:
         """Independent random parameters for ``n`` images: angle (radians, 0 when not rotated),
         zoom (1 when not zoomed) and flip (``(n, 2)`` booleans, one per spatial axis); with colour
         jitter, ``colour`` (``(n, 3)`` factors); with cutout, ``cutout`` (holed or not) and
-        ``cutout_start`` (``(n, 2)`` uniform draws placing the hole)."""
+        ``cutout_start`` (``(n, 2)`` uniform draws placing the hole); with elastic deformation,
+        ``elastic`` (each image's magnitude as a fraction of its shorter side, 0 when not deformed)."""
         g = self.generator(device)
         u = torch.rand(n, 6, device=device, generator=g)  # one draw for every decision and value
         angle = (u[:, 1] * 2 - 1) * self.max_radians
@@ -218,9 +273,12 @@ class BatchAugmentation:
             jittered = c[:, :1] < self.colour_prob
             factors = torch.stack([_jitter_factors(c[:, i + 1], s) for i, s in enumerate(self.colour_strengths)], 1)
             params["colour"] = torch.where(jittered, factors, torch.ones_like(factors))
-        if self.cutout_size:  # drawn last, for the same reason
+        if self.cutout_size:  # drawn after the colour ones, for the same reason
             c = torch.rand(n, 3, device=device, generator=g)
             params["cutout"], params["cutout_start"] = c[:, 0] < self.cutout_prob, c[:, 1:]
+        if self.elastic_magnitude:  # the same again; the field itself is drawn in __call__, knowing the size
+            e = torch.rand(n, 2, device=device, generator=g)
+            params["elastic"] = torch.where(e[:, 0] < self.elastic_prob, e[:, 1] * self.elastic_magnitude, 0.0)
         return params
 
     @staticmethod
@@ -247,37 +305,44 @@ class BatchAugmentation:
         m[:, 2, 2] = 1.0
         return m
 
-    def warp(self, images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-        """Resample each image of a ``(N, C, H, W)`` batch through its pull matrix (from ``matrices``).
+    def warp(
+        self, images: torch.Tensor, matrices: torch.Tensor, displacement: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Resample each image of a ``(N, C, H, W)`` batch through its pull matrix (from ``matrices``),
+        after its ``(N, 2, H, W)`` pixel ``displacement`` if given: output pixel ``o`` samples the
+        input at ``M (o + d(o))``.
 
-        grid_sample works in normalised (x, y) coordinates, -1 and 1 at the outer pixel edges
-        (``align_corners=False``): pixel index ``i = h n + c`` with ``h = size / 2`` and
-        ``c = (size - 1) / 2`` on each axis, so the normalised pull is ``h⁻¹ (M (h n + c) - c)``,
-        then reversed from (row, column) to (x, y) order.
+        grid_sample takes normalised (x, y) coordinates, -1 and 1 at the outer pixel edges
+        (``align_corners=False``): pixel index ``i`` is ``(i - (size - 1) / 2) / (size / 2)``.
         """
-        half = [s / 2 for s in images.shape[2:]]
-        centre = [(s - 1) / 2 for s in images.shape[2:]]
-        theta = torch.empty(matrices.shape[0], 2, 3, dtype=matrices.dtype, device=matrices.device)
-        for row in range(2):
-            pulled_centre = sum(matrices[:, row, k] * centre[k] for k in range(2)) + matrices[:, row, 2]
-            for col in range(2):
-                theta[:, 1 - row, 1 - col] = matrices[:, row, col] * (half[col] / half[row])
-            theta[:, 1 - row, 2] = (pulled_centre - centre[row]) / half[row]
-        grid = torch.nn.functional.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+        n, _, height, width = images.shape
+        rows = torch.arange(height, device=images.device, dtype=matrices.dtype).reshape(1, height, 1)
+        cols = torch.arange(width, device=images.device, dtype=matrices.dtype).reshape(1, 1, width)
+        if displacement is not None:
+            rows, cols = rows + displacement[:, 0], cols + displacement[:, 1]
+        m = matrices[:, :2, :, None, None]
+        pulled = [m[:, r, 0] * rows + m[:, r, 1] * cols + m[:, r, 2] for r in range(2)]
+        normalised = [(p - (side - 1) / 2) / (side / 2) for p, side in zip(pulled, (height, width), strict=True)]
+        grid = torch.stack([normalised[1], normalised[0]], -1).expand(n, height, width, 2)  # (x, y) order
         return torch.nn.functional.grid_sample(
-            images, grid, mode="bilinear", padding_mode=self.padding_mode, align_corners=False
+            images, grid.to(images.dtype), mode="bilinear", padding_mode=self.padding_mode, align_corners=False
         )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """A new batch: each image warped by its own random rotation, flips and zoom, then colour-jittered
-        and holed."""
+        """A new batch: each image warped by its own random rotation, flips, zoom and elastic
+        deformation, then colour-jittered and holed."""
         if images.ndim != 4:
             raise ValueError(f"BatchAugmentation expects a (N, C, H, W) batch, got shape {tuple(images.shape)}")
         params = self.sample_parameters(images.shape[0], images.device)
-        images = self.warp(images, self.matrices(params, images.shape[2:]))
+        size = images.shape[2:]
+        displacement = None
+        if "elastic" in params:
+            spacing = elastic_pixels(self.elastic_spacing, size)
+            magnitudes = params["elastic"] * min(size)
+            displacement = elastic_displacement(magnitudes, size, spacing, self.generator(images.device))
+        images = self.warp(images, self.matrices(params, size), displacement)
         if "colour" in params:
             images = colour_jitter(images, *params["colour"].unbind(1))
         if "cutout" in params:
-            size = cutout_pixels(self.cutout_size, images.shape[2:])
-            images = cutout(images, params["cutout"], params["cutout_start"], size)
+            images = cutout(images, params["cutout"], params["cutout_start"], cutout_pixels(self.cutout_size, size))
         return images

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from monai.transforms import Flip, RandCoarseDropoutd, Rotate, Zoom
+from monai.transforms import Flip, Rand2DElasticd, RandCoarseDropoutd, Rotate, Zoom
 
 from bundle.augment import LUMA, BatchAugmentation, RandColourJitterd, colour_jitter
 
@@ -113,7 +113,15 @@ def test_no_augmentation_is_the_identity():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"rotate_prob": 1.5}, {"flip_prob": -0.1}, {"zoom_range": (1.1, 0.9)}, {"cutout_size": 1.0}, {"cutout_prob": 2}],
+    [
+        {"rotate_prob": 1.5},
+        {"flip_prob": -0.1},
+        {"zoom_range": (1.1, 0.9)},
+        {"cutout_size": 1.0},
+        {"cutout_prob": 2},
+        {"elastic_magnitude": -1},
+        {"elastic_spacing": 0},
+    ],
 )
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="augmentation"):
@@ -185,12 +193,12 @@ def _holes(images: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
     return found
 
 
-def _chain_cutout(image_size: list[int], **augment):
-    """The RandCoarseDropoutd train_chain.json builds for these settings (the configs' defaults otherwise)."""
+def _chain_transform(kind: type, image_size: list[int], **augment):
+    """The ``kind`` of transform train_chain.json builds for these settings (the configs' defaults otherwise)."""
     parser = ConfigParser()
     parser.read_config([str(REPO / "configs" / "train.json"), str(REPO / "configs" / "train_chain.json")])
     parser.update({"image_size": image_size, **{f"augment#{key}": value for key, value in augment.items()}})
-    (transform,) = [t for t in parser.get_parsed_content("train#augmentation") if isinstance(t, RandCoarseDropoutd)]
+    (transform,) = [t for t in parser.get_parsed_content("train#augmentation") if isinstance(t, kind)]
     return transform
 
 
@@ -200,7 +208,7 @@ def test_cutout_holes_one_black_rectangle_placed_where_it_fits_like_the_chains_c
     n, grey = 4000, torch.full((3, 20, 28), 0.5)
     batched = BatchAugmentation(rotate_prob=0, flip_prob=0, zoom_prob=0, cutout_size=0.25, cutout_prob=0.5, seed=0)
     batched_holes = _holes(batched(grey[None].repeat(n, 1, 1, 1)))
-    chain = _chain_cutout([20, 28], cutout_size=0.25, cutout_prob=0.5)
+    chain = _chain_transform(RandCoarseDropoutd, [20, 28], cutout_size=0.25, cutout_prob=0.5)
     chain.set_random_state(0)
     chain_holes = _holes(torch.stack([torch.as_tensor(chain({"image": grey.clone()})["image"]) for _ in range(n)]))
     for holes in (batched_holes, chain_holes):
@@ -212,8 +220,53 @@ def test_cutout_holes_one_black_rectangle_placed_where_it_fits_like_the_chains_c
         assert rows.mean().item() == pytest.approx(7.5, abs=0.3) and cols.mean().item() == pytest.approx(10.5, abs=0.4)
 
 
-def test_no_cutout_by_default_in_either_path():
+def test_no_cutout_or_elastic_deformation_by_default_in_either_path():
     image = _smooth_image()[None].repeat(64, 1, 1, 1)
     assert _holes(BatchAugmentation(rotate_prob=0, flip_prob=0, zoom_prob=0)(image)) == [None] * 64
-    chain = _chain_cutout([40, 56])
-    assert all(torch.equal(torch.as_tensor(chain({"image": im})["image"]), im) for im in image)
+    for kind in (RandCoarseDropoutd, Rand2DElasticd):
+        chain = _chain_transform(kind, [40, 56])
+        assert all(torch.equal(torch.as_tensor(chain({"image": im})["image"]), im) for im in image)
+
+
+def _displacement(warped_ramps: torch.Tensor) -> torch.Tensor:
+    """Pixel displacements read off warped coordinate ramps (channel 0 = row index, 1 = column index),
+    inside a margin where the border padding cannot clip them."""
+    n, _, h, w = warped_ramps.shape
+    rows = torch.arange(h, dtype=torch.float32).reshape(1, h, 1)
+    cols = torch.arange(w, dtype=torch.float32).reshape(1, 1, w)
+    d = torch.stack([warped_ramps[:, 0] - rows, warped_ramps[:, 1] - cols], 1)
+    return d[:, :, 8:-8, 8:-8]
+
+
+def test_elastic_deformation_displaces_like_the_chains_rand2delastic():
+    """Both paths on coordinate ramps (a bilinear warp reads a ramp exactly): the same size of
+    displacement (RMS over images and pixels) and the same smoothness (RMS change between neighbours),
+    and half the images untouched at elastic_prob 0.5."""
+    h, w, n = 48, 48, 300
+    ramps = torch.stack(
+        [torch.arange(h).float()[:, None].expand(h, w), torch.arange(w).float()[None].expand(h, w), torch.zeros(h, w)]
+    )
+    settings = {"elastic_magnitude": 0.05, "elastic_spacing": 0.25, "elastic_prob": 0.5}
+    batched = BatchAugmentation(rotate_prob=0, flip_prob=0, zoom_prob=0, seed=0, **settings)
+    chain = _chain_transform(Rand2DElasticd, [h, w], **settings)
+    chain.set_random_state(0)
+    found = {
+        "batched": _displacement(batched(ramps[None].repeat(n, 1, 1, 1))),
+        "chain": _displacement(torch.stack([torch.as_tensor(chain({"image": ramps})["image"]) for _ in range(n)])),
+    }
+    # MONAI upsamples the control points' coordinates, not only their offsets, and bicubic interpolation
+    # of those coordinates adds a fixed ripple (up to 0.58 px here) to every deformed image: left out
+    chain.rand_2d_elastic.deform_grid.magnitude = (0.0, 0.0)
+    chain.set_random_state(0)
+    ripple = _displacement(torch.stack([torch.as_tensor(chain({"image": ramps})["image"]) for _ in range(8)]))
+    ripple = ripple[ripple.abs().amax((1, 2, 3)) > 1e-3][0]
+    stats = {}
+    for path, d in found.items():
+        moved = d.abs().amax((1, 2, 3)) > 1e-3
+        assert moved.float().mean().item() == pytest.approx(0.5, abs=0.1), path
+        d = d[moved] - (ripple if path == "chain" else 0)
+        stats[path] = (d.pow(2).mean().sqrt().item(), (d[..., 1:] - d[..., :-1]).pow(2).mean().sqrt().item())
+    # a 48-px side at 0.05: displacement standard deviations up to 2.4 px; about 1 px RMS in both
+    assert 0.5 < stats["batched"][0] < 2.0
+    for batched_stat, chain_stat in zip(stats["batched"], stats["chain"], strict=True):
+        assert batched_stat == pytest.approx(chain_stat, rel=0.15), stats
