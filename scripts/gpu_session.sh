@@ -4,6 +4,13 @@
 # or failing step leaves the others their share.
 #     bash scripts/gpu_session.sh DATASET_DIR OUT_DIR [RUNS_JSON]
 # Results: OUT_DIR/gpu_check/gpu_check.json, OUT_DIR/recipes/runs.jsonl (plus logs and plots).
+# Where a training step's time goes is measured right after gpu_check's first (30-epoch, ~160 s)
+# training run, in ~1-2 minutes (most of it cuDNN tuning in the warm-up epoch): gpu_check.json's
+# "profile" (the bundle's own trainer, 64 px, batch 512, handlers included: ms/step and img/s over 20
+# steps; the synchronising CUDA calls left per step and their top 10 call sites; under torch.profiler
+# the GPU's busy share of the wall, kernels per step, top 15 ops by self CPU and by self CUDA time),
+# OUT_DIR/gpu_check/profile.txt (the same with torch's op tables) and profile_trace.json.gz beside it
+# (3 steps, for Perfetto; left out if over 5 MiB). The two steps' timeouts sum to 560 s: one command.
 set -uo pipefail
 dataset_dir=$1
 out=$2
@@ -11,7 +18,8 @@ runs=${3:-'{"ham128": {"config": ["configs/train_ham10000.json"]}, "ham64_e100":
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-timeout "${GPU_CHECK_TIMEOUT:-260}" python scripts/gpu_check.py --dataset_dir "$dataset_dir" \
-    --work_dir "$out/gpu_check" --warm_rerun False --benchmark_epochs 2 || echo "gpu_check ended with $?"
-timeout "${RECIPES_TIMEOUT:-300}" python scripts/run_recipes.py --dataset_dir "$dataset_dir" \
+timeout "${GPU_CHECK_TIMEOUT:-330}" python scripts/gpu_check.py --dataset_dir "$dataset_dir" \
+    --work_dir "$out/gpu_check" --warm_rerun False --benchmark_epochs 2 --profile_steps 20 \
+    || echo "gpu_check ended with $?"
+timeout "${RECIPES_TIMEOUT:-230}" python scripts/run_recipes.py --dataset_dir "$dataset_dir" \
     --work_dir "$out/recipes" --runs "$runs" || echo "run_recipes ended with $?"
