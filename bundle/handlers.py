@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from monai.engines.utils import IterationEvents
 from monai.handlers import from_engine
+from monai.utils import CommonKeys as Keys
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch.optim.swa_utils import AveragedModel
 
@@ -121,6 +123,25 @@ class BestModelSaver:
 
     def load_state_dict(self, state: dict) -> None:
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+
+
+class PredictionsToCPU:
+    """Moves an evaluator's predictions (as float32) and labels to the CPU a whole batch at a time,
+    between the forward pass and the split into images.
+
+    The evaluator's postprocessing runs on each image on its own, moving each prediction and label to
+    the CPU separately: two copies from the GPU per image, each waiting for it. After this handler
+    those moves find their tensors already there. Attach it to an evaluator with ``postprocessing``.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._move)
+
+    def _move(self, engine: Engine) -> None:
+        output = engine.state.output
+        output[Keys.PRED] = output[Keys.PRED].detach().float().cpu()
+        if isinstance(output.get(Keys.LABEL), torch.Tensor):
+            output[Keys.LABEL] = output[Keys.LABEL].detach().cpu()
 
 
 class ValidationLogits:
