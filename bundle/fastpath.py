@@ -26,7 +26,9 @@ class CachedBatchLoader:
             (nearly) equal size, so every image is seen every epoch and no batch is a tiny remainder.
         shuffle: a new random order every epoch (ignored when ``sampler`` is given).
         sampler: a torch ``Sampler`` of indices into the cache (e.g. class-balanced), drawn afresh
-            every epoch.
+            every epoch. Its draws are random, so the epoch leaves out its last few (fewer than one
+            per batch) to make every batch the same size: a GPU's autotuned convolutions are tuned
+            once per batch shape.
         augmentation: applied to each float batch on its device (None: no augmentation).
         channels_last: hand the network channels-last images (faster convolutions on GPUs).
         with_paths: add each image's file as ``image_path`` (for evaluation reports).
@@ -57,7 +59,8 @@ class CachedBatchLoader:
 
     def _epoch_order(self) -> torch.Tensor:
         if self.sampler is not None:
-            return torch.as_tensor(list(self.sampler), dtype=torch.long)
+            draws = torch.as_tensor(list(self.sampler), dtype=torch.long)
+            return draws[: len(self) * (len(draws) // len(self))]
         if self.shuffle:
             return torch.randperm(len(self.cache), generator=self.generator)
         return torch.arange(len(self.cache))

@@ -209,6 +209,15 @@ def test_a_class_balancing_sampler_sets_the_epoch(tmp_path):
     assert labels.float().mean().item() == pytest.approx(0.5, abs=0.1)  # balanced, not 2/14
 
 
+def test_batches_drawn_by_a_sampler_all_have_one_size(tmp_path):
+    """23 random draws in batches of 8: 3 batches of 7, the last 2 draws left out (never a second shape)."""
+    items = solid_images(tmp_path / "images", 23)
+    cache = build(items, tmp_path / "cache", (8, 8))
+    loader = CachedBatchLoader(cache, batch_size=8, sampler=sampler("sampler", items, seed=0))
+    assert [len(b["label"]) for b in loader] == [7, 7, 7]
+    assert [len(b["label"]) for b in CachedBatchLoader(cache, batch_size=8, shuffle=True)] == [8, 8, 7]
+
+
 def test_channels_last_batches(tmp_path):
     cache = build(write_images(tmp_path / "images", n=4), tmp_path / "cache")
     batch = next(iter(CachedBatchLoader(cache, batch_size=4, channels_last=True)))
