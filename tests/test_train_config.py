@@ -31,6 +31,24 @@ def train_config(**overrides) -> ConfigParser:
     return parser
 
 
+def training_workflow(synthetic_dir: Path, bundle_root: Path, overlays=(), **overrides) -> ConfigWorkflow:
+    """train.json (plus ``overlays``) as ``monai.bundle run`` builds it, at 32 px on a lesion-level split
+    of the synthetic set."""
+    datalist = bundle_root / "datalist.json"
+    data.write_datalist(data.split_by_lesion(data.read_ham10000(synthetic_dir), seed=0), datalist, synthetic_dir)
+    return ConfigWorkflow(
+        config_file=[str(REPO / "configs" / name) for name in ["train.json", *overlays]],
+        meta_file=str(REPO / "configs" / "metadata.json"),
+        logging_file=str(REPO / "configs" / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(bundle_root),
+        dataset_dir=str(synthetic_dir),
+        datalist=str(datalist),
+        image_size=[32, 32],
+        **overrides,
+    )
+
+
 def test_a_gpu_run_gets_large_batches_bf16_channels_last_and_autotuning():
     parser = train_config(device="$torch.device('cuda:0')")
     assert parser.get_parsed_content("batch_size") == 512
@@ -153,19 +171,7 @@ def test_the_training_workflow_has_monais_bundle_properties_and_one_data_path(
 ):
     """MONAI's ConfigWorkflow finds every required training property (train#trainer, train#dataset,
     train#inferer, ...) and the optional ones under the ids it expects; each config builds one data path."""
-    datalist = tmp_path / "datalist.json"
-    data.write_datalist(data.split_by_lesion(data.read_ham10000(synthetic_dir), seed=0), datalist, synthetic_dir)
-    workflow = ConfigWorkflow(
-        config_file=[str(REPO / "configs" / name) for name in ["train.json", *overlays]],
-        meta_file=str(REPO / "configs" / "metadata.json"),
-        logging_file=str(REPO / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(tmp_path),
-        dataset_dir=str(synthetic_dir),
-        datalist=str(datalist),
-        image_size=[32, 32],
-        num_workers=0,
-    )
+    workflow = training_workflow(synthetic_dir, tmp_path, overlays, num_workers=0)
     workflow.initialize()
     assert workflow.check_properties() == []
     assert workflow.max_epochs == 30
@@ -211,18 +217,10 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_the_logged_loss(
     ITERATION_COMPLETED handler) the only value read back is the loss TensorBoard logs every 10 steps.
     A per-step read (a handler's float(loss), a weight average's step counter, per-image labels) would
     make the CPU wait for the GPU every step instead of queuing the next one."""
-    datalist = tmp_path / "datalist.json"
-    data.write_datalist(data.split_by_lesion(data.read_ham10000(synthetic_dir), seed=0), datalist, synthetic_dir)
     steps = 12
-    workflow = ConfigWorkflow(
-        config_file=str(REPO / "configs" / "train.json"),
-        meta_file=str(REPO / "configs" / "metadata.json"),
-        logging_file=str(REPO / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(tmp_path),
-        dataset_dir=str(synthetic_dir),
-        datalist=str(datalist),
-        image_size=[32, 32],
+    workflow = training_workflow(
+        synthetic_dir,
+        tmp_path,
         batch_size=8,
         max_epochs=1,
         # fused as on a GPU: the CPU's per-parameter AdamW reads each step count from a CPU tensor
