@@ -4,6 +4,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
@@ -247,3 +248,41 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_the_logged_loss(
     assert all(per_step[i] == 1 for i in logged), per_step
     history = json.loads((tmp_path / "models" / "history.json").read_text())
     assert history[0]["train_loss"] > 0, "the epoch's mean loss is still recorded"
+
+
+def test_a_compiled_network_trains_with_every_handler_of_the_config(synthetic_dir, tmp_path):
+    """--compile true: the trainer steps a torch.compile'd network (a small DenseNet here, to keep the
+    compilation short) while the weight average, the checkpoint and the history read the module itself."""
+    steps = 3
+    workflow = training_workflow(
+        synthetic_dir,
+        tmp_path,
+        batch_size=8,
+        max_epochs=1,
+        compile=True,
+        network_def={
+            "_target_": "DenseNet",
+            "spatial_dims": 2,
+            "in_channels": 3,
+            "out_channels": "@num_classes",
+            "init_features": 8,
+            "growth_rate": 4,
+            "block_config": [2, 2],
+        },
+        **{"train#trainer#epoch_length": steps},
+    )
+    workflow.initialize()
+    trainer, network = (
+        workflow.parser.get_parsed_content("train#trainer"),
+        workflow.parser.get_parsed_content("network"),
+    )
+    average = workflow.parser.get_parsed_content("ema").model
+    before = {k: v.clone() for k, v in average.state_dict().items()}
+    workflow.run()
+    assert isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.network._orig_mod is network
+    assert trainer.state.iteration == steps
+    assert any(not torch.equal(before[k], v) for k, v in average.state_dict().items()), "the average moved"
+    history = json.loads((tmp_path / "models" / "history.json").read_text())
+    assert np.isfinite(history[0]["train_loss"]) and 0 <= history[0]["val_auc"] <= 1
+    assert (tmp_path / "models" / "model.pt").exists() and (tmp_path / "models" / "checkpoint_last.pt").exists()
