@@ -14,7 +14,9 @@
 set -uo pipefail
 dataset_dir=$1
 out=$2
-runs=${3:-'{"ham128": {"config": ["configs/train_ham10000.json"]}, "ham64_e100": {"config": ["configs/train_ham10000.json"], "image_size": [64, 64], "max_epochs": 100}}'}
+# the default runs, in order of need: the 30-epoch 64 px goal with torch.compile (gpu_check's own run
+# is the same without), then the recipe at 128 px with twice the steps (batch 256), then at 192 px
+runs=${3:-'{"gpu64_compile": {"image_size": [64, 64], "max_epochs": 30, "compile": true}, "ham128_b256": {"config": ["configs/train_ham10000.json"], "batch_size": 256}, "ham192": {"config": ["configs/train_ham10000.json"], "image_size": [192, 192]}}'}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
