@@ -239,6 +239,12 @@ class WeightAverage:
         # AveragedModel holds the copy and its checkpoint format; the update is ours (see _update)
         self.averaged = AveragedModel(_unwrapped(network), use_buffers=True) if self.enabled else None
         self._empty = True
+        if self.enabled:  # paired once: loading a state or stepping the optimizer changes tensors in place
+            pairs = list(zip(_tensors(self.averaged.module), _tensors(_unwrapped(network)), strict=True))
+            floats = [pair for pair in pairs if pair[0].is_floating_point()]
+            counts = [pair for pair in pairs if not pair[0].is_floating_point()]
+            self._floats = [list(side) for side in zip(*floats, strict=True)]  # [averaged, network]
+            self._counts = [list(side) for side in zip(*counts, strict=True)]
 
     @property
     def model(self) -> torch.nn.Module:
@@ -258,21 +264,13 @@ class WeightAverage:
         Float tensors (weights, batch-norm statistics) move towards the network's; integer ones
         (batch counts) are copied.
         """
-
-        def tensors(module):
-            return itertools.chain(module.parameters(), module.buffers())
-
-        pairs = list(zip(tensors(self.averaged.module), tensors(_unwrapped(self.network)), strict=True))
-        floats = [(a, c) for a, c in pairs if a.is_floating_point()]
-        counts = [(a, c) for a, c in pairs if not a.is_floating_point()]
-        averaged, current = (list(t) for t in zip(*floats, strict=True))
         if self._empty:
-            torch._foreach_copy_(averaged, current)
+            torch._foreach_copy_(*self._floats)
             self._empty = False
         else:
-            torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
-        if counts:
-            torch._foreach_copy_(*(list(t) for t in zip(*counts, strict=True)))
+            torch._foreach_lerp_(*self._floats, 1.0 - self.decay)
+        if self._counts:
+            torch._foreach_copy_(*self._counts)
         self.averaged.n_averaged += 1
 
     def state_dict(self) -> dict:
@@ -286,6 +284,11 @@ class WeightAverage:
 
 def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
+
+
+def _tensors(module: torch.nn.Module):
+    """A module's parameters, then its buffers, in a fixed order."""
+    return itertools.chain(module.parameters(), module.buffers())
 
 
 def training_fingerprint(datalist: str | os.PathLike, image_size: Sequence[int], network: torch.nn.Module) -> dict:

@@ -65,44 +65,19 @@ def aws(tmp_path_factory, synthetic_dir):
         yield env
 
 
+def launched_job(aws: dict, *args: str) -> dict:
+    """A job launched with the test's data, role and bucket (region as set), the small hyperparameters and ``args``."""
+    return launched(launch("--data", aws["data"], "--role", ROLE, "--bucket", BUCKET, *args, **HYPERPARAMETERS))
+
+
 @pytest.fixture(scope="module")
 def one_host_job(aws):
-    return launched(
-        launch(
-            "--data",
-            aws["data"],
-            "--role",
-            ROLE,
-            "--bucket",
-            BUCKET,
-            "--region",
-            REGION,
-            "--instance_type",
-            "ml.g5.xlarge",
-            **HYPERPARAMETERS,
-        )
-    )
+    return launched_job(aws, "--region", REGION, "--instance_type", "ml.g5.xlarge")
 
 
 @pytest.fixture(scope="module")
 def two_host_job(aws):
-    return launched(
-        launch(
-            "--data",
-            aws["data"],
-            "--role",
-            ROLE,
-            "--bucket",
-            BUCKET,
-            "--region",
-            REGION,
-            "--instance_type",
-            "ml.m5.xlarge",
-            "--instance_count",
-            "2",
-            **HYPERPARAMETERS,
-        )
-    )
+    return launched_job(aws, "--region", REGION, "--instance_type", "ml.m5.xlarge", "--instance_count", "2")
 
 
 def test_the_launched_job_has_the_image_instances_hyperparameters_data_and_source(aws, one_host_job):
@@ -126,23 +101,7 @@ def test_the_launched_job_has_the_image_instances_hyperparameters_data_and_sourc
 
 
 def test_torchrun_false_runs_one_plain_process(aws):
-    job = launched(
-        launch(
-            "--data",
-            aws["data"],
-            "--role",
-            ROLE,
-            "--bucket",
-            BUCKET,
-            "--torchrun",
-            "false",
-            "--instance_type",
-            "ml.c5.2xlarge",
-            "--gpus_per_instance",
-            "1",
-            **HYPERPARAMETERS,
-        )
-    )
+    job = launched_job(aws, "--torchrun", "false", "--instance_type", "ml.c5.2xlarge", "--gpus_per_instance", "1")
     train_script = s3_text(channel(job, "sm_drivers") + "/sm_train.sh")
     assert "basic_script_driver.py" in train_script and "torchrun_driver.py" not in train_script
     assert job["AlgorithmSpecification"]["TrainingImage"].endswith("/pytorch-training:2.10-cpu-py313")
