@@ -115,7 +115,7 @@ class BestModelSaver:
             self.metric_name,
             metric,
             self.save_path,
-            "" if fitted is None else f" (temperature {fitted.temperature:.3f}, decision tau {fitted.fit['tau']:.2f})",
+            "" if fitted is None else f" ({_fit_summary(fitted)})",
         )
 
     def state_dict(self) -> dict:
@@ -208,7 +208,7 @@ class CalibrationFitter:
         write_sidecar(self.ckpt_path, record)
         logger.info(
             "fitted on %d validation images: temperature %.3f (ECE %.4f -> %.4f), decision tau %.2f "
-            "(balanced accuracy %.4f -> %.4f); stored in %s",
+            "(balanced accuracy %.4f -> %.4f), %s; stored in %s",
             fitted.fit["n_images"],
             fitted.temperature,
             fitted.fit["ece_before"],
@@ -216,8 +216,24 @@ class CalibrationFitter:
             fitted.fit["tau"],
             fitted.fit["balanced_accuracy_argmax"],
             fitted.fit["balanced_accuracy_rule"],
+            _refer_summary(fitted),
             sidecar_path(self.ckpt_path),
         )
+
+
+def _fit_summary(fitted: Calibration) -> str:
+    return f"temperature {fitted.temperature:.3f}, decision tau {fitted.fit['tau']:.2f}, {_refer_summary(fitted)}"
+
+
+def _refer_summary(fitted: Calibration) -> str:
+    """The refer threshold and its validation sensitivity, or why there is none."""
+    triage = fitted.fit.get("triage")
+    if fitted.refer_threshold is None or triage is None:
+        return "no refer threshold (no malignant validation image)" if triage else "no refer threshold"
+    return (
+        f"refer at malignant probability >= {fitted.refer_threshold:.4f} "
+        f"(validation sensitivity {triage['sensitivity']:.3f}, specificity {_fmt(triage['specificity'])})"
+    )
 
 
 class WeightAverage:
@@ -448,9 +464,11 @@ class TrainingHistory:
 class PredictionWriter:
     """Collects every image's class probabilities during a run and writes them as a CSV at its end.
 
-    Columns: image, predicted class, its probability, then one probability per class. The predicted
-    class is ``calibration``'s decision rule (the plain argmax without one). Across ranks the rows
-    are gathered so that rank 0 writes one file.
+    Columns: image, predicted class, its probability, one probability per class, then the most probable
+    class, the decision rule that chose the predicted class (``calibration``'s: ``balanced``, or
+    ``argmax`` without a fitted rule or when configured), the malignant probability (akiec + bcc + mel)
+    and ``refer`` (true/false at the sidecar's refer threshold; empty without one), as served. Across
+    ranks the rows are gathered so that rank 0 writes one file.
     """
 
     def __init__(
@@ -515,12 +533,38 @@ class PredictionWriter:
         self._write_csv(images, probabilities, self.calibration.decide(probabilities))
 
     def _write_csv(self, images: list[str], probabilities: np.ndarray, predicted: np.ndarray) -> None:
+        malignant = calibration.malignant_probability(probabilities)
+        refer = self.calibration.refer(malignant)
+        rule = self.calibration.decision_rule
+
         def write_csv(tmp):
             with open(tmp, "w", newline="") as f:
                 out = csv.writer(f)
-                out.writerow(["image", "predicted_class", "probability", *(f"p_{c}" for c in self.class_names)])
-                for image, p, top in zip(images, probabilities, predicted, strict=True):
-                    out.writerow([image, self.class_names[top], f"{p[top]:.6f}", *(f"{x:.6f}" for x in p)])
+                out.writerow(
+                    [
+                        "image",
+                        "predicted_class",
+                        "probability",
+                        *(f"p_{c}" for c in self.class_names),
+                        "most_probable_class",
+                        "decision_rule",
+                        "malignant_probability",
+                        "refer",
+                    ]
+                )
+                for i, (image, p, top) in enumerate(zip(images, probabilities, predicted, strict=True)):
+                    out.writerow(
+                        [
+                            image,
+                            self.class_names[top],
+                            f"{p[top]:.6f}",
+                            *(f"{x:.6f}" for x in p),
+                            self.class_names[int(np.argmax(p))],
+                            rule,
+                            f"{malignant[i]:.6f}",
+                            "" if refer is None else str(bool(refer[i])).lower(),
+                        ]
+                    )
 
         atomic_write(self.output_dir / self.filename, write_csv)
         logger.info("wrote predictions for %d images to %s", len(images), self.output_dir / self.filename)
@@ -530,9 +574,11 @@ class EvaluationReport(PredictionWriter):
     """A PredictionWriter that also writes ``metrics.json`` and the plots of a labelled evaluation.
 
     Files in ``output_dir``: metrics.json, predictions.csv, roc_curves.png, confusion_matrix.png,
-    reliability.png, and training_curves.png when ``history_path`` (from TrainingHistory) exists.
-    The class metrics follow the served decision rule; with the logits (postprocessing's ``logits``
-    key) the report adds the calibration before and after temperature scaling.
+    reliability.png, malignant_roc.png, and training_curves.png when ``history_path`` (from
+    TrainingHistory) exists. The class metrics follow the served decision rule, with the argmax's
+    accuracy and balanced accuracy beside them; ``triage`` is the refer answer's operating point at the
+    threshold fitted on validation (``bundle.calibration.triage_report``); with the logits
+    (postprocessing's ``logits`` key) the report adds the calibration before and after temperature scaling.
     """
 
     def __init__(
@@ -556,11 +602,15 @@ class EvaluationReport(PredictionWriter):
         predicted = self.calibration.decide(probabilities)
         self._write_csv(images, probabilities, predicted)
         report = classification_report(probabilities, labels, self.class_names, predicted=predicted)
-        report["balanced_accuracy_argmax"] = balanced_accuracy(labels, probabilities.argmax(1), len(self.class_names))
+        argmax = probabilities.argmax(1)
+        report["accuracy_argmax"] = float((argmax == labels).mean())
+        report["balanced_accuracy_argmax"] = balanced_accuracy(labels, argmax, len(self.class_names))
         report["decision_rule"] = {
+            "rule": self.calibration.decision_rule,
             "class_bias": self.calibration.to_json()["class_bias"],
             "tau": self.calibration.fit.get("tau"),
         }
+        report["triage"] = calibration.triage_report(probabilities, labels, self.calibration.refer_threshold)
         uncalibrated = None
         if logits is not None:
             uncalibrated = torch.softmax(torch.as_tensor(logits), -1).numpy()
@@ -590,17 +640,31 @@ class EvaluationReport(PredictionWriter):
             uncalibrated=uncalibrated,
             temperature=self.calibration.temperature,
         )
+        plots.plot_malignant_roc(
+            calibration.malignant_probability(probabilities),
+            np.isin(labels, calibration.MALIGNANT_INDICES),
+            report["triage"],
+            self.output_dir / "malignant_roc.png",
+        )
         if self.history_path and Path(self.history_path).exists():
             plots.plot_training_curves(
                 json.loads(Path(self.history_path).read_text()), self.output_dir / "training_curves.png"
             )
+        triage = report["triage"]
         logger.info(
-            "evaluation on %d images: auc_macro %s, accuracy %.4f, balanced_accuracy %.4f, ECE %.4f; wrote %s",
+            "evaluation on %d images: auc_macro %s, accuracy %.4f, balanced_accuracy %.4f (argmax: %.4f, %.4f), "
+            "ECE %.4f; triage: malignant AUC %s, refer at %s: sensitivity %s, specificity %s; wrote %s",
             report["n_images"],
             _fmt(report["auc_macro"]),
             report["accuracy"],
             report["balanced_accuracy"],
+            report["accuracy_argmax"],
+            report["balanced_accuracy_argmax"],
             report["expected_calibration_error"],
+            _fmt(triage["malignant_auc"]),
+            _fmt(triage["threshold"]),
+            _fmt(triage["sensitivity"]),
+            _fmt(triage["specificity"]),
             self.output_dir / "metrics.json",
         )
 

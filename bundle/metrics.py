@@ -103,6 +103,34 @@ def operating_points(
     return points
 
 
+def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float | None:
+    """ROC AUC of ``scores`` for the boolean ``positives``; None without both positives and negatives."""
+    positives = np.asarray(positives, dtype=bool)
+    if positives.all() or not positives.any():
+        return None
+    return float(compute_roc_auc(torch.as_tensor(np.asarray(scores, dtype=np.float64)), torch.as_tensor(positives)))
+
+
+def binary_operating_point(scores: np.ndarray, positives: np.ndarray, threshold: float | None) -> dict:
+    """Sensitivity, specificity, PPV and NPV of flagging ``scores >= threshold`` against the boolean
+    ``positives``, with the counts of each; a rate whose denominator is zero, or every rate when
+    ``threshold`` is None, is None."""
+    scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
+    n_positive, n_negative = int(positives.sum()), int((~positives).sum())
+    point = {"sensitivity": None, "specificity": None, "ppv": None, "npv": None}
+    if threshold is not None:
+        flagged = scores >= threshold
+        tp, fp = int((flagged & positives).sum()), int((flagged & ~positives).sum())
+        fn, tn = n_positive - tp, n_negative - fp
+        point = {
+            "sensitivity": tp / n_positive if n_positive else None,
+            "specificity": tn / n_negative if n_negative else None,
+            "ppv": tp / (tp + fp) if tp + fp else None,
+            "npv": tn / (tn + fn) if tn + fn else None,
+        }
+    return {**point, "n_positive": n_positive, "n_negative": n_negative}
+
+
 def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct score threshold, for plotting."""
     order = np.argsort(-scores, kind="stable")

@@ -39,6 +39,46 @@ def plot_roc_curves(
     _save(fig, path)
 
 
+def plot_malignant_roc(malignant: np.ndarray, is_malignant: np.ndarray, triage: dict, path: Path) -> None:
+    """The triage answer's ROC: malignant (akiec + bcc + mel) against benign by the malignant probability,
+    with the operating point of the refer threshold fitted on validation marked (``triage``: the
+    ``triage`` block of metrics.json)."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    classes = "+".join(triage["malignant_classes"])
+    if triage["malignant_auc"] is not None:
+        fpr, tpr = roc_curve(malignant, is_malignant)
+        ax.plot(
+            fpr,
+            tpr,
+            color="tab:red",
+            label=f"{classes} vs rest (AUC {triage['malignant_auc']:.3f}, "
+            f"n={triage['n_malignant']} malignant, {triage['n_benign']} benign)",
+        )
+    if triage["sensitivity"] is not None and triage["specificity"] is not None:
+        ax.plot(
+            [1 - triage["specificity"]],
+            [triage["sensitivity"]],
+            marker="o",
+            markersize=9,
+            color="black",
+            linestyle="none",
+            label=f"refer at p >= {triage['threshold']:.3f} (fitted on validation for "
+            f"{triage['target_sensitivity']:.0%} sensitivity): sensitivity {triage['sensitivity']:.3f}, "
+            f"specificity {triage['specificity']:.3f}",
+        )
+    ax.axhline(triage["target_sensitivity"], color="grey", linestyle=":", linewidth=1)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    ax.set(
+        xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)",
+        title="Malignant vs benign: the refer answer",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(loc="lower right", fontsize=7)
+    _save(fig, path)
+
+
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> None:
     """Rows normalised to recall (colour), with raw counts written in each cell."""
     counts = np.asarray(matrix)

@@ -13,9 +13,10 @@ with that image. One bad image never fails the others.
 
 The weights' sidecar (``bundle.sidecar``: ``models/model.json``) gives the image size they were
 trained at, which serving resizes to, and the calibration fitted on validation, which the config's
-postprocessing applies: served probabilities are temperature-scaled and the class is the decision
-rule's, exactly as in the bundle's batch inference and evaluation. Weights whose sidecar is missing,
-belongs to other weights or lists the classes in another order are refused
+postprocessing applies: served probabilities are temperature-scaled and the class is the configured
+decision rule's (``decision_rule``: balanced or argmax), exactly as in the bundle's batch inference and
+evaluation; each answer also carries the triage fields (``malignant_probability``, ``refer``). Weights
+whose sidecar is missing, belongs to other weights or lists the classes in another order are refused
 (``bundle.sidecar.verified_sidecar``), so nothing is served at a guessed size or in a wrong class order.
 """
 
@@ -34,6 +35,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from PIL import Image, UnidentifiedImageError
 
+from bundle.calibration import check_decision_rule, malignant_probability
 from bundle.imageio import EncodedImage, UnusableImage, decode_problem, png_size_problem, shape_problem
 from bundle.labels import CLASS_LABELS
 from bundle.sidecar import load_weights, sidecar_path, trained_image_size, verified_sidecar
@@ -85,16 +87,27 @@ class RejectionKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Prediction:
-    """The calibrated class probabilities of one image, keyed by class name, and the class the
-    decision rule picks (the most probable one unless the rule corrects for class frequency)."""
+    """The calibrated class probabilities of one image, keyed by class name; the class ``decision_rule``
+    picks (``balanced``: corrected for class frequency, so not always the most probable one; ``argmax``:
+    the most probable) beside ``most_probable_class``; and the triage answer: ``malignant_probability``
+    (akiec + bcc + mel) and ``refer`` (it reaches ``refer_threshold``, fitted on validation for 95%
+    sensitivity to malignant lesions; None when the model's sidecar holds no threshold)."""
 
     class_name: str
     probability: float
     probabilities: dict[str, float]
+    decision_rule: str = "argmax"
+    malignant_probability: float | None = None
+    refer: bool | None = None
+    refer_threshold: float | None = None
 
     @property
     def label(self) -> str:
         return CLASS_LABELS[self.class_name]
+
+    @property
+    def most_probable_class(self) -> str:
+        return max(self.probabilities, key=self.probabilities.get)
 
     def to_json(self) -> dict:
         return {
@@ -102,6 +115,11 @@ class Prediction:
             "label": self.label,
             "probability": self.probability,
             "probabilities": self.probabilities,
+            "decision_rule": self.decision_rule,
+            "most_probable_class": self.most_probable_class,
+            "malignant_probability": self.malignant_probability,
+            "refer": self.refer,
+            "refer_threshold": self.refer_threshold,
         }
 
 
@@ -129,7 +147,8 @@ class Predictor:
     file is loaded as TorchScript (``monai.bundle ckpt_export``). ``device`` defaults to the config's
     (the GPU when there is one). Images are resized to the weights' trained ``image_size`` (their
     sidecar's), whatever the config says. Weights without a verified sidecar are refused unless
-    ``allow_missing_sidecar``: then they are served at the config's size, uncalibrated.
+    ``allow_missing_sidecar``: then they are served at the config's size, uncalibrated. ``decision_rule``
+    (``balanced`` or ``argmax``) overrides the config's key of that name.
     """
 
     def __init__(
@@ -140,10 +159,13 @@ class Predictor:
         max_pixels: int = MAX_PIXELS,
         max_png_pixels: int = MAX_PNG_PIXELS,
         allow_missing_sidecar: bool = False,
+        decision_rule: str | None = None,
     ) -> None:
         parser = ConfigParser()
         parser.read_config(Path(bundle_root) / INFERENCE_CONFIG)
         parser["bundle_root"] = str(bundle_root)
+        if decision_rule is not None:
+            parser["decision_rule"] = check_decision_rule(decision_rule)
         if device is not None:
             parser["device"] = f"$torch.device({str(device)!r})"
         self.weights = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
@@ -160,10 +182,13 @@ class Predictor:
         self.class_names: list[str] = list(parser.get_parsed_content("class_names"))
         self.max_pixels = max_pixels
         self.max_png_pixels = min(max_png_pixels, max_pixels)
+        try:
+            self.calibration = parser.get_parsed_content("calibration")  # first: the postprocessing uses it
+        except RuntimeError as error:  # MONAI wraps the error naming the sidecar and key, or the config key
+            raise (error.__cause__ if isinstance(error.__cause__, ValueError) else error) from None
         self.preprocessing = Compose(parser.get_parsed_content("preprocessing"))
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
-        self.calibration = parser.get_parsed_content("calibration")
         self.network = self._network(parser, loaded)
 
     def _network(self, parser: ConfigParser, loaded: dict | torch.nn.Module) -> torch.nn.Module:
@@ -251,7 +276,16 @@ class Predictor:
 
     def _prediction(self, probabilities: torch.Tensor) -> Prediction:
         values, top = probabilities.tolist(), int(self.calibration.decide(probabilities.numpy()))
-        return Prediction(self.class_names[top], values[top], dict(zip(self.class_names, values, strict=True)))
+        malignant = float(malignant_probability(probabilities.numpy()))
+        return Prediction(
+            self.class_names[top],
+            values[top],
+            dict(zip(self.class_names, values, strict=True)),
+            decision_rule=self.calibration.decision_rule,
+            malignant_probability=malignant,
+            refer=self.calibration.refer(malignant),
+            refer_threshold=self.calibration.refer_threshold,
+        )
 
 
 def _unusable_cause(error: BaseException) -> UnusableImage | None:

@@ -32,6 +32,7 @@ OUTPUTS = (
     "eval/roc_curves.png",
     "eval/confusion_matrix.png",
     "eval/reliability.png",
+    "eval/malignant_roc.png",
     "eval/training_curves.png",
     "models/history.json",
     "models/model.json",

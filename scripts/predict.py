@@ -6,8 +6,10 @@
     ... --json                                                       # raw responses, one JSON line per image
     ... --as_json                      # send {"image": "<base64>"} instead of the raw bytes (for text-only gateways)
 
-Prints, per image, ``IMAGE: class: basal cell carcinoma, probability: 92 percent``. Exits 1 when any
-image was refused, after printing each refusal's reason.
+Prints, per image, ``IMAGE: class: basal cell carcinoma, probability: 92 percent (balanced rule),
+malignant probability: 95 percent, refer: yes``; the rule's class is followed by the most probable one
+when they differ (``(balanced rule; most probable: melanocytic nevus)``), and ``refer: n/a`` when the
+served model has no refer threshold. Exits 1 when any image was refused, after printing each refusal's reason.
 """
 
 import base64
@@ -18,6 +20,7 @@ from pathlib import Path
 import fire
 import requests
 
+from bundle.labels import CLASS_LABELS
 from handler import MODEL_NAME
 from handler.control import DEFAULT_RUN_DIR, ServeError, authorised_request, read_server
 
@@ -91,11 +94,25 @@ def _sagemaker_sender(endpoint: str, region: str | None):
 
 def describe(status: int, answer: dict) -> str:
     if status == 200 and "label" in answer:
-        return f"class: {answer['label']}, probability: {round(100 * answer['probability'])} percent"
+        sentence = f"class: {answer['label']}, probability: {_percent(answer['probability'])}"
+        if "decision_rule" not in answer:  # a server from before the triage answer
+            return sentence
+        rule = f"{answer['decision_rule']} rule"
+        most_probable = answer.get("most_probable_class")
+        if most_probable and most_probable != answer["class"]:
+            rule += f"; most probable: {CLASS_LABELS.get(most_probable, most_probable)}"
+        refer = {True: "yes", False: "no"}.get(answer.get("refer"), "n/a")
+        return (
+            f"{sentence} ({rule}), malignant probability: {_percent(answer['malignant_probability'])}, refer: {refer}"
+        )
     if "error" in answer:
         return f"refused: {answer['error']}"
     # TorchServe's own refusals: {"code": ..., "type": ..., "message": ...}
     return f"refused: HTTP {status}: {answer.get('message') or answer.get('type') or 'no reason given'}"
+
+
+def _percent(value: float) -> str:
+    return f"{round(100 * value)} percent"
 
 
 def predict(

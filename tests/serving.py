@@ -23,6 +23,20 @@ from bundle.sidecar import new_record, save_pair
 from tests.bundle_runs import REPO
 
 JPEG, PNG = "image/jpeg", "image/png"
+# The fields of a served answer (bundle.predictor.Prediction.to_json), from every route.
+SERVED_FIELDS = frozenset(
+    {
+        "class",
+        "label",
+        "probability",
+        "probabilities",
+        "decision_rule",
+        "most_probable_class",
+        "malignant_probability",
+        "refer",
+        "refer_threshold",
+    }
+)
 
 
 def bundle_with_random_weights(root: Path, seed: int = 0, trained_image_size: list[int] | None = None) -> Path:
@@ -37,6 +51,33 @@ def bundle_with_random_weights(root: Path, seed: int = 0, trained_image_size: li
     size = trained_image_size or json.loads((REPO / "configs" / "inference.json").read_text())["image_size"]
     save_pair(root / "models" / "model.pt", network.state_dict(), new_record(network.state_dict(), size))
     return root
+
+
+def store_triage_calibration(root: Path, images: list[bytes], weights: str = "model.pt") -> dict:
+    """Store in the sidecar of ``root``'s ``models/<weights>`` a calibration under which every served field
+    shows something: a decision rule that picks the least probable class of the first image (so an
+    answer's class differs from its most probable one), and a refer threshold halfway between the two
+    middle malignant probabilities of ``images`` (so some are referred and some not, and none sits on
+    the threshold). Returns the calibration stored."""
+    from bundle.calibration import malignant_probability
+    from bundle.predictor import Predictor
+
+    weights_path = root / "models" / weights
+    plain = Predictor(root, weights=weights_path, device="cpu").predict(images)
+    probabilities = np.array([[result.probabilities[c] for c in CLASS_NAMES] for result in plain])
+    malignant = np.sort(malignant_probability(probabilities))
+    middle = len(malignant) // 2
+    assert malignant[middle - 1] < malignant[middle], "the images need distinct malignant probabilities"
+    bias = [0.0] * len(CLASS_NAMES)
+    bias[int(probabilities[0].argmin())] = 100.0
+    calibration = {
+        "temperature": 1.0,
+        "class_bias": bias,
+        "refer_threshold": float(malignant[middle - 1] + malignant[middle]) / 2,
+    }
+    sidecar = weights_path.with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "calibration": calibration}))
+    return calibration
 
 
 def encode(image: Image.Image, image_format: str, **params) -> bytes:

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from bundle.calibration import Calibration
 from bundle.labels import CLASS_NAMES
 from bundle.synthetic import generate
 from tests.bundle_runs import EVALUATE, EVALUATE_CHAIN, FAST, INFERENCE, REPO, TRAIN, read_json, run_bundle
+from tests.test_metrics import TRIAGE_KEYS
 
 EPOCHS = 4
 
@@ -85,7 +87,13 @@ def test_evaluation_shows_the_network_learned(evaluated, trained):
     assert np.array(metrics["confusion_matrix"]).sum() == len(testing)
     for key in ("accuracy", "balanced_accuracy"):
         assert 0 <= metrics[key] <= 1
-    for name in ("roc_curves.png", "confusion_matrix.png", "training_curves.png", "reliability.png"):
+    for name in (
+        "roc_curves.png",
+        "confusion_matrix.png",
+        "training_curves.png",
+        "reliability.png",
+        "malignant_roc.png",
+    ):
         with Image.open(evaluated / name) as image:
             assert image.format == "PNG" and image.width > 300
 
@@ -120,6 +128,8 @@ def test_training_stores_the_calibration_fitted_on_validation(trained):
     assert sidecar["calibration"]["temperature"] > 0 and len(sidecar["calibration"]["class_bias"]) == len(CLASS_NAMES)
     assert fit["nll_after"] <= fit["nll_before"] + 1e-9, "the temperature minimises the validation NLL"
     assert fit["balanced_accuracy_rule"] >= fit["balanced_accuracy_argmax"], "tau 0 (the argmax) is on the grid"
+    assert sidecar["calibration"]["refer_threshold"] == fit["triage"]["threshold"] is not None
+    assert fit["triage"]["sensitivity"] >= 0.95, "the refer threshold catches 95% of validation malignant lesions"
 
 
 def test_evaluation_reports_calibration_and_operating_points(evaluated, trained):
@@ -134,6 +144,32 @@ def test_evaluation_reports_calibration_and_operating_points(evaluated, trained)
     for point in metrics["operating_points"].values():
         assert point["at_sensitivity_0.95"]["sensitivity"] >= 0.95
         assert 0 <= point["decision"]["specificity"] <= 1
+    assert 0 <= metrics["accuracy_argmax"] <= 1 and metrics["decision_rule"]["rule"] == "balanced"
+
+
+def test_evaluation_reports_the_triage_answer_at_the_validation_threshold(evaluated, trained):
+    """metrics.json's triage block: the sidecar's threshold, and its operating point on the testing split as
+    predictions.csv's served malignant probability and refer answer give it."""
+    triage = read_json(evaluated / "metrics.json")["triage"]
+    assert set(triage) == TRIAGE_KEYS
+    stored = read_json(trained["bundle_root"] / "models" / "model.json")["calibration"]
+    assert triage["threshold"] == stored["refer_threshold"] is not None
+    assert (triage["target_sensitivity"], triage["malignant_classes"]) == (0.95, ["akiec", "bcc", "mel"])
+    malignant_ids = {CLASS_NAMES.index(c) for c in ("akiec", "bcc", "mel")}
+    labels = {
+        Path(item["image"]).name: item["label"] in malignant_ids for item in read_json(trained["datalist"])["testing"]
+    }
+    with open(evaluated / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    is_malignant = np.array([labels[Path(row["image"]).name] for row in rows])
+    refer = np.array([row["refer"] == "true" for row in rows])
+    for row in rows:  # the CSV rounds to 6 decimals: compare away from the threshold
+        if abs(float(row["malignant_probability"]) - triage["threshold"]) > 1e-5:
+            assert (row["refer"] == "true") == (float(row["malignant_probability"]) > triage["threshold"]), row
+    assert (triage["n_malignant"], triage["n_benign"]) == (is_malignant.sum(), (~is_malignant).sum())
+    assert triage["sensitivity"] == pytest.approx(refer[is_malignant].mean())
+    assert triage["specificity"] == pytest.approx(1 - refer[~is_malignant].mean())
+    assert triage["malignant_auc"] > 0.5
 
 
 def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tmp_path):
@@ -233,3 +269,6 @@ def test_calibrate_json_refits_a_models_calibration_in_place(trained, tmp_path):
     assert refitted["epoch"] == stored["epoch"], "the rest of the sidecar is kept"
     assert refitted["calibration"]["fit"]["n_images"] == len(read_json(trained["datalist"])["validation"])
     assert refitted["calibration"]["temperature"] == pytest.approx(stored["calibration"]["temperature"], rel=0.05)
+    assert refitted["calibration"]["refer_threshold"] == pytest.approx(
+        stored["calibration"]["refer_threshold"], rel=0.1
+    )

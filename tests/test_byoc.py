@@ -15,7 +15,7 @@ import requests
 
 from bundle.synthetic import generate
 from tests.bundle_runs import REPO
-from tests.serving import JPEG, bundle_with_random_weights
+from tests.serving import JPEG, SERVED_FIELDS, bundle_with_random_weights
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
 
 COPY = re.compile(r"^COPY\s+(?P<source>\S+)\s+(?P<target>/\S+)\s*$", re.MULTILINE)
@@ -112,7 +112,7 @@ def test_the_container_command_serves_ping_and_invocations_and_stops_on_sigterm(
             f"{url}/invocations", data=image.read_bytes(), headers={"Content-Type": JPEG}, timeout=120
         )
         assert response.status_code == 200, response.text
-        assert set(response.json()) == {"class", "label", "probability", "probabilities"}
+        assert set(response.json()) == SERVED_FIELDS
     finally:
         container.send_signal(signal.SIGTERM)
         code = container.wait(timeout=120)

@@ -1,5 +1,5 @@
-"""Temperature scaling, the balanced decision rule, test-time flips and the weight average: the
-pieces that turn a trained network into calibrated, balanced predictions."""
+"""Temperature scaling, the balanced decision rule, the refer threshold, test-time flips and the weight
+average: the pieces that turn a trained network into calibrated, balanced predictions and a triage answer."""
 
 import json
 
@@ -10,9 +10,10 @@ from ignite.engine import Engine, Events
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bundle import calibration
-from bundle.calibration import CalibratedSoftmaxd, Calibration, fit_decision_rule, fit_temperature
+from bundle.calibration import CalibratedSoftmaxd, Calibration, fit_decision_rule, fit_refer_threshold, fit_temperature
 from bundle.handlers import BestModelSaver, WeightAverage
 from bundle.inferers import FlipAveragingInferer
+from bundle.labels import CLASS_NAMES
 from bundle.metrics import balanced_accuracy, expected_calibration_error, operating_points
 from bundle.sidecar import new_record, save_pair, verified_sidecar
 
@@ -217,3 +218,91 @@ def test_calibration_fitter_adds_the_fit_to_an_existing_sidecar(tmp_path):
     assert record["epoch"] == 17 and record["image_size"] == [128, 128], "the rest of the sidecar is kept"
     assert verified_sidecar(path) == record, "still the sidecar of these weights"
     assert Calibration.from_sidecar(path) == calibration.fit(logits, labels, 3)
+
+
+def _seven_class_validation(n: int, seed: int):
+    """Logits over the 7 HAM10000 classes, HAM10000-like priors, and labels drawn from them."""
+    return _sampled(n, temperature=1.5, priors=(0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02), seed=seed, spread=2.0)
+
+
+def test_the_refer_threshold_is_the_largest_reaching_the_target_sensitivity():
+    rng = np.random.default_rng(0)
+    for n_malignant in (1, 7, 19, 20, 21, 137):
+        scores = np.r_[rng.random(n_malignant), rng.random(300)]
+        is_malignant = np.r_[np.ones(n_malignant, bool), np.zeros(300, bool)]
+        threshold = fit_refer_threshold(scores, is_malignant, 0.95)
+        assert (scores[is_malignant] >= threshold).mean() >= 0.95, n_malignant
+        higher = scores[is_malignant][scores[is_malignant] > threshold]
+        if higher.size:  # the next malignant score up already misses the target
+            assert (scores[is_malignant] >= higher.min()).mean() < 0.95, n_malignant
+        assert threshold in scores[is_malignant], "a malignant image's own score"
+    # 20 malignant images: 19 must be caught, so the threshold is the second lowest of their scores
+    assert fit_refer_threshold(np.arange(20) / 20, np.ones(20, bool)) == 0.05
+    # ties at the threshold are all referred: sensitivity 1 here, and no higher threshold reaches 0.95
+    assert fit_refer_threshold(np.array([0.3, 0.3, 0.3, 0.9]), np.ones(4, bool)) == 0.3
+    assert fit_refer_threshold(np.array([0.2, 0.8]), np.array([False, False])) is None, "nothing to fit on"
+
+
+def test_the_fit_stores_a_refer_threshold_with_95_percent_validation_sensitivity():
+    logits, labels = _seven_class_validation(3_000, seed=6)
+    fitted = calibration.fit(logits, labels, 7)
+    malignant = calibration.malignant_probability(fitted.probabilities(logits).numpy())
+    is_malignant = np.isin(labels.numpy(), [CLASS_NAMES.index(c) for c in ("akiec", "bcc", "mel")])
+    assert fitted.refer_threshold is not None and 0 < fitted.refer_threshold < 1
+    assert (malignant[is_malignant] >= fitted.refer_threshold).mean() >= 0.95
+    triage = fitted.fit["triage"]
+    assert triage["threshold"] == fitted.refer_threshold and triage["target_sensitivity"] == 0.95
+    assert triage["sensitivity"] >= 0.95 and triage["n_malignant"] == int(is_malignant.sum())
+    assert triage["malignant_classes"] == ["akiec", "bcc", "mel"] and triage["malignant_auc"] > 0.5
+    assert fitted.refer(malignant).tolist() == (malignant >= fitted.refer_threshold).tolist()
+    assert calibration.fit(*_sampled(500, 1.0, (0.5, 0.5)), 2).refer_threshold is None, "no HAM10000 classes"
+
+
+def test_the_refer_threshold_round_trips_through_the_sidecar_and_an_older_one_serves_no_referral(tmp_path):
+    weights = tmp_path / "model.pt"
+    stored = Calibration(1.3, tuple(range(7)), {"tau": 1.0}, refer_threshold=0.125)
+    (tmp_path / "model.json").write_text(json.dumps({"image_size": [32, 32], "calibration": stored.to_json()}))
+    assert Calibration.from_sidecar(weights) == stored
+    assert Calibration.from_sidecar(weights).refer(0.125) is True and stored.refer(0.1249) is False
+    older = {k: v for k, v in stored.to_json().items() if k != "refer_threshold"}
+    (tmp_path / "model.json").write_text(json.dumps({"image_size": [32, 32], "calibration": older}))
+    assert Calibration.from_sidecar(weights).refer_threshold is None
+    assert Calibration.from_sidecar(weights).refer(0.99) is None, "no threshold: no referral, never a guess"
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, -0.1, 1.5, [0.5], {"value": 0.5}, float("nan")])
+def test_a_malformed_refer_threshold_is_refused_naming_the_sidecar_and_the_key(tmp_path, bad):
+    record = {"temperature": 1.0, "class_bias": None, "refer_threshold": bad}
+    (tmp_path / "model.json").write_text(json.dumps({"image_size": [32, 32], "calibration": record}))
+    with pytest.raises(ValueError) as error:
+        Calibration.from_sidecar(tmp_path / "model.pt")
+    assert str(error.value).startswith(f"{tmp_path / 'model.json'}: 'calibration' key 'refer_threshold'")
+
+
+def test_the_decision_rule_is_configurable_and_named(tmp_path):
+    stored = Calibration(2.0, (0.0, 5.0, 0.0), refer_threshold=0.4)
+    (tmp_path / "model.json").write_text(json.dumps({"image_size": [32, 32], "calibration": stored.to_json()}))
+    balanced = Calibration.from_sidecar(tmp_path / "model.pt", "balanced")
+    argmax = Calibration.from_sidecar(tmp_path / "model.pt", "argmax")
+    assert (balanced.decision_rule, argmax.decision_rule) == ("balanced", "argmax")
+    assert (argmax.temperature, argmax.refer_threshold) == (2.0, 0.4), "only the class rule changes"
+    p = np.array([[0.6, 0.3, 0.1]])
+    assert (balanced.decide(p)[0], argmax.decide(p)[0]) == (1, 0)
+    assert Calibration().decision_rule == "argmax", "no fitted rule: the most probable class, and it says so"
+    with pytest.raises(ValueError, match=r"config key 'decision_rule' must be one of \['balanced', 'argmax'\]"):
+        Calibration.from_sidecar(tmp_path / "model.pt", "majority")
+
+
+def test_best_model_saver_stores_the_refer_threshold_fitted_on_validation(tmp_path):
+    logits, labels = _seven_class_validation(700, seed=7)
+    one_hot = torch.nn.functional.one_hot(labels, 7)
+    outputs = [{"logits": logits[i], "label": one_hot[i]} for i in range(len(labels))]
+    engine = Engine(lambda e, batch: batch)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_auc=0.8))
+    path = tmp_path / "model.pt"
+    BestModelSaver(torch.nn.Linear(2, 7), str(path), "val_auc", image_size=[32, 32], calibrate=True).attach(engine)
+    engine.run([outputs[:350], outputs[350:]], max_epochs=1)
+    stored = Calibration.from_sidecar(path)
+    assert stored.refer_threshold is not None
+    assert stored.refer_threshold == calibration.fit(logits, labels, 7).refer_threshold
+    assert json.loads((tmp_path / "model.json").read_text())["calibration"]["refer_threshold"] == stored.refer_threshold

@@ -1,12 +1,38 @@
 """The numbers in eval/metrics.json, checked on cases whose answers are known."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from bundle import imbalance
+from bundle.calibration import triage_report
 from bundle.labels import CLASS_NAMES
-from bundle.metrics import classification_report, expected_calibration_error, roc_curve
+from bundle.metrics import (
+    binary_auc,
+    binary_operating_point,
+    classification_report,
+    expected_calibration_error,
+    roc_curve,
+)
+from tests.bundle_runs import REPO
+
+# the keys of metrics.json's "triage" block: scripts/run_recipes.py and users' tools read them
+TRIAGE_KEYS = {
+    "threshold",
+    "target_sensitivity",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "malignant_auc",
+    "n_malignant",
+    "n_benign",
+    "malignant_classes",
+}
 
 K = len(CLASS_NAMES)
 
@@ -49,6 +75,35 @@ def test_roc_curve_runs_from_origin_to_one_one():
     assert len(fpr) == 4  # tied scores make one threshold
 
 
+def test_a_binary_operating_point_counts_by_hand():
+    scores = np.array([0.9, 0.8, 0.4, 0.7, 0.2, 0.1])
+    positives = np.array([True, True, True, False, False, False])
+    point = binary_operating_point(scores, positives, 0.5)  # flags 0.9, 0.8 (true) and 0.7 (false)
+    assert point == {
+        "sensitivity": 2 / 3,
+        "specificity": 2 / 3,
+        "ppv": 2 / 3,
+        "npv": 2 / 3,
+        "n_positive": 3,
+        "n_negative": 3,
+    }
+    assert binary_operating_point(scores, positives, 0.95)["ppv"] is None, "nothing flagged: no PPV"
+    assert binary_operating_point(scores, positives, None)["sensitivity"] is None
+    assert binary_auc(scores, positives) == pytest.approx(8 / 9)  # 8 of the 9 pairs ranked right
+    assert binary_auc(scores, np.ones(6, bool)) is None
+
+
+def test_the_triage_report_has_exactly_the_keys_the_lead_reads():
+    labels = np.array([CLASS_NAMES.index(c) for c in ("mel", "bcc", "akiec", "nv", "bkl", "df", "vasc", "nv")])
+    p = _one_hot_probabilities(labels)
+    report = triage_report(p, labels, threshold=0.5)
+    assert set(report) == TRIAGE_KEYS
+    assert (report["n_malignant"], report["n_benign"], report["malignant_classes"]) == (3, 5, ["akiec", "bcc", "mel"])
+    assert report["sensitivity"] == report["specificity"] == report["malignant_auc"] == 1.0
+    without = triage_report(p, labels, threshold=None)
+    assert without["threshold"] is None and without["sensitivity"] is None and without["malignant_auc"] == 1.0
+
+
 def test_calibration_error_of_an_overconfident_classifier():
     labels = np.array([0] * 50 + [1] * 50)
     always_zero = _one_hot_probabilities(np.zeros(100, dtype=int), confidence=1.0)
@@ -87,3 +142,31 @@ def test_imbalance_power_softens_the_correction():
     assert (drawn == 6).float().mean() == pytest.approx(0.25, abs=0.04)  # 100 x 3 of 900 + 300
     with pytest.raises(ValueError, match="'imbalance_power'"):
         imbalance.loss_weights("loss", counts, power=1.5)
+
+
+def test_show_metrics_prints_both_rules_and_the_triage_line(tmp_path):
+    labels = np.array([CLASS_NAMES.index(c) for c in ("mel", "bcc", "akiec", "nv", "bkl", "df", "vasc", "nv")])
+    p = _one_hot_probabilities(labels)
+    report = classification_report(p, labels, CLASS_NAMES)
+    report |= {
+        "accuracy_argmax": 1.0,
+        "balanced_accuracy_argmax": 1.0,
+        "decision_rule": {"rule": "balanced"},
+        "triage": triage_report(p, labels, threshold=0.5),
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(report))
+    shown = subprocess.run(
+        [sys.executable, "scripts/show_metrics.py", str(tmp_path / "metrics.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "decision rule (balanced): accuracy  1.000, balanced accuracy  1.000   argmax: accuracy  1.000" in shown.stdout
+    )
+    assert (
+        "triage (akiec+bcc+mel vs rest; 3 malignant, 5 benign)   malignant AUC  1.000   refer at malignant "
+        "probability >= 0.5000 (fitted on validation for 95% sensitivity): sensitivity  1.000  specificity  1.000"
+    ) in shown.stdout

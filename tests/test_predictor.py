@@ -136,11 +136,17 @@ def test_prediction_names_the_most_probable_class(predictor, good_jpeg):
     assert result.class_name == max(result.probabilities, key=result.probabilities.get)
     assert result.probability == result.probabilities[result.class_name]
     assert sum(result.probabilities.values()) == pytest.approx(1, abs=1e-5)
+    malignant = sum(result.probabilities[c] for c in ("akiec", "bcc", "mel"))
     assert result.to_json() == {
         "class": result.class_name,
         "label": CLASS_LABELS[result.class_name],
         "probability": result.probability,
         "probabilities": result.probabilities,
+        "decision_rule": "argmax",  # this sidecar holds no fitted rule: the most probable class, and it says so
+        "most_probable_class": result.class_name,
+        "malignant_probability": pytest.approx(malignant, abs=1e-6),
+        "refer": None,  # nor a refer threshold: no referral rather than a guessed one
+        "refer_threshold": None,
     }
     assert list(result.probabilities) == list(CLASS_NAMES)
 
@@ -423,3 +429,97 @@ def test_the_calibration_beside_the_weights_is_served(bundle_root, predictor, go
     np.testing.assert_allclose([calibrated.probabilities[c] for c in CLASS_NAMES], expected, atol=1e-5)
     assert calibrated.class_name == CLASS_NAMES[weakest]
     assert calibrated.probability == calibrated.probabilities[calibrated.class_name]
+
+
+def _calibrated_copy(bundle_root: Path, folder: Path, calibration: dict) -> Path:
+    """The bundle's weights in ``folder`` with their sidecar, holding ``calibration``."""
+    shutil.copy(bundle_root / "models" / "model.pt", folder / "model.pt")
+    record = json.loads((bundle_root / "models" / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**record, "calibration": calibration}))
+    return folder / "model.pt"
+
+
+def test_the_triage_answer_and_the_rule_that_chose_the_class_under_both_rules(
+    bundle_root, predictor, few_jpegs, tmp_path
+):
+    """A sidecar whose rule picks the least probable class and whose refer threshold splits the images: each
+    answer names its rule, shows the most probable class beside the chosen one, and refers at the threshold."""
+    images = [path.read_bytes() for path in sorted(few_jpegs.iterdir())]
+    plain = predictor.predict(images)
+    malignant = sorted(sum(r.probabilities[c] for c in ("akiec", "bcc", "mel")) for r in plain)
+    assert malignant[0] < malignant[-1]
+    threshold = malignant[len(malignant) // 2]  # an image's own score: refer is >=
+    weakest = int(np.argmin([plain[0].probabilities[c] for c in CLASS_NAMES]))
+    bias = [100.0 if c == weakest else 0.0 for c in range(len(CLASS_NAMES))]
+    weights = _calibrated_copy(
+        bundle_root, tmp_path, {"temperature": 1.0, "class_bias": bias, "refer_threshold": threshold}
+    )
+    by_rule = {
+        rule: Predictor(bundle_root, weights=weights, device="cpu", decision_rule=rule).predict(images)
+        for rule in ("balanced", "argmax")
+    }
+    default = Predictor(bundle_root, weights=weights, device="cpu").predict(images)  # inference.json: balanced
+    assert [r.to_json() for r in default] == [r.to_json() for r in by_rule["balanced"]]
+    for rule, results in by_rule.items():
+        for result, before in zip(results, plain, strict=True):
+            answer = result.to_json()
+            assert answer["probabilities"] == pytest.approx(before.probabilities, abs=1e-6)
+            assert answer["decision_rule"] == rule
+            assert answer["most_probable_class"] == before.class_name
+            assert answer["class"] == (CLASS_NAMES[weakest] if rule == "balanced" else before.class_name)
+            assert answer["probability"] == answer["probabilities"][answer["class"]]
+            assert answer["malignant_probability"] == pytest.approx(
+                sum(answer["probabilities"][c] for c in ("akiec", "bcc", "mel")), abs=1e-6
+            )
+            assert answer["refer"] is (answer["malignant_probability"] >= threshold)
+            assert answer["refer_threshold"] == threshold
+        assert {r.refer for r in results} == {True, False}, "the threshold splits these images"
+
+
+def test_batch_inference_writes_the_served_triage_answer(bundle_root, few_jpegs, tmp_path):
+    """predictions.csv of ``monai.bundle run --config_file configs/inference.json`` says what the Predictor serves."""
+    models = tmp_path / "models"
+    models.mkdir()
+    probe = Predictor(bundle_root, device="cpu").predict([p.read_bytes() for p in sorted(few_jpegs.iterdir())])
+    threshold = float(np.median([r.to_json()["malignant_probability"] for r in probe]))
+    weights = _calibrated_copy(
+        bundle_root,
+        models,
+        {"temperature": 1.5, "class_bias": [0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0], "refer_threshold": threshold},
+    )
+    for rule in ("balanced", "argmax"):
+        _bundle_run_probabilities(bundle_root, few_jpegs, tmp_path / rule, ckpt_path=weights, decision_rule=rule)
+        with open(tmp_path / rule / "predictions.csv", newline="") as f:
+            rows = {Path(row["image"]).name: row for row in csv.DictReader(f)}
+        served = Predictor(bundle_root, weights=weights, device="cpu", decision_rule=rule)
+        for name, row in rows.items():
+            [answer] = [r.to_json() for r in served.predict([(few_jpegs / name).read_bytes()])]
+            assert (row["predicted_class"], row["most_probable_class"]) == (
+                answer["class"],
+                answer["most_probable_class"],
+            )
+            assert row["decision_rule"] == answer["decision_rule"] == rule
+            assert float(row["malignant_probability"]) == pytest.approx(answer["malignant_probability"], abs=1e-5)
+            assert row["refer"] == str(answer["refer"]).lower()
+
+
+@pytest.mark.parametrize("bad", ["high", -0.5, 2, True])
+def test_a_malformed_refer_threshold_is_refused_before_serving(bundle_root, tmp_path, bad):
+    weights = _calibrated_copy(bundle_root, tmp_path, {"temperature": 1.0, "class_bias": None, "refer_threshold": bad})
+    with pytest.raises(ValueError) as error:
+        Predictor(bundle_root, weights=weights, device="cpu")
+    assert f"{tmp_path / 'model.json'}: 'calibration' key 'refer_threshold' must be a probability" in str(error.value)
+
+
+def test_an_unknown_decision_rule_names_the_config_key(bundle_root, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"config key 'decision_rule' must be one of \['balanced', 'argmax'\], got 'mode'"
+    ):
+        Predictor(bundle_root, device="cpu", decision_rule="mode")
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_root, root)
+    config = json.loads((root / "configs" / "inference.json").read_text())
+    (root / "configs" / "inference.json").write_text(json.dumps({**config, "decision_rule": "Balanced"}))
+    with pytest.raises(ValueError) as error:
+        Predictor(root, device="cpu")
+    assert "config key 'decision_rule' must be one of ['balanced', 'argmax'], got 'Balanced'" in str(error.value)

@@ -13,10 +13,17 @@ import pytest
 import requests
 from PIL import Image
 
+from bundle.labels import CLASS_LABELS
 from bundle.predictor import Predictor
 from bundle.synthetic import generate
 from tests.bundle_runs import REPO
-from tests.serving import bundle_with_random_weights, encode, sagemaker_model_dir
+from tests.serving import (
+    SERVED_FIELDS,
+    bundle_with_random_weights,
+    encode,
+    sagemaker_model_dir,
+    store_triage_calibration,
+)
 
 TRAINED_IMAGE_SIZE = [32, 32]  # not inference.json's 64 x 64: the sidecar must travel with the weights
 
@@ -31,9 +38,22 @@ def _package(bundle_root, archive) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """model.tar.gz built by scripts/package_sagemaker.py, extracted as the container does."""
+def jpegs(tmp_path_factory) -> list[bytes]:
+    images = generate(tmp_path_factory.mktemp("images"), n_images=42, image_size=(64, 48), seed=3) / "images"
+    return [path.read_bytes() for path in sorted(images.glob("*.jpg"))[:6]]
+
+
+@pytest.fixture(scope="module")
+def jpeg(jpegs) -> bytes:
+    return jpegs[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, jpegs):
+    """model.tar.gz built by scripts/package_sagemaker.py, extracted as the container does, from weights whose
+    calibration's rule and refer threshold show in the answers to ``jpegs``."""
     root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"), trained_image_size=TRAINED_IMAGE_SIZE)
+    store_triage_calibration(root, jpegs)
     return sagemaker_model_dir(root, tmp_path_factory.mktemp("dist"))
 
 
@@ -43,12 +63,6 @@ def adapter(model_dir):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def jpeg(tmp_path_factory):
-    images = generate(tmp_path_factory.mktemp("images"), n_images=42, image_size=(64, 48), seed=3) / "images"
-    return sorted(images.glob("*.jpg"))[0].read_bytes()
 
 
 def test_the_archive_has_the_container_layout(model_dir):
@@ -83,17 +97,29 @@ def test_packaging_refuses_a_malformed_sidecar(tmp_path):
     assert not (tmp_path / "model.tar.gz").exists()
 
 
-def test_the_four_functions_classify_like_the_predictor(adapter, model_dir, jpeg):
+def test_the_four_functions_classify_like_the_predictor(adapter, model_dir, jpegs):
     model = adapter.model_fn(str(model_dir))
-    body, content_type = adapter.output_fn(
-        adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), "application/json"
-    )
-    answer = json.loads(body)
-    assert content_type == "application/json"
-    assert set(answer) == {"class", "label", "probability", "probabilities"}
-    expected = Predictor(model_dir, model_dir / "models" / "model.pt").predict([jpeg])[0]
-    assert answer["class"] == expected.class_name
-    assert answer["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+    predictor = Predictor(model_dir, model_dir / "models" / "model.pt")
+    answers = []
+    for jpeg in jpegs:
+        body, content_type = adapter.output_fn(
+            adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), "application/json"
+        )
+        answer = json.loads(body)
+        assert content_type == "application/json"
+        assert set(answer) == SERVED_FIELDS
+        expected = predictor.predict([jpeg])[0].to_json()
+        assert answer["class"] == expected["class"]
+        assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+        assert answer["malignant_probability"] == pytest.approx(expected["malignant_probability"], abs=1e-6)
+        for field in ("decision_rule", "most_probable_class", "refer", "refer_threshold"):
+            assert answer[field] == expected[field], field
+        answers.append(answer)
+    # the archive's sidecar carries the rule and the refer threshold: both referrals occur, and the class the
+    # rule chose over the most probable one is shown beside it
+    assert {answer["refer"] for answer in answers} == {True, False}
+    assert {answer["decision_rule"] for answer in answers} == {"balanced"}
+    assert any(answer["class"] != answer["most_probable_class"] for answer in answers)
 
 
 def test_json_base64_input_gives_the_same_answer(adapter, model_dir, jpeg):
@@ -187,6 +213,10 @@ def test_the_predict_client_reads_a_sagemaker_endpoint(adapter, model_dir, jpeg,
         aws.stop()
     answer = json.loads(body)
     assert result.returncode == 0, result.stderr
+    assert answer["class"] != answer["most_probable_class"], "this archive's rule picks the least probable class"
+    refer = "yes" if answer["refer"] else "no"
     assert result.stdout.strip() == (
-        f"{image}: class: {answer['label']}, probability: {round(100 * answer['probability'])} percent"
+        f"{image}: class: {answer['label']}, probability: {round(100 * answer['probability'])} percent "
+        f"(balanced rule; most probable: {CLASS_LABELS[answer['most_probable_class']]}), "
+        f"malignant probability: {round(100 * answer['malignant_probability'])} percent, refer: {refer}"
     )

@@ -21,7 +21,7 @@ from PIL import Image
 from bundle.synthetic import generate
 from tests.aws_local import inference_toolkit, require
 from tests.bundle_runs import REPO
-from tests.serving import JPEG, PNG, bundle_with_random_weights, encode, sagemaker_model_dir
+from tests.serving import JPEG, PNG, bundle_with_random_weights, encode, sagemaker_model_dir, store_triage_calibration
 
 BATCH_SIZE = 4
 # Long enough that requests sent together land in one batch on a busy 2-core machine.
@@ -38,11 +38,15 @@ def _require_java() -> None:
 
 
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory):
-    """The archive package_sagemaker.py builds from weights named best.pt (with their sidecar best.json)."""
+def packaged(tmp_path_factory, good):
+    """The archive package_sagemaker.py builds from weights named best.pt (with their sidecar best.json), with a
+    calibration whose rule and refer threshold show in the answers to the ``good`` images."""
     _require_java()
     require("sagemaker_pytorch_serving_container")
     root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"), trained_image_size=TRAINED_IMAGE_SIZE)
+    images = [request["data"] for request in good.values() if "data" in request]
+    images += [base64.b64decode(request["json"]["image"]) for request in good.values() if "json" in request]
+    store_triage_calibration(root, images)
     (root / "models" / "model.pt").rename(root / "models" / "best.pt")
     (root / "models" / "model.json").rename(root / "models" / "best.json")
     return sagemaker_model_dir(root, tmp_path_factory.mktemp("dist"), "--weights", str(root / "models" / "best.pt"))
@@ -120,11 +124,18 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_own_answer(container,
         response = _post(url, request)
         assert response.status_code == 200, f"{name}: {response.status_code} {response.text}"
         alone[name] = response.json()
+    # the triage answer through the toolkit: the sidecar's rule and refer threshold, as the Predictor serves them
+    for answer in alone.values():
+        assert answer["decision_rule"] == "balanced" and answer["most_probable_class"] in answer["probabilities"]
+        assert answer["refer"] is (answer["malignant_probability"] >= answer["refer_threshold"])
+    assert {answer["refer"] for answer in alone.values()} == {True, False}
+    assert any(answer["class"] != answer["most_probable_class"] for answer in alone.values())
     for _ in range(ROUNDS):
         answers = _together(url, {**good, **{name: request for name, (request, _) in BAD.items()}})
         for name in good:
             assert answers[name].status_code == 200, f"{name}: {answers[name].status_code} {answers[name].text}"
             assert answers[name].json()["class"] == alone[name]["class"]
+            assert answers[name].json()["refer"] == alone[name]["refer"]
             assert answers[name].json()["probabilities"] == pytest.approx(alone[name]["probabilities"], abs=1e-5)
         for name, (_, status) in BAD.items():
             _assert_clean_error(answers[name], status, container["scratch"])

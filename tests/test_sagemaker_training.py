@@ -21,6 +21,7 @@ from tests.aws_local import (
     upload_folder,
 )
 from tests.bundle_runs import REPO
+from tests.serving import SERVED_FIELDS
 
 # Small and fast on 2 CPU cores; strings as SageMaker carries them.
 HYPERPARAMETERS = {"epochs": "1", "image_size": "[32, 32]", "batch_size": "16"}
@@ -232,7 +233,7 @@ def test_the_job_model_dir_classifies_through_the_adapter_and_aws_inference_tool
 
     model_dir = one_host_container[0] / "model"
     answer = classify(model_dir, real_image)
-    assert set(answer) == {"class", "label", "probability", "probabilities"}
+    assert set(answer) == SERVED_FIELDS
     assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     with inference_toolkit(model_dir, tmp_path) as url:
         served = requests.post(

@@ -30,6 +30,7 @@ from tests.bundle_runs import REPO
 from tests.serving import (
     JPEG,
     PNG,
+    SERVED_FIELDS,
     bundle_with_random_weights,
     decoded_rgb,
     encode,
@@ -38,6 +39,7 @@ from tests.serving import (
     mode_variants,
     nested_json,
     png_header,
+    store_triage_calibration,
     zero_filled_png,
 )
 
@@ -124,9 +126,13 @@ def _start_args(mar: Path, run_dir: Path, *extra) -> list:
 
 
 @pytest.fixture(scope="module")
-def bundle_root(tmp_path_factory) -> Path:
+def bundle_root(tmp_path_factory, images) -> Path:
+    """Random weights trained at TRAINED_IMAGE_SIZE, with a calibration whose rule and refer threshold show in
+    the answers to ``images`` (tests.serving.store_triage_calibration)."""
     _require_torchserve()
-    return bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root"), trained_image_size=TRAINED_IMAGE_SIZE)
+    root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root"), trained_image_size=TRAINED_IMAGE_SIZE)
+    store_triage_calibration(root, list(images.values()))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -186,21 +192,36 @@ def _assert_same_prediction(answer: dict, expected: dict) -> None:
         list(answer["probabilities"].values()), list(expected["probabilities"].values()), rtol=0, atol=TOLERANCE
     )
     assert answer["probability"] == pytest.approx(expected["probability"], abs=TOLERANCE)
+    # the triage answer and the rule that chose the class, as the Predictor gives them
+    assert set(answer) == set(expected) == SERVED_FIELDS
+    assert answer["malignant_probability"] == pytest.approx(expected["malignant_probability"], abs=TOLERANCE)
+    for field in ("decision_rule", "most_probable_class", "refer", "refer_threshold"):
+        assert answer[field] == expected[field], field
 
 
 def test_the_archive_holds_the_sidecar_at_its_root_beside_the_weights(archive):
     """TorchServe extracts the archive to the handler's model_dir, where the Predictor looks for model.json."""
     with zipfile.ZipFile(archive) as mar:
         assert {"model.pt", "model.json"} <= set(mar.namelist())
-        assert json.loads(mar.read("model.json"))["image_size"] == TRAINED_IMAGE_SIZE
+        sidecar = json.loads(mar.read("model.json"))
+    assert sidecar["image_size"] == TRAINED_IMAGE_SIZE
+    assert sidecar["calibration"]["refer_threshold"] is not None, "the refer threshold travels with the weights"
 
 
 def test_served_predictions_equal_the_predictor(server, images, expected):
+    answers = []
     for name, data in images.items():
         response = _post(server, data=data, headers={"Content-Type": JPEG})
         assert response.status_code == 200, response.text
         assert response.headers["Content-Type"].startswith("application/json")
         _assert_same_prediction(response.json(), expected[name])
+        answers.append(response.json())
+    # the sidecar's rule and refer threshold reached the worker: both referrals, and a class the rule chose
+    # over the most probable one, each saying so
+    assert {answer["refer"] for answer in answers} == {True, False}
+    assert all(answer["refer"] is (answer["malignant_probability"] >= answer["refer_threshold"]) for answer in answers)
+    assert all(answer["decision_rule"] == "balanced" for answer in answers)
+    assert any(answer["class"] != answer["most_probable_class"] for answer in answers)
 
 
 def test_invocations_route_answers_like_predictions(server, images, expected):
@@ -509,7 +530,11 @@ def test_the_predict_client_prints_a_sentence_per_image_and_refusals(server, tmp
     result = subprocess.run(client, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr  # one image was refused
     lines = result.stdout.splitlines()
-    assert re.fullmatch(rf"{re.escape(str(good))}: class: [a-z /-]+, probability: \d+ percent", lines[0]), lines
+    assert re.fullmatch(
+        rf"{re.escape(str(good))}: class: [a-z /-]+, probability: \d+ percent \(balanced rule; most probable: "
+        r"[a-z /-]+\), malignant probability: \d+ percent, refer: (yes|no)",
+        lines[0],
+    ), lines
     assert lines[1].startswith(f"{bad}: refused: ")
     raw = subprocess.run(
         [*client[:3], "--run_dir", str(server["run_dir"]), "--json"],
