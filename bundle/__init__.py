@@ -22,6 +22,7 @@ SUBMODULES = (
     "inferers",
     "labels",
     "metrics",
+    "networks",
     "plots",
     "predictor",
     "sidecar",

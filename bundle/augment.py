@@ -19,6 +19,12 @@ everything queued): every constant is a Python number, so a training step queues
 and moves on. That is why the warp is written out here rather than MONAI's ``AffineTransform``,
 which builds its normalisation matrices on the host.
 
+A random resized crop (``crop_scale``, ``crop_ratio``: torchvision's ``RandomResizedCrop``, batch-only)
+joins the same one warp: the crop is the last factor of each pull matrix.
+
+Mixup and CutMix (``BatchMix``, batch-only) mix each image of a batch with another of the same batch
+and its label with the other's, so the labels become soft ``(N, C)`` targets.
+
 Colour jitter (brightness, contrast, saturation: dermoscopes differ in light and white balance) is
 one function, ``colour_jitter``, that both paths call: ``BatchAugmentation`` on the whole batch and
 ``RandColourJitterd`` (a MONAI transform for the per-sample chain) on one image at a time.
@@ -27,6 +33,7 @@ one function, ``colour_jitter``, that both paths call: ``BatchAugmentation`` on 
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
@@ -191,6 +198,10 @@ class BatchAugmentation:
         elastic_prob: probability that an image is elastically deformed.
         cutout_size: the cutout hole's side as a fraction of the image's (see ``cutout_pixels``); 0: no cutout.
         cutout_prob: probability that an image gets a hole.
+        crop_scale: [min, max] area of a random resized crop, as a fraction of the image's; every image
+            is cropped to an area drawn uniformly from it, then resized back ([1, 1]: no crop).
+        crop_ratio: [min, max] of the crop's aspect ratio (width / height, relative to the image's),
+            drawn log-uniformly and narrowed where needed so that the crop fits inside the image.
         padding_mode: grid_sample padding for pixels pulled from outside the image ("border"
             repeats the edge, like the chain's ``border``/``edge``).
         seed: seeds the generator, so the same seed gives the same augmentation stream.
@@ -212,6 +223,8 @@ class BatchAugmentation:
         elastic_prob: float = 0.5,
         cutout_size: float = 0.0,
         cutout_prob: float = 0.5,
+        crop_scale: Sequence[float] = (1.0, 1.0),
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
         padding_mode: str = "border",
         seed: int = 0,
     ) -> None:
@@ -236,6 +249,16 @@ class BatchAugmentation:
             for n, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))
         ]
         self.colour_prob = colour_prob
+        self.crop_scale = tuple(float(a) for a in crop_scale)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(
+                f"config key 'augment#crop_scale' must be [min, max] with 0 < min <= max <= 1, got {crop_scale}"
+            )
+        self.crop_ratio = tuple(float(r) for r in crop_ratio)
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(
+                f"config key 'augment#crop_ratio' must be [min, max] with 0 < min <= max, got {crop_ratio}"
+            )
         min_zoom, max_zoom = (float(z) for z in zoom_range)
         if not 0 < min_zoom <= max_zoom:
             raise ValueError(f"augmentation zoom_range must be 0 < min <= max, got {list(zoom_range)}")
@@ -258,7 +281,9 @@ class BatchAugmentation:
         zoom (1 when not zoomed) and flip (``(n, 2)`` booleans, one per spatial axis); with colour
         jitter, ``colour`` (``(n, 3)`` factors); with cutout, ``cutout`` (holed or not) and
         ``cutout_start`` (``(n, 2)`` uniform draws placing the hole); with elastic deformation,
-        ``elastic`` (each image's magnitude as a fraction of its shorter side, 0 when not deformed)."""
+        ``elastic`` (each image's magnitude as a fraction of its shorter side, 0 when not deformed); with
+        a random resized crop, ``crop`` (``(n, 2)`` sides as fractions of the image's, rows then columns)
+        and ``crop_offset`` (``(n, 2)`` the crop's centre from the image's, as fractions of each side)."""
         g = self.generator(device)
         u = torch.rand(n, 6, device=device, generator=g)  # one draw for every decision and value
         angle = (u[:, 1] * 2 - 1) * self.max_radians
@@ -279,6 +304,16 @@ class BatchAugmentation:
         if self.elastic_magnitude:  # the same again; the field itself is drawn in __call__, knowing the size
             e = torch.rand(n, 2, device=device, generator=g)
             params["elastic"] = torch.where(e[:, 0] < self.elastic_prob, e[:, 1] * self.elastic_magnitude, 0.0)
+        if self.crop_scale != (1.0, 1.0):  # the same again
+            c = torch.rand(n, 4, device=device, generator=g)
+            low, high = self.crop_scale
+            area = low + c[:, 0] * (high - low)
+            log_low, log_high = (math.log(r) for r in self.crop_ratio)
+            # |log ratio| <= -log area keeps both sides <= 1: the crop fits, and has exactly the drawn area
+            bound = -torch.log(area)
+            log_ratio = torch.minimum(torch.maximum(log_low + c[:, 1] * (log_high - log_low), -bound), bound)
+            sides = torch.stack([torch.sqrt(area / log_ratio.exp()), torch.sqrt(area * log_ratio.exp())], 1)
+            params["crop"], params["crop_offset"] = sides, (c[:, 2:] - 0.5) * (1 - sides)
         return params
 
     @staticmethod
@@ -287,7 +322,9 @@ class BatchAugmentation:
 
         Output pixel ``o`` samples the input at ``M @ o``, with
         ``M = shift · rotation · flip · zoom⁻¹ · shift⁻¹``: the chain rotates, then flips, then zooms,
-        so pulling undoes the zoom first. ``shift`` moves the origin to the middle pixel.
+        so pulling undoes the zoom first. ``shift`` moves the origin to the middle pixel. A random
+        resized crop comes first (``crop`` in ``params``): ``M = shift · offset · crop · rotation · ...``,
+        pulling from the crop (its sides' fractions on the diagonal, moved by its offset).
         """
         angle, zoom, flip = params["angle"], params["zoom"], params["flip"]
         n, device = angle.shape[0], angle.device
@@ -297,11 +334,15 @@ class BatchAugmentation:
         # rotation @ diag(sign) @ diag(1/zoom), written out: column j of the rotation scaled by sign_j / zoom
         linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
         linear = linear * (sign * inv_zoom[:, None])[:, None, :]
+        offset = [0.0, 0.0]
+        if "crop" in params:
+            linear = linear * params["crop"][:, :, None]  # crop @ linear: row r scaled by the crop's side r
+            offset = [params["crop_offset"][:, r] * int(spatial_size[r]) for r in range(2)]
         centre = [(s - 1) / 2 for s in spatial_size]
         m = torch.zeros(n, 3, 3, dtype=angle.dtype, device=device)
         m[:, :2, :2] = linear
         for row in range(2):  # keeps the middle pixel fixed
-            m[:, row, 2] = centre[row] - (linear[:, row, 0] * centre[0] + linear[:, row, 1] * centre[1])
+            m[:, row, 2] = centre[row] + offset[row] - (linear[:, row, 0] * centre[0] + linear[:, row, 1] * centre[1])
         m[:, 2, 2] = 1.0
         return m
 
@@ -329,7 +370,7 @@ class BatchAugmentation:
         )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """A new batch: each image warped by its own random rotation, flips, zoom and elastic
+        """A new batch: each image warped by its own random crop, rotation, flips, zoom and elastic
         deformation, then colour-jittered and holed."""
         if images.ndim != 4:
             raise ValueError(f"BatchAugmentation expects a (N, C, H, W) batch, got shape {tuple(images.shape)}")
@@ -346,3 +387,116 @@ class BatchAugmentation:
         if "cutout" in params:
             images = cutout(images, params["cutout"], params["cutout_start"], cutout_pixels(self.cutout_size, size))
         return images
+
+
+def _check_alpha(name: str, alpha: float) -> float:
+    if not float(alpha) >= 0.0:
+        raise ValueError(f"config key 'augment#{name}' must be 0 (off) or positive, got {alpha}")
+    return float(alpha)
+
+
+class BatchMix:
+    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) of a ``(N, C, H, W)`` batch and its labels.
+
+    With probability ``mix_prob`` a batch is mixed: every image with the image a random permutation
+    pairs it with, by one weight ``lam ~ Beta(alpha, alpha)`` for the whole batch. Mixup blends the two
+    images; CutMix pastes a box of about ``1 - lam`` of the area from the partner (and ``lam`` becomes
+    the exact area kept). With both alphas set, each mixed batch is one or the other at even odds. The
+    labels become ``lam * onehot(label) + (1 - lam) * onehot(partner's label)``.
+
+    Once mixing is on, every batch's labels are float ``(N, num_classes)`` soft targets, unmixed
+    batches' too (one-hot): a captured (CUDA graph) step needs one label shape and dtype per run.
+    The decisions, ``lam`` and the box are drawn on the CPU as Python numbers (a seeded numpy
+    generator) and the permutation on the batch's device: nothing is read back from the device.
+
+    Args:
+        num_classes: the soft targets' width.
+        mixup_alpha: Beta parameter of mixup's weight; 0: no mixup.
+        cutmix_alpha: Beta parameter of CutMix's weight; 0: no CutMix.
+        mix_prob: probability that a batch is mixed.
+        seed: seeds both generators.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.num_classes = int(num_classes)
+        self.mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
+        self.cutmix_alpha = _check_alpha("cutmix_alpha", cutmix_alpha)
+        if not 0.0 <= float(mix_prob) <= 1.0:
+            raise ValueError(f"config key 'augment#mix_prob' must be in [0, 1], got {mix_prob}")
+        self.mix_prob = float(mix_prob)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this mixes at all (and so turns labels into soft targets)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def draw(self, spatial_size: Sequence[int]) -> tuple[str, float, tuple[int, int, int, int] | None]:
+        """This batch's mix as Python numbers: ``(kind, lam, box)``; kind is "none", "mixup" or
+        "cutmix"; box ``(row0, row1, col0, col1)`` is the pasted region (CutMix only)."""
+        kinds = [k for k, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
+        mixed = self.rng.random() < self.mix_prob
+        kind = kinds[int(self.rng.integers(len(kinds)))] if kinds else "none"
+        if not mixed or kind == "none":
+            return "none", 1.0, None
+        lam = float(self.rng.beta(*(2 * [self.mixup_alpha if kind == "mixup" else self.cutmix_alpha])))
+        if kind == "mixup":
+            return kind, lam, None
+        height, width = (int(side) for side in spatial_size)
+        cut = math.sqrt(1.0 - lam)  # the box's side as a fraction of the image's
+        box = []
+        for side in (height, width):
+            half, middle = int(side * cut) // 2, int(self.rng.integers(side))
+            box += [min(max(middle - half, 0), side), min(max(middle + half, 0), side)]
+        row0, row1, col0, col1 = box
+        return kind, 1.0 - (row1 - row0) * (col1 - col0) / (height * width), (row0, row1, col0, col1)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, targets)``: the batch mixed (or not) and float ``(N, num_classes)`` targets."""
+        device = images.device
+        # one-hot by comparison: F.one_hot checks the labels' range with a read back on some devices
+        targets = (labels.reshape(-1, 1) == torch.arange(self.num_classes, device=labels.device)).float()
+        perm = torch.randperm(images.shape[0], device=device, generator=self.generator(device))
+        kind, lam, box = self.draw(images.shape[2:])
+        if kind == "none":
+            return images, targets
+        if kind == "mixup":
+            images = images * lam + images[perm] * (1.0 - lam)
+        else:
+            row0, row1, col0, col1 = box
+            rows = torch.arange(images.shape[2], device=device)
+            cols = torch.arange(images.shape[3], device=device)
+            inside = ((rows >= row0) & (rows < row1))[:, None] & ((cols >= col0) & (cols < col1))[None, :]
+            images = torch.where(inside, images[perm], images)
+        return images, targets * lam + targets[perm.to(targets.device)] * (1.0 - lam)
+
+
+# the batch-only augmentation keys and the value that turns each off
+BATCH_ONLY = {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "crop_scale": [1.0, 1.0]}
+
+
+def refuse_batch_only(augment: dict, config: str) -> None:
+    """The per-sample chain (``config``) has no mixup, CutMix or random resized crop: refuse them
+    rather than train silently without."""
+    for key, off in BATCH_ONLY.items():
+        value = augment.get(key, off)
+        if (list(map(float, value)) if isinstance(value, (list, tuple)) else float(value)) != off:
+            raise ValueError(
+                f"config key 'augment#{key}' ({value}) is only in the batched data path (train.json); "
+                f"{config} runs the per-sample chain: set it to {off} or drop {config}"
+            )

@@ -1,9 +1,10 @@
 """Test-time augmentation as a MONAI inferer, so evaluation, batch inference and serving share it.
 
 ``configs/inference.json`` declares the inferer once; train.json's validation and every server use
-that declaration. Dermoscopy has no up, down, left or right: a lesion flipped is the same lesion, so
-averaging the logits over the image and its flips steadies the prediction at a cost of one forward
-pass per view.
+that declaration. Dermoscopy has no up, down, left or right: a lesion flipped or turned is the same
+lesion, so averaging the logits over the image and its flips (``views="flips"``, 4 passes) or over all
+8 flips and quarter turns (``views="dihedral"``, square images only) steadies the prediction at a cost
+of one forward pass per view.
 """
 
 from typing import Any
@@ -13,20 +14,49 @@ from monai.inferers import Inferer
 
 # (H, W) axes of an (N, C, H, W) batch: identity, vertical, horizontal, both
 FLIPS = ((), (2,), (3,), (2, 3))
+# the dihedral group of the square: (quarter turns, flip the width axis first)
+DIHEDRAL = tuple((turns, flip) for turns in range(4) for flip in (False, True))
+VIEWS = ("flips", "dihedral")
+
+
+def _flip_view(inputs: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    return torch.flip(inputs, axes) if axes else inputs
+
+
+def _dihedral_view(inputs: torch.Tensor, view: tuple[int, bool]) -> torch.Tensor:
+    turns, flip = view
+    inputs = torch.flip(inputs, (3,)) if flip else inputs
+    return torch.rot90(inputs, turns, dims=(2, 3)) if turns else inputs
 
 
 class FlipAveragingInferer(Inferer):
-    """Mean of the network's logits over the image and its three flips (``enabled=False``: one pass)."""
+    """Mean of the network's logits over the image's views (``enabled=False``: one pass).
 
-    def __init__(self, enabled: bool = True) -> None:
+    ``views``: "flips" (the image and its three flips) or "dihedral" (its 8 flips and rotations by
+    multiples of 90 degrees; square images only, as a quarter turn swaps height and width).
+    """
+
+    def __init__(self, enabled: bool = True, views: str = "flips") -> None:
         super().__init__()
+        if views not in VIEWS:
+            raise ValueError(f"config key 'tta_views' must be one of {VIEWS}, got {views!r}")
         self.enabled = enabled
+        self.views = views
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.enabled:
             return network(inputs, *args, **kwargs)
-        total = None
-        for axes in FLIPS:
-            logits = network(torch.flip(inputs, axes) if axes else inputs, *args, **kwargs).float()
-            total = logits if total is None else total + logits
-        return total / len(FLIPS)
+        if self.views == "dihedral":
+            if inputs.shape[-2] != inputs.shape[-1]:
+                raise ValueError(
+                    f"config key 'tta_views' 'dihedral' needs square images, got {tuple(inputs.shape[-2:])}: "
+                    "use 'flips' or a square image_size"
+                )
+            views = (_dihedral_view(inputs, view) for view in DIHEDRAL)  # one view at a time: less memory
+        else:
+            views = (_flip_view(inputs, axes) for axes in FLIPS)
+        total, count = None, 0
+        for view in views:
+            logits = network(view, *args, **kwargs).float()
+            total, count = (logits if total is None else total + logits), count + 1
+        return total / count
