@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from monai.data import ThreadBuffer
 
-from bundle.augment import BatchAugmentation
+from bundle.augment import BatchAugmentation, BatchMix
 from bundle.cache import ImageCache
 
 
@@ -25,11 +25,17 @@ class CachedBatchLoader:
         batch_size: images per batch. An epoch is cut into ``ceil(n / batch_size)`` batches of
             (nearly) equal size, so every image is seen every epoch and no batch is a tiny remainder.
         shuffle: a new random order every epoch (ignored when ``sampler`` is given).
+        equal_batches: with ``shuffle``, leave out the last few images of each epoch's order (fewer
+            than one per batch, different ones every epoch) so that every batch has one size, as with a
+            ``sampler``: one shape for cuDNN to tune and for the training step's CUDA graph to capture.
         sampler: a torch ``Sampler`` of indices into the cache (e.g. class-balanced), drawn afresh
             every epoch. Its draws are random, so the epoch leaves out its last few (fewer than one
             per batch) to make every batch the same size: a GPU's autotuned convolutions are tuned
-            once per batch shape.
+            once per batch shape. ``bundle.imbalance.DeferredSampler`` switches from plain to balanced
+            draws at an epoch, drawing as many either way, so the batch count stays.
         augmentation: applied to each float batch on its device (None: no augmentation).
+        mix: mixup / CutMix after the augmentation (``BatchMix``); when it is enabled every batch's
+            label is a float ``(N, num_classes)`` soft target (None or disabled: class indices).
         channels_last: hand the network channels-last images (faster convolutions on GPUs).
         with_paths: add each image's file as ``image_path`` (for evaluation reports).
         seed: seeds the shuffling.
@@ -40,8 +46,10 @@ class CachedBatchLoader:
         cache: ImageCache,
         batch_size: int,
         shuffle: bool = False,
+        equal_batches: bool = False,
         sampler: torch.utils.data.Sampler | None = None,
         augmentation: BatchAugmentation | None = None,
+        mix: BatchMix | None = None,
         channels_last: bool = False,
         with_paths: bool = False,
         seed: int = 0,
@@ -51,8 +59,10 @@ class CachedBatchLoader:
         self.cache = cache
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
+        self.equal_batches = equal_batches
         self.sampler = sampler
         self.augmentation = augmentation
+        self.mix = mix if mix is not None and mix.enabled else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.with_paths = with_paths
         self.generator = torch.Generator().manual_seed(seed)
@@ -62,7 +72,8 @@ class CachedBatchLoader:
             draws = torch.as_tensor(list(self.sampler), dtype=torch.long)
             return draws[: len(self) * (len(draws) // len(self))]
         if self.shuffle:
-            return torch.randperm(len(self.cache), generator=self.generator)
+            order = torch.randperm(len(self.cache), generator=self.generator)
+            return order[: len(self) * (len(order) // len(self))] if self.equal_batches else order
         return torch.arange(len(self.cache))
 
     def _epoch_size(self) -> int:
@@ -90,6 +101,12 @@ class CachedBatchLoader:
         images = batch["image"].float().div_(255)  # the cache holds the preprocessing's 0-1 output x 255
         if self.augmentation is not None:
             images = self.augmentation(images)
+        if self.mix is not None:
+            if "label" not in batch:
+                raise ValueError(
+                    "mixup / CutMix (config keys 'augment#mixup_alpha', 'augment#cutmix_alpha') need labels"
+                )
+            images, batch["label"] = self.mix(images, batch["label"])
         batch["image"] = images.contiguous(memory_format=self.memory_format)
         return batch
 

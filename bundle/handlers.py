@@ -443,18 +443,29 @@ class TrainingHistory:
         if self.rows is None:  # first epoch of this run: keep the rows of the epochs already done
             rows = json.loads(self.path.read_text()) if self.path.exists() else []
             self.rows = [row for row in rows if row["epoch"] < engine.state.epoch]
-        self._loss_sum, self._count = 0.0, 0
+        self._loss_sum, self._count, self._images = 0.0, 0, 0
 
     def _accumulate(self, engine: Engine) -> None:
         # summed on the loss's device and read once per epoch: reading it every step would wait for the GPU
         self._loss_sum = self._loss_sum + from_engine(["loss"], first=True)(engine.state.output).detach().float()
         self._count += 1
+        self._images += len(engine.state.batch["image"])
 
     def _record(self, engine: Engine) -> None:
         row = {"epoch": engine.state.epoch, "train_loss": float(self._loss_sum) / max(self._count, 1)}
+        # ignite's timings: the epoch's training iterations (queued on the device, read back by the loss
+        # above) and the validation run
+        train_s = engine.state.times.get(Events.EPOCH_COMPLETED.name)
+        if train_s:
+            row.update(train_s=train_s, train_img_per_s=self._images / train_s)
+        device = engine.state.device
+        if device is not None and torch.device(device).type == "cuda":  # what a run needs, to fit several on one GPU
+            row["device_peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         validator = self.validator
         if validator is not None and validator.state.epoch == engine.state.epoch:
             row.update({k: float(v) for k, v in validator.state.metrics.items() if np.isscalar(v)})
+            if validator.state.times.get(Events.COMPLETED.name):
+                row["validation_s"] = validator.state.times[Events.COMPLETED.name]
         self.rows.append(row)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.rows, indent=1)))
         summary = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")

@@ -216,6 +216,10 @@ def test_batches_drawn_by_a_sampler_all_have_one_size(tmp_path):
     loader = CachedBatchLoader(cache, batch_size=8, sampler=sampler("sampler", items, seed=0))
     assert [len(b["label"]) for b in loader] == [7, 7, 7]
     assert [len(b["label"]) for b in CachedBatchLoader(cache, batch_size=8, shuffle=True)] == [8, 8, 7]
+    shuffled = CachedBatchLoader(cache, batch_size=8, shuffle=True, equal_batches=True)  # train.json's
+    assert [len(b["label"]) for b in shuffled] == [7, 7, 7]
+    seen = [torch.cat([b["image"][:, 0, 0, 0] for b in shuffled]) for _ in range(5)]
+    assert len(torch.unique(torch.cat(seen))) == 23, "a different few left out every epoch"
 
 
 def test_channels_last_batches(tmp_path):

@@ -112,3 +112,56 @@ def test_a_gpu_profiles_device_figures_come_from_its_kernels():
     device = summary["top_self_device_time_total"]
     assert device[0]["self_device_ms_per_step"] == pytest.approx(0.15) and device[-1]["self_device_ms_per_step"] == 0
     assert "self_device_time_total" in text and "conv_kernel" in text
+
+
+def test_the_trainer_is_timed_against_the_model_alone_in_one_process(synthetic_dir, tmp_path, one_thread):
+    split = data.split_by_lesion(data.read_ham10000(synthetic_dir), seed=0)
+    datalist = data.write_datalist(split, tmp_path / "datalist.json", synthetic_dir)
+    out, saved = {}, []
+    gpu_check.trainer_vs_model_only(
+        str(synthetic_dir), datalist, tmp_path, 2, out, lambda: saved.append(json.dumps(out)), image_size=[32, 32]
+    )
+    assert out["image_size"] == [32, 32] and out["batch_size"] == 64 and out["amp"] is False
+    for name in ("trainer", "trainer_eager", "model_only_eager"):
+        assert out[name]["img_per_s"] > 0 and out[name]["ms_per_step"] > 0, name
+    assert out["model_only_graphed"] == {"skipped": "CUDA graphs need a CUDA device"}
+    assert out["trainer_vs_model_only"] == pytest.approx(
+        out["trainer"]["img_per_s"] / out["model_only_eager"]["img_per_s"]
+    )
+    assert out["graph_speedup"] == pytest.approx(out["trainer"]["img_per_s"] / out["trainer_eager"]["img_per_s"])
+    assert json.loads(saved[-1]) == json.loads(json.dumps(out)), "saved after its last part"
+    assert not (tmp_path / "speed" / "models" / "history.json").exists(), "stopped within the first epoch"
+
+
+def test_the_first_step_is_read_from_the_bundles_log(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("x\n2026-12-04 INFO first training step done 7.25 s after the process started (unix time 1.0)\n")
+    assert gpu_check.first_step_s(log) == 7.25
+    assert gpu_check.first_step_s(tmp_path / "missing.log") is None
+
+
+def test_the_whole_check_runs_end_to_end(synthetic_dir, tmp_path):
+    """Every part of the unattended GPU check, on a CPU at 32 px: a GPU session cannot afford to find a
+    broken step."""
+    small = {"image_size": [32, 32], "batch_size": 32, "num_workers": 0}
+    gpu_check.check(
+        str(synthetic_dir),
+        str(tmp_path / "work"),
+        epochs=1,
+        speed_sizes=(32,),
+        speed_steps=2,
+        recipes={"tiny": {"max_epochs": 2}},
+        seeds=[0, 1],
+        parallel=2,
+        train_overrides=small,
+        require_cuda=False,
+    )
+    report = json.loads((tmp_path / "work" / "gpu_check.json").read_text())
+    assert report["device_name"] == "cpu" and report["train_wall_s"] > 0
+    assert report["first_step_s"]["cold"] > 0 and report["first_step_s"]["warm"] > 0
+    assert 0 <= report["metrics"]["auc_macro"] <= 1
+    assert report["trainer_vs_model_only"]["32"] > 0
+    assert [row["name"] for row in report["recipes"]] == ["tiny_s0", "tiny_s1"]
+    assert all(row["image_size"] == [32, 32] and row["epochs"] == 2 for row in report["recipes"])
+    assert report["recipe_wall_s"] == report["recipes"][0]["train_wall_s"]
+    assert report["parallel"]["parallel"] == 2 and report["parallel"]["alone_img_per_s"] > 0

@@ -8,7 +8,7 @@ from bundle.synthetic import generate
 from tests.bundle_runs import REPO, bundle_env
 
 
-def test_each_run_is_trained_evaluated_and_tabulated(tmp_path):
+def test_each_run_is_trained_evaluated_and_tabulated_per_seed_several_at_once(tmp_path):
     images = generate(tmp_path / "data", n_images=140, image_size=(64, 48), seed=2)
     runs = {
         "tiny": {"image_size": [32, 32], "max_epochs": 1, "batch_size": 32, "num_workers": 0},
@@ -24,6 +24,12 @@ def test_each_run_is_trained_evaluated_and_tabulated(tmp_path):
             str(tmp_path / "work"),
             "--runs",
             json.dumps(runs),
+            "--seeds",
+            "[0,1]",
+            "--parallel",
+            "2",
+            "--alone_first",
+            "true",
         ],
         cwd=REPO,
         env=bundle_env(),
@@ -33,9 +39,18 @@ def test_each_run_is_trained_evaluated_and_tabulated(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "work" / "runs.jsonl").read_text().splitlines()]
-    assert [row["name"] for row in rows] == ["tiny"], "the failing run is reported, not tabulated"
-    row = rows[0]
-    assert row["image_size"] == [32, 32] and row["epochs"] == 1
-    assert 0 <= row["test_auc"] <= 1 and 0 <= row["val_balanced_accuracy"] <= 1
-    assert "run broken failed" in result.stdout
-    assert result.stdout.strip().splitlines()[-1].startswith("| tiny | train.json")
+    assert rows[0]["name"] == "tiny_s0", "the first run goes alone, before the others"
+    assert sorted(row["name"] for row in rows) == ["tiny_s0", "tiny_s1"], "the failing runs are reported, not tabulated"
+    assert [row["options"]["seed"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["image_size"] == [32, 32] and row["epochs"] == 1
+        assert 0 <= row["test_auc"] <= 1 and 0 <= row["val_balanced_accuracy"] <= 1
+        assert row["train_img_per_s"] is None, "one epoch: no steady-state epoch after the warm-up one"
+    assert "run broken_s0 failed" in result.stdout and "run broken_s1 failed" in result.stdout
+    parallel = json.loads((tmp_path / "work" / "parallel.json").read_text())
+    assert parallel["parallel"] == 2 and parallel["runs_together"] == 1
+    table, summary = result.stdout.strip().split("\n\n")[-2:]
+    assert table.splitlines()[-1].startswith("| tiny_s1 | train.json")
+    (variant,) = [line for line in summary.splitlines() if line.startswith("| tiny |")]
+    assert variant.split(" | ")[1] == "2", "the two seeds make one variant"
+    assert " ± " in variant.split(" | ")[2], "mean ± sd over the seeds"

@@ -286,3 +286,32 @@ def test_a_compiled_network_trains_with_every_handler_of_the_config(synthetic_di
     history = json.loads((tmp_path / "models" / "history.json").read_text())
     assert np.isfinite(history[0]["train_loss"]) and 0 <= history[0]["val_auc"] <= 1
     assert (tmp_path / "models" / "model.pt").exists() and (tmp_path / "models" / "checkpoint_last.pt").exists()
+
+
+def test_validation_postprocessing_gives_what_monais_chain_gave():
+    """bundle.training.ValidationOutputd replaced MONAI's EnsureTyped, CastToTyped, CopyItemsd,
+    CalibratedSoftmaxd and AsDiscreted(to_onehot) chain for speed: the same keys, values and dtypes."""
+    from monai.transforms import AsDiscreted, CastToTyped, Compose, CopyItemsd, EnsureTyped
+
+    from bundle.calibration import CalibratedSoftmaxd, Calibration
+
+    calibration = Calibration(temperature=1.7)
+    monai_chain = Compose(
+        [
+            EnsureTyped(keys=["pred", "label"], device="cpu", track_meta=False),
+            CastToTyped(keys="pred", dtype=torch.float32),
+            CopyItemsd(keys="pred", names="logits"),
+            CalibratedSoftmaxd(keys="pred", calibration=calibration),
+            AsDiscreted(keys="label", to_onehot=7),
+        ]
+    )
+    ours = train_config(calibration=calibration).get_parsed_content("validate#postprocessing")
+    logits = torch.randn(6, 7, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for i in range(6):
+        item = {"pred": logits[i], "label": torch.tensor(i % 7), "image_path": f"{i}.jpg"}
+        expected, got = monai_chain(dict(item)), ours(dict(item))
+        assert set(got) == set(expected)
+        for key in ("pred", "logits", "label"):
+            assert got[key].dtype == expected[key].dtype == torch.float32
+            assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])), key
+        assert got["image_path"] == f"{i}.jpg"
