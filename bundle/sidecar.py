@@ -12,9 +12,9 @@ Training writes it whenever it saves a better model (``bundle.handlers.BestModel
   dtypes, shapes and values, so a TorchScript export of the same weights has the same one). Loaders
   compare it with the weights they load: a sidecar left from other weights is refused, never applied;
 - ``epoch``, ``metric``: when the weights were saved and their validation score;
-- ``calibration``: the temperature and the decision rule fitted on the validation split
-  (``bundle.calibration``), so that evaluation, batch inference and every server give the same
-  calibrated probabilities and the same class.
+- ``calibration``: the temperature, the decision rule and the triage refer threshold fitted on the
+  validation split (``bundle.calibration``), so that evaluation, batch inference and every server give
+  the same calibrated probabilities, the same class and the same refer answer.
 
 Weights and sidecar are two files, so they cannot be replaced in one step. ``save_pair`` writes the
 new sidecar under a pending name first, then replaces the weights, then renames the sidecar into
