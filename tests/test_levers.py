@@ -15,19 +15,9 @@ from bundle.fastpath import CachedBatchLoader
 from bundle.inferers import FlipAveragingInferer
 from bundle.networks import classifier_dropout
 from tests.bundle_runs import FAST, REPO, TRAIN, run_bundle
-from tests.test_train_config import ScalarReads, train_config, training_workflow
+from tests.test_train_config import TINY_DENSENET, ScalarReads, train_config, training_workflow
 
 C = 7
-# a DenseNet small enough for two CPU epochs in seconds
-TINY_DENSENET = {
-    "_target_": "DenseNet",
-    "spatial_dims": 2,
-    "in_channels": 3,
-    "out_channels": "@num_classes",
-    "init_features": 8,
-    "growth_rate": 4,
-    "block_config": [2, 2],
-}
 COUNTS = [30, 50, 10, 5, 400, 3, 2]
 
 

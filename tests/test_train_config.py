@@ -25,6 +25,18 @@ from tests.serving import bundle_with_random_weights
 REPO = Path(__file__).resolve().parents[1]
 
 
+# a DenseNet small enough for CPU epochs in seconds
+TINY_DENSENET = {
+    "_target_": "DenseNet",
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "out_channels": "@num_classes",
+    "init_features": 8,
+    "growth_rate": 4,
+    "block_config": [2, 2],
+}
+
+
 def train_config(**overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(REPO / "configs" / "train.json"))
@@ -260,15 +272,7 @@ def test_a_compiled_network_trains_with_every_handler_of_the_config(synthetic_di
         batch_size=8,
         max_epochs=1,
         compile=True,
-        network_def={
-            "_target_": "DenseNet",
-            "spatial_dims": 2,
-            "in_channels": 3,
-            "out_channels": "@num_classes",
-            "init_features": 8,
-            "growth_rate": 4,
-            "block_config": [2, 2],
-        },
+        network_def=TINY_DENSENET,
         **{"train#trainer#epoch_length": steps},
     )
     workflow.initialize()
