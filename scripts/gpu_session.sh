@@ -9,6 +9,9 @@
 #    against the model alone at SPEED_SIZES, then the recipe variants (RECIPES_JSON, each over SEEDS;
 #    SEEDS=None runs them as named, e.g. "<name>_s<seed>" each with its seed key, in that order), the
 #    first alone, the others PARALLEL at a time (lowered to what the GPU's memory holds).
+# The next session's runs are prepared in scripts/recipes/levers_128.json (each lever alone over three seeds,
+# and the recipe without cuDNN autotuning):
+#     SEEDS=None bash scripts/gpu_session.sh .gpu/ham10000-200x150 $OUT scripts/recipes/levers_128.json
 # GPU_CHECK_ARGS adds arguments to gpu_check.py (--require_cuda False rehearses the session on a CPU).
 # Results in OUT_DIR: gpu.txt, pytest.log, gpu_check.json and .log, runs.tgz (every run's histories,
 # sidecars, metrics, plots and logs, finished or cut). gpu_check.py saves after each part, so a step cut

@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+from monai.bundle import ConfigParser
+
 from bundle.synthetic import generate
 from tests.bundle_runs import REPO, bundle_env
 
@@ -54,3 +57,14 @@ def test_each_run_is_trained_evaluated_and_tabulated_per_seed_several_at_once(tm
     (variant,) = [line for line in summary.splitlines() if line.startswith("| tiny |")]
     assert variant.split(" | ")[1] == "2", "the two seeds make one variant"
     assert " ± " in variant.split(" | ")[2], "mean ± sd over the seeds"
+
+
+@pytest.mark.parametrize("recipes", sorted((REPO / "scripts" / "recipes").glob("*.json")), ids=lambda p: p.name)
+def test_prepared_recipes_name_only_keys_the_configs_have(recipes):
+    """MONAI takes a misspelt top-level key as a new one and trains without it: a GPU session's prepared
+    runs must name keys train.json (with the run's overlays) declares."""
+    for name, options in json.loads(recipes.read_text()).items():
+        parser = ConfigParser()
+        parser.read_config([str(REPO / "configs" / "train.json"), *(str(REPO / c) for c in options.get("config", []))])
+        unknown = [key for key in options if key != "config" and key not in parser]
+        assert not unknown, f"{recipes.name}: run {name} sets keys train.json does not have: {unknown}"
