@@ -37,7 +37,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from bundle.labels import CLASS_NAMES
+from bundle.labels import CLASS_NAMES, MALIGNANT_CLASSES
 from bundle.metrics import (
     balanced_accuracy,
     binary_auc,
@@ -49,8 +49,6 @@ from bundle.sidecar import read_sidecar, sidecar_path
 
 TAU_GRID = np.round(np.arange(0.0, 2.0001, 0.05), 2)
 
-# The classes a triage answer refers: actinic keratosis / intraepithelial carcinoma, basal cell carcinoma, melanoma.
-MALIGNANT_CLASSES = ("akiec", "bcc", "mel")
 MALIGNANT_INDICES = tuple(CLASS_NAMES.index(name) for name in MALIGNANT_CLASSES)
 # The share of validation malignant lesions the refer threshold must catch.
 TARGET_SENSITIVITY = 0.95

@@ -16,3 +16,7 @@ CLASS_LABELS = {
 }
 
 NUM_CLASSES = len(CLASS_NAMES)
+
+# actinic keratosis / intraepithelial carcinoma, basal cell carcinoma, melanoma: the triage answer
+# (bundle.calibration) refers on their summed probability
+MALIGNANT_CLASSES = ("akiec", "bcc", "mel")

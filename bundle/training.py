@@ -87,6 +87,7 @@ class GraphedTrainerIteration:
         self.graphs: dict[tuple, dict] = {}
         self.eager_steps: dict[tuple, int] = {}
         self.reason: str | None = None  # why the step runs eagerly, once decided
+        self._stream: torch.cuda.Stream | None = None  # warm-up and capture run here
 
     def usable(self, engine) -> bool:
         if self.reason is None:
@@ -153,7 +154,7 @@ class GraphedTrainerIteration:
         return output
 
     def _side_stream(self, engine) -> torch.cuda.Stream:
-        if not hasattr(self, "_stream"):
+        if self._stream is None:
             self._stream = torch.cuda.Stream(device=engine.state.device)
         return self._stream
 
@@ -204,11 +205,11 @@ class FirstStepTimer:
         device = engine.state.device
         if device is not None and torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
-        started = process_start_time()
+        now = time.time()
         logger.info(
             "first training step done %.2f s after the process started (unix time %.3f)",
-            time.time() - started,
-            time.time(),
+            now - process_start_time(),
+            now,
         )
 
 

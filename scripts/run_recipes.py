@@ -91,6 +91,7 @@ def _summary(name: str, options: dict, run_dir: Path, train_s: float, evaluate_s
         "test_recall": metrics["recall_per_class"],
         "test_triage": metrics.get("triage"),
         "train_img_per_s": _steady_img_per_s(history),
+        "device_peak_gib": max((row.get("device_peak_gib") or 0 for row in history), default=0) or None,
         "val_auc_by_epoch": [round(v, 4) for v in val_auc],
     }
 
@@ -236,7 +237,7 @@ def main(
 
     todo = list(expand_seeds(runs, seeds).items())
     alone = run_one(*todo.pop(0)) if alone_first and todo else None
-    parallel = _memory_bound(int(parallel), alone, work / alone["name"] if alone else None)
+    parallel = _memory_bound(int(parallel), alone)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=int(parallel)) as pool:
         together = [row for row in pool.map(lambda item: run_one(*item), todo) if row is not None]
@@ -248,14 +249,11 @@ def main(
     print(seed_summary(rows))
 
 
-def _memory_bound(parallel: int, alone: dict | None, run_dir: Path | None) -> int:
+def _memory_bound(parallel: int, alone: dict | None) -> int:
     """``parallel``, lowered to as many runs as the GPU's memory holds (80% of it, with a 10% margin on
-    the run alone's peak, which its history records)."""
-    if alone is None or not torch.cuda.is_available():
-        return parallel
-    history = json.loads((run_dir / "models" / "history.json").read_text())
-    peak = max((row.get("device_peak_gib") or 0 for row in history), default=0)
-    if not peak:
+    the run alone's peak)."""
+    peak = alone and alone.get("device_peak_gib")
+    if not peak or not torch.cuda.is_available():
         return parallel
     fits = max(1, int(0.8 * torch.cuda.get_device_properties(0).total_memory / 2**30 / (1.1 * peak)))
     if fits < parallel:
