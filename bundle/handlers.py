@@ -24,12 +24,13 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch.optim.swa_utils import AveragedModel
 
-from bundle import calibration
+from bundle import calibration, ood
 from bundle.atomic import atomic_write
 from bundle.calibration import Calibration
 from bundle.flags import as_bool
 from bundle.metrics import balanced_accuracy, classification_report, expected_calibration_error, negative_log_likelihood
 from bundle.sidecar import (
+    FINGERPRINT,
     complete_interrupted_save,
     load_weights,
     new_record,
@@ -72,13 +73,14 @@ class BestModelSaver:
         image_size: Sequence[int],
         enabled: bool = True,
         calibrate: bool = False,
+        ood_target_share: float = ood.TARGET_SHARE,
     ) -> None:
         self.network = network
         self.save_path = save_path
         self.metric_name = metric_name
         self.enabled = enabled  # False on all but one rank under DDP: every rank tracks, one writes
         self.image_size = [int(side) for side in image_size]
-        self.validation = ValidationLogits() if calibrate else None
+        self.validation = ValidationLogits(ood_target_share) if calibrate else None
         self.best_metric = -math.inf
         self.best_epoch = -1
 
@@ -94,7 +96,7 @@ class BestModelSaver:
         metric = float(engine.state.metrics[self.metric_name])
         improved = math.isfinite(metric) and metric > self.best_metric
         # every rank sees the same (gathered) metric, so all of them join the gather or none does
-        fitted = self.validation.fit() if improved and self.validation is not None else None
+        fitted, guard = self.validation.fit() if improved and self.validation is not None else (None, None)
         if not improved:
             return
         self.best_metric, self.best_epoch = metric, engine.state.epoch
@@ -108,14 +110,17 @@ class BestModelSaver:
         }
         if fitted is not None:
             record["calibration"] = fitted.to_json()
+        if guard is not None:
+            record["ood"] = ood.store(self.save_path, guard, record[FINGERPRINT])
         save_pair(self.save_path, state, record)
+        ood.remove_stale(self.save_path)
         logger.info(
             "epoch %d: %s improved to %.4f, saved %s%s",
             self.best_epoch,
             self.metric_name,
             metric,
             self.save_path,
-            "" if fitted is None else f" ({_fit_summary(fitted)})",
+            "" if fitted is None else f" ({_fit_summary(fitted, guard)})",
         )
 
     def state_dict(self) -> dict:
@@ -145,11 +150,15 @@ class PredictionsToCPU:
 
 
 class ValidationLogits:
-    """Collects a validation run's logits (postprocessing's ``logits`` key) and labels, for the calibration fit.
+    """Collects a validation run's logits (postprocessing's ``logits`` key), labels and, when a
+    ``FeatureCollector`` is attached, pooled features, for the calibration and guard fits.
 
     ``fit()`` gathers them across ranks (a collective call under DDP: every rank must make it) and
-    returns ``bundle.calibration.fit`` of them.
+    returns ``bundle.calibration.fit`` of them, and ``bundle.ood.fit`` of them (None without features).
     """
+
+    def __init__(self, ood_target_share: float = ood.TARGET_SHARE) -> None:
+        self.ood_target_share = ood.check_target_share(ood_target_share)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -158,18 +167,46 @@ class ValidationLogits:
     def _reset(self, engine: Engine) -> None:
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._features: list[torch.Tensor] = []
 
     def _collect(self, engine: Engine) -> None:
         for item in engine.state.output:
             self._logits.append(item["logits"].detach().float().cpu())
             self._labels.append(torch.as_tensor(item["label"]).detach().cpu().reshape(-1))
+            if "features" in item:
+                self._features.append(item["features"].detach().float().cpu())
 
-    def fit(self) -> Calibration:
+    def fit(self) -> tuple[Calibration, ood.GuardFit | None]:
         logits, labels = torch.stack(self._logits), torch.stack(self._labels)
+        features = torch.stack(self._features) if self._features else None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             logits, labels = evenly_divisible_all_gather(logits), evenly_divisible_all_gather(labels)
+            features = None if features is None else evenly_divisible_all_gather(features)
         labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0].long()  # one-hot after postprocessing
-        return calibration.fit(logits, labels, logits.shape[1])
+        guard = None if features is None else ood.fit(logits, features, labels, self.ood_target_share)
+        return calibration.fit(logits, labels, logits.shape[1]), guard
+
+
+class FeatureCollector:
+    """Keeps what the out-of-distribution guard reads in the engine's output: the pooled features of each
+    batch (``bundle.ood.FeatureTap`` on the engine's network) under ``features`` and the network's logits
+    under ``logits`` (before the postprocessing turns ``pred`` into probabilities), for the guard's fit,
+    report and batch answers. Attach it to an evaluator."""
+
+    def attach(self, engine: Engine) -> None:
+        self.tap: ood.FeatureTap | None = None
+        # MONAI attaches handlers before the evaluator holds its network: tap it when the first run starts
+        engine.add_event_handler(Events.STARTED, self._tap)
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._collect)
+
+    def _tap(self, engine: Engine) -> None:
+        if self.tap is None:
+            self.tap = ood.FeatureTap(engine.network)
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        output["features"] = self.tap.take()
+        output["logits"] = output[Keys.PRED].detach().float().cpu()
 
 
 class CalibrationFitter:
@@ -182,20 +219,25 @@ class CalibrationFitter:
     """
 
     def __init__(
-        self, ckpt_path: str, image_size: Sequence[int], enabled: bool = True, allow_missing_sidecar: bool | str = False
+        self,
+        ckpt_path: str,
+        image_size: Sequence[int],
+        enabled: bool = True,
+        allow_missing_sidecar: bool | str = False,
+        ood_target_share: float = ood.TARGET_SHARE,
     ) -> None:
         self.ckpt_path = ckpt_path
         self.image_size = [int(side) for side in image_size]
         self.enabled = enabled
         self.allow_missing_sidecar = as_bool(allow_missing_sidecar, "allow_missing_sidecar")
-        self.validation = ValidationLogits()
+        self.validation = ValidationLogits(ood_target_share)
 
     def attach(self, engine: Engine) -> None:
         self.validation.attach(engine)
         engine.add_event_handler(Events.COMPLETED, self._store)
 
     def _store(self, engine: Engine) -> None:
-        fitted = self.validation.fit()
+        fitted, guard = self.validation.fit()
         if not self.enabled:
             return
         weights = load_weights(self.ckpt_path)
@@ -205,10 +247,13 @@ class CalibrationFitter:
             **new_record(weights, record.get("image_size", self.image_size)),
             "calibration": fitted.to_json(),
         }
+        if guard is not None:
+            record["ood"] = ood.store(self.ckpt_path, guard, record[FINGERPRINT])
         write_sidecar(self.ckpt_path, record)
+        ood.remove_stale(self.ckpt_path)
         logger.info(
             "fitted on %d validation images: temperature %.3f (ECE %.4f -> %.4f), decision tau %.2f "
-            "(balanced accuracy %.4f -> %.4f), %s; stored in %s",
+            "(balanced accuracy %.4f -> %.4f), %s%s; stored in %s",
             fitted.fit["n_images"],
             fitted.temperature,
             fitted.fit["ece_before"],
@@ -217,12 +262,23 @@ class CalibrationFitter:
             fitted.fit["balanced_accuracy_argmax"],
             fitted.fit["balanced_accuracy_rule"],
             _refer_summary(fitted),
+            _guard_summary(guard),
             sidecar_path(self.ckpt_path),
         )
 
 
-def _fit_summary(fitted: Calibration) -> str:
-    return f"temperature {fitted.temperature:.3f}, decision tau {fitted.fit['tau']:.2f}, {_refer_summary(fitted)}"
+def _fit_summary(fitted: Calibration, guard: ood.GuardFit | None) -> str:
+    return (
+        f"temperature {fitted.temperature:.3f}, decision tau {fitted.fit['tau']:.2f}, {_refer_summary(fitted)}"
+        f"{_guard_summary(guard)}"
+    )
+
+
+def _guard_summary(guard: ood.GuardFit | None) -> str:
+    if guard is None:
+        return ""
+    thresholds = ", ".join(f"{method} {value:.4g}" for method, value in guard.thresholds.items())
+    return f", out-of-distribution thresholds keeping {guard.target_share:.0%} of validation: {thresholds}"
 
 
 def _refer_summary(fitted: Calibration) -> str:
@@ -477,9 +533,11 @@ class PredictionWriter:
 
     Columns: image, predicted class, its probability, one probability per class, then the most probable
     class, the decision rule that chose the predicted class (``calibration``'s: ``balanced``, or
-    ``argmax`` without a fitted rule or when configured), the malignant probability (akiec + bcc + mel)
-    and ``refer`` (true/false at the sidecar's refer threshold; empty without one), as served. Across
-    ranks the rows are gathered so that rank 0 writes one file.
+    ``argmax`` without a fitted rule or when configured), the malignant probability (akiec + bcc + mel),
+    ``refer`` (true/false at the sidecar's refer threshold; empty without one), and the out-of-distribution
+    guard's flag and score (empty without a ``guard``), as served: an image the guard flags has no class,
+    probabilities or referral unless ``ood_probabilities``. The guard reads the pooled features that
+    ``FeatureCollector`` puts in the output. Across ranks the rows are gathered so that rank 0 writes one file.
     """
 
     def __init__(
@@ -489,12 +547,16 @@ class PredictionWriter:
         filename: str = "predictions.csv",
         enabled: bool = True,
         calibration: Calibration | None = None,
+        guard: ood.Guard | None = None,
+        ood_probabilities: bool | str = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.filename = filename
         self.enabled = enabled
         self.calibration = calibration or Calibration()
+        self.guard = guard
+        self.ood_probabilities = as_bool(ood_probabilities, "ood_probabilities")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -506,12 +568,14 @@ class PredictionWriter:
         self._probabilities: list[torch.Tensor] = []
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._features: list[torch.Tensor] = []
 
     def _collect(self, engine: Engine) -> None:
         outputs = engine.state.output
         self._probabilities += [o["pred"].detach().float().cpu() for o in outputs]
         self._logits += [o["logits"].detach().float().cpu() for o in outputs if "logits" in o]
         self._labels += [torch.as_tensor(o["label"]).cpu() for o in outputs if o.get("label") is not None]
+        self._features += [o["features"].detach().float().cpu() for o in outputs if "features" in o]
         self._images += [_image_name(o, b) for o, b in zip(outputs, engine.state.batch, strict=False)]
 
     def _gathered(self) -> dict:
@@ -519,6 +583,7 @@ class PredictionWriter:
             "probabilities": torch.stack(self._probabilities),
             "logits": torch.stack(self._logits) if self._logits else None,
             "labels": torch.stack(self._labels).reshape(len(self._labels), -1) if self._labels else None,
+            "features": torch.stack(self._features) if self._features else None,
         }
         images = self._images
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -539,14 +604,36 @@ class PredictionWriter:
             self.write(**gathered)
 
     def write(
-        self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None, logits: np.ndarray | None = None
+        self,
+        images: list[str],
+        probabilities: np.ndarray,
+        labels: np.ndarray | None,
+        logits: np.ndarray | None = None,
+        features: np.ndarray | None = None,
     ) -> None:
-        self._write_csv(images, probabilities, self.calibration.decide(probabilities))
+        predicted = self.calibration.decide(probabilities)
+        self._write_csv(images, probabilities, predicted, self._guard_scores(probabilities, logits, features))
 
-    def _write_csv(self, images: list[str], probabilities: np.ndarray, predicted: np.ndarray) -> None:
+    def _guard_scores(
+        self, probabilities: np.ndarray, logits: np.ndarray | None, features: np.ndarray | None
+    ) -> np.ndarray | None:
+        """The guard's score of every image (None without a guard)."""
+        if self.guard is None:
+            return None
+        if logits is None or (self.guard.needs_features and features is None):
+            raise RuntimeError(
+                f"the out-of-distribution guard ({self.guard.method}) needs each image's logits and pooled features: "
+                "attach bundle.handlers.FeatureCollector to the evaluator"
+            )
+        return self.guard.scores(torch.as_tensor(logits), None if features is None else torch.as_tensor(features))
+
+    def _write_csv(
+        self, images: list[str], probabilities: np.ndarray, predicted: np.ndarray, ood_scores: np.ndarray | None
+    ) -> None:
         malignant = calibration.malignant_probability(probabilities)
         refer = self.calibration.refer(malignant)
         rule = self.calibration.decision_rule
+        flagged = None if ood_scores is None else ood_scores > self.guard.threshold
 
         def write_csv(tmp):
             with open(tmp, "w", newline="") as f:
@@ -561,24 +648,32 @@ class PredictionWriter:
                         "decision_rule",
                         "malignant_probability",
                         "refer",
+                        "out_of_distribution",
+                        "ood_score",
                     ]
                 )
                 for i, (image, p, top) in enumerate(zip(images, probabilities, predicted, strict=True)):
-                    out.writerow(
-                        [
-                            image,
-                            self.class_names[top],
-                            f"{p[top]:.6f}",
-                            *(f"{x:.6f}" for x in p),
-                            self.class_names[int(np.argmax(p))],
-                            rule,
-                            f"{malignant[i]:.6f}",
-                            "" if refer is None else str(bool(refer[i])).lower(),
-                        ]
-                    )
+                    answer = [
+                        self.class_names[top],
+                        f"{p[top]:.6f}",
+                        *(f"{x:.6f}" for x in p),
+                        self.class_names[int(np.argmax(p))],
+                        rule,
+                        f"{malignant[i]:.6f}",
+                        "" if refer is None else str(bool(refer[i])).lower(),
+                    ]
+                    guard = ["", ""]
+                    if flagged is not None:
+                        guard = [str(bool(flagged[i])).lower(), f"{ood_scores[i]:.6g}"]
+                        if flagged[i] and not self.ood_probabilities:
+                            answer = [""] * len(answer)  # no diagnosis, as served
+                    out.writerow([image, *answer, *guard])
 
         atomic_write(self.output_dir / self.filename, write_csv)
-        logger.info("wrote predictions for %d images to %s", len(images), self.output_dir / self.filename)
+        flagged_note = "" if flagged is None else f" ({int(flagged.sum())} out of distribution)"
+        logger.info(
+            "wrote predictions for %d images%s to %s", len(images), flagged_note, self.output_dir / self.filename
+        )
 
 
 class EvaluationReport(PredictionWriter):
@@ -599,19 +694,31 @@ class EvaluationReport(PredictionWriter):
         history_path: str | None = None,
         enabled: bool = True,
         calibration: Calibration | None = None,
+        guard: ood.Guard | None = None,
+        ckpt_path: str | None = None,
     ) -> None:
-        super().__init__(output_dir, class_names, enabled=enabled, calibration=calibration)
+        # the report keeps every image's probabilities, flagged or not, to measure the model on all of them
+        super().__init__(
+            output_dir, class_names, enabled=enabled, calibration=calibration, guard=guard, ood_probabilities=True
+        )
         self.history_path = history_path
+        self.ckpt_path = ckpt_path
 
     def write(
-        self, images: list[str], probabilities: np.ndarray, labels: np.ndarray | None, logits: np.ndarray | None = None
+        self,
+        images: list[str],
+        probabilities: np.ndarray,
+        labels: np.ndarray | None,
+        logits: np.ndarray | None = None,
+        features: np.ndarray | None = None,
     ) -> None:
         from bundle import plots  # matplotlib only where plots are made
 
         if labels is None:
             raise ValueError("evaluation needs labelled images: the datalist items have no 'label'")
         predicted = self.calibration.decide(probabilities)
-        self._write_csv(images, probabilities, predicted)
+        ood_scores = self._guard_scores(probabilities, logits, features)
+        self._write_csv(images, probabilities, predicted, ood_scores)
         report = classification_report(probabilities, labels, self.class_names, predicted=predicted)
         argmax = probabilities.argmax(1)
         report["accuracy_argmax"] = float((argmax == labels).mean())
@@ -633,6 +740,10 @@ class EvaluationReport(PredictionWriter):
                 "nll_after": negative_log_likelihood(probabilities, labels),
                 "fitted_on_validation": self.calibration.fit,
             }
+        if ood_scores is not None:
+            report["ood"] = self._guard_report(ood_scores, labels, logits, features)
+            path = self.output_dir / "ood_scores.png"
+            plots.plot_ood_scores(ood_scores, labels, self.class_names, report["ood"], path)
         atomic_write(self.output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
         plots.plot_roc_curves(
             probabilities,
@@ -678,6 +789,28 @@ class EvaluationReport(PredictionWriter):
             _fmt(triage["specificity"]),
             self.output_dir / "metrics.json",
         )
+
+    def _guard_report(
+        self, scores: np.ndarray, labels: np.ndarray, logits: np.ndarray, features: np.ndarray | None
+    ) -> dict:
+        """The served guard on these in-distribution images: its threshold, the share flagged (in all and per
+        class) and the score's quantiles; with ``ckpt_path`` and the features, the share each method would flag."""
+        report = {
+            "method": self.guard.method,
+            "threshold": self.guard.threshold,
+            "target_share": self.guard.target_share,
+            "flagged_share": ood.flagged_shares(scores > self.guard.threshold, labels, self.class_names),
+            "score_quantiles": {f"{q:g}": float(np.quantile(scores, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)},
+            "note": "the classification metrics above count every image, flagged or not",
+        }
+        if self.ckpt_path and features is not None:
+            block, statistics = ood.load_fit(self.ckpt_path)
+            every = ood.all_scores(torch.as_tensor(logits), torch.as_tensor(features), statistics)
+            report["flagged_share_by_method"] = {
+                method: ood.flagged_shares(every[method] > block["thresholds"][method], labels, self.class_names)
+                for method in ood.METHODS
+            }
+        return report
 
 
 def _image_name(output: dict, batch_item: dict) -> str:

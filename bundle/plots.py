@@ -150,3 +150,29 @@ def plot_reliability(
     ax.legend(loc="upper left", fontsize=8)
     hist.set(xlabel="confidence", ylabel="images")
     _save(fig, path)
+
+
+def plot_ood_scores(
+    scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str], report: dict, path: Path
+) -> None:
+    """The out-of-distribution score of the evaluated (in-distribution) images, one box per class, with the
+    threshold fitted on validation and the share of each class it flags (``report``: metrics.json's ``ood``)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    present = [c for c in range(len(class_names)) if (labels == c).any()]
+    shares = report["flagged_share"]["per_class"]
+    ax.boxplot([scores[labels == c] for c in present], whis=(1, 99), showfliers=True, flierprops={"markersize": 2})
+    ax.set_xticks(
+        range(1, len(present) + 1),
+        [f"{class_names[c]}\nn={int((labels == c).sum())}\n{shares[class_names[c]]:.1%} flagged" for c in present],
+        fontsize=8,
+    )
+    ax.axhline(
+        report["threshold"],
+        color="tab:red",
+        linestyle="--",
+        label=f"threshold ({report['method']}, keeps {report['target_share']:.0%} of validation): "
+        f"{report['flagged_share']['all']:.1%} of these images flagged",
+    )
+    ax.set(ylabel=f"{report['method']} score (higher: less like training)", title="Out-of-distribution score")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

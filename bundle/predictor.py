@@ -36,8 +36,10 @@ from monai.transforms import Compose
 from PIL import Image, UnidentifiedImageError
 
 from bundle.calibration import check_decision_rule, malignant_probability
+from bundle.flags import as_bool
 from bundle.imageio import EncodedImage, UnusableImage, decode_problem, png_size_problem, shape_problem
 from bundle.labels import CLASS_LABELS
+from bundle.ood import FeatureTap, OODResult, guard_file, load_fit
 from bundle.sidecar import load_weights, sidecar_path, trained_image_size, verified_sidecar
 
 logger = logging.getLogger(__name__)
@@ -59,10 +61,11 @@ ACCEPTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png"}
 
 def bundle_files(
     bundle_root: str | os.PathLike, weights: str | os.PathLike | None = None, allow_missing_sidecar: bool = False
-) -> tuple[Path, Path, Path | None]:
-    """The bundle root, its weights (default ``models/model.pt``) and their sidecar (None only when
-    ``allow_missing_sidecar`` and there is none), checked as the Predictor checks them: what packaging
-    needs. A malformed sidecar, or one that does not belong to the weights, fails here, not later in the server."""
+) -> tuple[Path, Path, Path | None, Path | None]:
+    """The bundle root, its weights (default ``models/model.pt``), their sidecar (None only when
+    ``allow_missing_sidecar`` and there is none) and the out-of-distribution fit it names (None if none),
+    checked as the Predictor checks them: what packaging needs. A malformed sidecar, one that does not belong
+    to the weights, or a guard file that is missing or not the sidecar's, fails here, not later in the server."""
     bundle_root = Path(bundle_root)
     weights = Path(weights) if weights else bundle_root / "models" / "model.pt"
     if not (bundle_root / INFERENCE_CONFIG).is_file():
@@ -70,7 +73,11 @@ def bundle_files(
     if not weights.is_file():
         raise FileNotFoundError(f"weights {weights} not found: train the bundle first, or pass --weights")
     record = verified_sidecar(weights, allow_missing_sidecar=allow_missing_sidecar)
-    return bundle_root, weights, None if record is None else sidecar_path(weights)
+    if record is None:
+        return bundle_root, weights, None, None
+    if record.get("ood"):
+        load_fit(weights)
+    return bundle_root, weights, sidecar_path(weights), guard_file(weights)
 
 
 class RejectionKind(enum.StrEnum):
@@ -100,6 +107,8 @@ class Prediction:
     malignant_probability: float | None = None
     refer: bool | None = None
     refer_threshold: float | None = None
+    ood: OODResult | None = None
+    ood_probabilities: bool = False
 
     @property
     def label(self) -> str:
@@ -109,7 +118,23 @@ class Prediction:
     def most_probable_class(self) -> str:
         return max(self.probabilities, key=self.probabilities.get)
 
+    @property
+    def out_of_distribution(self) -> bool | None:
+        """Whether the guard flags the image (None: the model has no guard)."""
+        return None if self.ood is None else self.ood.flagged
+
     def to_json(self) -> dict:
+        """The served answer. An image the guard flags gets no diagnosis (``class`` null, the guard's fields
+        and the ``reason``) unless ``ood_probabilities``, which adds them to the full answer."""
+        guard = (
+            self.ood.to_json()
+            if self.ood
+            else {"out_of_distribution": None, "ood_score": None, "ood_threshold": None, "ood_method": None}
+        )
+        if self.out_of_distribution:
+            guard["reason"] = self.ood.reason
+            if not self.ood_probabilities:
+                return {"class": None, "label": None, **guard}
         return {
             "class": self.class_name,
             "label": self.label,
@@ -120,6 +145,7 @@ class Prediction:
             "malignant_probability": self.malignant_probability,
             "refer": self.refer,
             "refer_threshold": self.refer_threshold,
+            **guard,
         }
 
 
@@ -190,6 +216,13 @@ class Predictor:
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")
         self.network = self._network(parser, loaded)
+        self.guard = parser.get_parsed_content("ood_guard")
+        self.ood_probabilities = as_bool(parser.get_parsed_content("ood_probabilities"), "ood_probabilities")
+        # the features come from the same forward pass; a TorchScript network hides them (fine unless the
+        # guard needs them)
+        needs_features = self.guard is not None and self.guard.needs_features
+        scripted = isinstance(self.network, torch.jit.ScriptModule)
+        self._tap = FeatureTap(self.network) if needs_features or not scripted else None
 
     def _network(self, parser: ConfigParser, loaded: dict | torch.nn.Module) -> torch.nn.Module:
         if isinstance(loaded, torch.nn.Module):  # TorchScript
@@ -215,9 +248,18 @@ class Predictor:
                     RejectionKind.INTERNAL, "internal error preprocessing the image (see the server log)"
                 )
         if inputs:
-            for position, probabilities in zip(positions, self._probabilities(torch.stack(inputs)), strict=True):
-                results[position] = self._prediction(probabilities)
+            logits, features = self.forward(torch.stack(inputs))
+            guard = self.guard.check(logits, features) if self.guard is not None else [None] * len(positions)
+            for position, item, flag in zip(positions, logits, guard, strict=True):
+                results[position] = self._prediction(item, flag)
         return results
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The config's inferer on a preprocessed ``batch``: its logits (float32, on the CPU) and, when the guard
+        reads them, the pooled features of the same pass."""
+        with torch.inference_mode():
+            logits = self.inferer(batch.to(self.device), self.network).float().cpu()
+            return logits, (self._tap.take() if self._tap is not None else None)
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Check the bytes' header, then run the config's transform chain on them, as the bundle run does on
@@ -267,14 +309,10 @@ class Predictor:
         if image_format == "PNG" and (problem := png_size_problem(width, height, len(data))):
             raise _Rejected(RejectionKind.UNDECODABLE, problem)
 
-    def _probabilities(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """The config's inferer and postprocessing (calibrated softmax), image by image as the bundle's evaluator
-        applies it."""
-        with torch.inference_mode():
-            logits = self.inferer(batch.to(self.device), self.network)
-            return [self.postprocessing({"pred": item})["pred"].float().cpu() for item in logits]
-
-    def _prediction(self, probabilities: torch.Tensor) -> Prediction:
+    def _prediction(self, logits: torch.Tensor, ood: OODResult | None) -> Prediction:
+        """The config's postprocessing (calibrated softmax) of one image's logits, as the bundle's evaluator
+        applies it, the decision rule's class, the triage answer and the guard's."""
+        probabilities = self.postprocessing({"pred": logits})["pred"].float()
         values, top = probabilities.tolist(), int(self.calibration.decide(probabilities.numpy()))
         malignant = float(malignant_probability(probabilities.numpy()))
         return Prediction(
@@ -285,6 +323,8 @@ class Predictor:
             malignant_probability=malignant,
             refer=self.calibration.refer(malignant),
             refer_threshold=self.calibration.refer_threshold,
+            ood=ood,
+            ood_probabilities=self.ood_probabilities,
         )
 
 

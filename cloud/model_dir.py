@@ -1,8 +1,9 @@
 """What an endpoint reads: the layout of ``model.tar.gz`` for the SageMaker PyTorch inference container.
 
 The container extracts the archive to /opt/ml/model, the bundle root the Predictor reads:
-``configs/``, ``models/model.pt`` (or ``model.ts``) and its sidecar ``models/model.json`` (the
-trained image size, when training wrote one), whatever the weights were called where they came from,
+``configs/``, ``models/model.pt`` (or ``model.ts``), its sidecar ``models/model.json`` (the
+trained image size, when training wrote one) and the out-of-distribution fit the sidecar names,
+whatever the weights were called where they came from,
 ``code/bundle/`` (the serving modules; importable, since the container puts code/ on sys.path) and
 ``code/requirements.txt`` (installed by the container at start-up).
 
@@ -28,10 +29,10 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from bundle import serving_files
 from bundle.atomic import atomic_write
 from bundle.predictor import bundle_files
 from handler import ARCHIVED_HANDLER
+from handler.shipped import serving_files
 
 REPO = Path(__file__).resolve().parents[1]
 # What the container's Python lacks; torch and Pillow come with the PyTorch image.
@@ -53,7 +54,7 @@ def model_files(
 
     Raises FileNotFoundError or ValueError (a malformed sidecar) naming the file, before anything is written.
     """
-    bundle_root, weights, sidecar = bundle_files(bundle_root, weights)
+    bundle_root, weights, sidecar, guard = bundle_files(bundle_root, weights)
     # Stored under the names model_fn and the handler load, whatever they were called (e.g. --weights
     # best.pt); the Predictor reads any suffix but .ts as a state_dict.
     stored = "models/model.ts" if weights.suffix == ".ts" else "models/model.pt"
@@ -62,12 +63,14 @@ def model_files(
     files[stored] = weights
     if sidecar:
         files["models/model.json"] = sidecar
+    if guard:  # under the name the sidecar gives it
+        files[f"models/{guard.name}"] = guard
     manifest = json.loads(json.dumps(MANIFEST))
     manifest["model"]["serializedFile"] = stored
     files["MAR-INF/MANIFEST.json"] = json.dumps(manifest, indent=1).encode()
     files[f"code/{ARCHIVED_HANDLER}"] = REPO / "handler" / "handler.py"
     files["code/inference.py"] = REPO / "handler" / "inference.py"
-    files |= {f"code/bundle/{source.name}": source for source in serving_files()}
+    files |= {f"code/bundle/{source.name}": source for source in serving_files(bundle_root)}
     files["code/requirements.txt"] = CONTAINER_REQUIREMENTS.encode()
     return files
 

@@ -68,9 +68,13 @@ class SkinLesionHandler(BaseHandler):
         results: list = list(images)
         for position, result in zip(positions, self.predictor.predict([images[i] for i in positions]), strict=True):
             results[position] = result
-        classified = sum(isinstance(result, Prediction) for result in results)
+        predictions = [result for result in results if isinstance(result, Prediction)]
         logger.info(
-            "batch of %d requests: %d classified, %d refused", len(results), classified, len(results) - classified
+            "batch of %d requests: %d classified, %d refused, %d out of distribution",
+            len(results),
+            len(predictions),
+            len(results) - len(predictions),
+            sum(bool(prediction.out_of_distribution) for prediction in predictions),
         )
         return results
 

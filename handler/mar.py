@@ -4,8 +4,9 @@ the ``bundle`` package, the weights and their sidecar, and ``model-config.yaml``
 The archive is laid out like the bundle: ``configs/``, ``bundle/`` and the handler (``handler.py``, as
 ``skin_lesion_handler.py``) at its root,
 the weights (``model.pt``, or a TorchScript ``model.ts``) and, beside them where the handler's
-Predictor looks, their sidecar (``model.json``), plus ``model-config.yaml`` (batching, workers,
-timeouts, the handler's pixel limit).
+Predictor looks, their sidecar (``model.json``) and the out-of-distribution fit it names, plus
+``model-config.yaml`` (batching, workers, timeouts, the handler's pixel limit). The ``bundle`` modules
+are those serving imports (``handler.shipped``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bundle import serving_files
 from bundle.predictor import MAX_PIXELS, bundle_files
 from handler import ARCHIVED_HANDLER, MODEL_NAME
+from handler.shipped import serving_files
 
 HANDLER = Path(__file__).with_name("handler.py")
 
@@ -50,7 +51,7 @@ def write_mar(
     Raises FileNotFoundError or ValueError (bad bundle or sidecar) before anything is written, and
     ArchiveError when the archiver fails.
     """
-    bundle_root, weights, sidecar = bundle_files(bundle_root, weights)
+    bundle_root, weights, sidecar, guard = bundle_files(bundle_root, weights)
     export = Path(export_path)
     export.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="skin-lesion-mar-") as staging:
@@ -58,10 +59,11 @@ def write_mar(
         extra = Path(staging) / "extra"
         shutil.copytree(bundle_root / "configs", extra / "configs")
         (extra / "bundle").mkdir()
-        for source in serving_files():
+        for source in serving_files(bundle_root):
             shutil.copy(source, extra / "bundle" / source.name)
-        if sidecar:
-            shutil.copy(sidecar, extra / sidecar.name)
+        for companion in (sidecar, guard):
+            if companion:
+                shutil.copy(companion, extra / companion.name)
         handler = Path(staging) / ARCHIVED_HANDLER
         shutil.copy(HANDLER, handler)
         model_config = Path(staging) / "model-config.yaml"

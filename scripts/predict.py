@@ -9,7 +9,9 @@
 Prints, per image, ``IMAGE: class: basal cell carcinoma, probability: 92 percent (balanced rule),
 malignant probability: 95 percent, refer: yes``; the rule's class is followed by the most probable one
 when they differ (``(balanced rule; most probable: melanocytic nevus)``), and ``refer: n/a`` when the
-served model has no refer threshold. Exits 1 when any image was refused, after printing each refusal's reason.
+served model has no refer threshold. An image the out-of-distribution guard flags prints ``IMAGE: no
+diagnosis: not answered: this image is unlike the dermoscopy images ...`` (a valid answer, not a refusal).
+Exits 1 when any image was refused, after printing each refusal's reason.
 """
 
 import base64
@@ -93,6 +95,8 @@ def _sagemaker_sender(endpoint: str, region: str | None):
 
 
 def describe(status: int, answer: dict) -> str:
+    if status == 200 and answer.get("out_of_distribution") and answer.get("class") is None:
+        return f"no diagnosis: {answer.get('reason', 'flagged as out of distribution')}"
     if status == 200 and "label" in answer:
         sentence = f"class: {answer['label']}, probability: {_percent(answer['probability'])}"
         if "decision_rule" not in answer:  # a server from before the triage answer
@@ -102,8 +106,10 @@ def describe(status: int, answer: dict) -> str:
         if most_probable and most_probable != answer["class"]:
             rule += f"; most probable: {CLASS_LABELS.get(most_probable, most_probable)}"
         refer = {True: "yes", False: "no"}.get(answer.get("refer"), "n/a")
+        flagged = ", out of distribution (research answer)" if answer.get("out_of_distribution") else ""
         return (
-            f"{sentence} ({rule}), malignant probability: {_percent(answer['malignant_probability'])}, refer: {refer}"
+            f"{sentence} ({rule}), malignant probability: {_percent(answer['malignant_probability'])}, "
+            f"refer: {refer}{flagged}"
         )
     if "error" in answer:
         return f"refused: {answer['error']}"

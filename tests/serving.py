@@ -35,7 +35,15 @@ SERVED_FIELDS = frozenset(
         "malignant_probability",
         "refer",
         "refer_threshold",
+        "out_of_distribution",
+        "ood_score",
+        "ood_threshold",
+        "ood_method",
     }
+)
+# The answer to an image the out-of-distribution guard flags (no diagnosis).
+FLAGGED_FIELDS = frozenset(
+    {"class", "label", "out_of_distribution", "ood_score", "ood_threshold", "ood_method", "reason"}
 )
 
 
@@ -78,6 +86,35 @@ def store_triage_calibration(root: Path, images: list[bytes], weights: str = "mo
     sidecar = weights_path.with_suffix(".json")
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "calibration": calibration}))
     return calibration
+
+
+def store_guard(root: Path, dataset_dir: Path, weights: str = "model.pt") -> dict:
+    """Fit the out-of-distribution guard of ``root``'s ``models/<weights>`` on the images of ``dataset_dir``
+    (a HAM10000-layout folder, standing in for the validation split) with their labels, through the
+    Predictor's own forward pass, and store it as training does (``bundle.ood.store``). Returns the
+    sidecar's ``ood`` block."""
+    from bundle import ood
+    from bundle.data import read_ham10000
+    from bundle.predictor import Predictor
+    from bundle.sidecar import FINGERPRINT, read_sidecar, write_sidecar
+
+    weights_path = root / "models" / weights
+    predictor = Predictor(root, weights=weights_path, device="cpu")
+    records = read_ham10000(dataset_dir)
+    batch = torch.stack([predictor.preprocess((dataset_dir / record["image"]).read_bytes()) for record in records])
+    logits, features = predictor.forward(batch)
+    fitted = ood.fit(logits, features, torch.tensor([record["label"] for record in records]))
+    record = read_sidecar(weights_path)
+    record["ood"] = ood.store(weights_path, fitted, record[FINGERPRINT])
+    write_sidecar(weights_path, record)
+    ood.remove_stale(weights_path)
+    return record["ood"]
+
+
+def out_of_distribution_image(size: tuple[int, int] = (64, 48)) -> bytes:
+    """A JPEG nothing like a lesion: a uniform saturated green frame (scored far above any fitted threshold
+    even by an untrained network's features)."""
+    return encode(Image.new("RGB", size, (0, 200, 0)), "JPEG")
 
 
 def encode(image: Image.Image, image_format: str, **params) -> bytes:

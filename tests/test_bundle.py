@@ -12,7 +12,7 @@ import torch
 from monai.networks.nets import DenseNet121
 from PIL import Image
 
-from bundle import data
+from bundle import data, ood
 from bundle.calibration import Calibration
 from bundle.labels import CLASS_NAMES
 from bundle.synthetic import generate
@@ -130,6 +130,28 @@ def test_training_stores_the_calibration_fitted_on_validation(trained):
     assert fit["balanced_accuracy_rule"] >= fit["balanced_accuracy_argmax"], "tau 0 (the argmax) is on the grid"
     assert sidecar["calibration"]["refer_threshold"] == fit["triage"]["threshold"] is not None
     assert fit["triage"]["sensitivity"] >= 0.95, "the refer threshold catches 95% of validation malignant lesions"
+    # the out-of-distribution guard, fitted on the validation split alone, in a file the sidecar names
+    guard = sidecar["ood"]
+    assert guard["fit"]["n_images"] == fit["n_images"] and guard["target_share"] == 0.95
+    assert set(guard["thresholds"]) == set(ood.METHODS)
+    assert (trained["bundle_root"] / "models" / guard["file"]).is_file()
+    assert [p.name for p in (trained["bundle_root"] / "models").glob(ood.GUARD_GLOB)] == [guard["file"]]
+    for method, shares in guard["fit"]["validation_flagged_share"].items():
+        assert shares["all"] <= 0.05 + 1e-9, f"{method}: its threshold keeps 95% of the held-out validation scores"
+
+
+def test_evaluation_reports_the_share_of_test_images_the_guard_flags(evaluated, trained):
+    report = read_json(evaluated / "metrics.json")["ood"]
+    sidecar = read_json(trained["bundle_root"] / "models" / "model.json")
+    method = read_json(REPO / "configs" / "inference.json")["ood_method"]
+    assert report["method"] == method and report["threshold"] == sidecar["ood"]["thresholds"][method]
+    assert set(report["flagged_share"]["per_class"]) == set(CLASS_NAMES)
+    assert set(report["flagged_share_by_method"]) == set(ood.METHODS)
+    assert 0 <= report["flagged_share"]["all"] <= 1 and (evaluated / "ood_scores.png").stat().st_size > 0
+    with open(evaluated / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    flagged = [row["out_of_distribution"] == "true" for row in rows]
+    assert np.mean(flagged) == pytest.approx(report["flagged_share"]["all"])
 
 
 def test_evaluation_reports_calibration_and_operating_points(evaluated, trained):
@@ -183,6 +205,7 @@ def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tm
         input=trained["datalist"],
         dataset_dir=trained["dataset_dir"],
         output_dir=tmp_path / "inference",
+        ood_probabilities=True,  # the rows the guard flags keep their probabilities, to compare them all
         **FAST,
     )
     run_bundle(
@@ -272,3 +295,6 @@ def test_calibrate_json_refits_a_models_calibration_in_place(trained, tmp_path):
     assert refitted["calibration"]["refer_threshold"] == pytest.approx(
         stored["calibration"]["refer_threshold"], rel=0.1
     )
+    # the guard is refit with it, from the same validation images, into a file of its own beside the weights
+    assert refitted["ood"]["fit"]["n_images"] == refitted["calibration"]["fit"]["n_images"]
+    assert [path.name for path in models.glob(ood.GUARD_GLOB)] == [refitted["ood"]["file"]]

@@ -147,6 +147,10 @@ def test_prediction_names_the_most_probable_class(predictor, good_jpeg):
         "malignant_probability": pytest.approx(malignant, abs=1e-6),
         "refer": None,  # nor a refer threshold: no referral rather than a guessed one
         "refer_threshold": None,
+        "out_of_distribution": None,  # nor an out-of-distribution fit: every image answered, and it says so
+        "ood_score": None,
+        "ood_threshold": None,
+        "ood_method": None,
     }
     assert list(result.probabilities) == list(CLASS_NAMES)
 

@@ -7,6 +7,7 @@ Skipped without Java or the toolkit, except under CI=true, where that is a failu
 
 import base64
 import concurrent.futures
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,17 @@ from PIL import Image
 from bundle.synthetic import generate
 from tests.aws_local import inference_toolkit, require
 from tests.bundle_runs import REPO
-from tests.serving import JPEG, PNG, bundle_with_random_weights, encode, sagemaker_model_dir, store_triage_calibration
+from tests.serving import (
+    FLAGGED_FIELDS,
+    JPEG,
+    PNG,
+    bundle_with_random_weights,
+    encode,
+    out_of_distribution_image,
+    sagemaker_model_dir,
+    store_guard,
+    store_triage_calibration,
+)
 
 BATCH_SIZE = 4
 # Long enough that requests sent together land in one batch on a busy 2-core machine.
@@ -38,15 +49,17 @@ def _require_java() -> None:
 
 
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory, good):
+def packaged(tmp_path_factory, good, synthetic_dir):
     """The archive package_sagemaker.py builds from weights named best.pt (with their sidecar best.json), with a
-    calibration whose rule and refer threshold show in the answers to the ``good`` images."""
+    calibration whose rule and refer threshold show in the answers to the ``good`` images, and an
+    out-of-distribution guard fitted on the synthetic set."""
     _require_java()
     require("sagemaker_pytorch_serving_container")
     root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle"), trained_image_size=TRAINED_IMAGE_SIZE)
     images = [request["data"] for request in good.values() if "data" in request]
     images += [base64.b64decode(request["json"]["image"]) for request in good.values() if "json" in request]
     store_triage_calibration(root, images)
+    store_guard(root, synthetic_dir)
     (root / "models" / "model.pt").rename(root / "models" / "best.pt")
     (root / "models" / "model.json").rename(root / "models" / "best.json")
     return sagemaker_model_dir(root, tmp_path_factory.mktemp("dist"), "--weights", str(root / "models" / "best.pt"))
@@ -130,12 +143,17 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_own_answer(container,
         assert answer["refer"] is (answer["malignant_probability"] >= answer["refer_threshold"])
     assert {answer["refer"] for answer in alone.values()} == {True, False}
     assert any(answer["class"] != answer["most_probable_class"] for answer in alone.values())
+    frame = {"data": out_of_distribution_image(), "headers": {"Content-Type": JPEG}}
     for _ in range(ROUNDS):
-        answers = _together(url, {**good, **{name: request for name, (request, _) in BAD.items()}})
+        answers = _together(url, {**good, "frame": frame, **{name: request for name, (request, _) in BAD.items()}})
+        # an image unlike any lesion: a valid request, answered without a diagnosis
+        assert answers["frame"].status_code == 200, answers["frame"].text
+        assert set(answers["frame"].json()) == FLAGGED_FIELDS and answers["frame"].json()["out_of_distribution"]
         for name in good:
             assert answers[name].status_code == 200, f"{name}: {answers[name].status_code} {answers[name].text}"
             assert answers[name].json()["class"] == alone[name]["class"]
             assert answers[name].json()["refer"] == alone[name]["refer"]
+            assert answers[name].json()["out_of_distribution"] is alone[name]["out_of_distribution"] is False
             assert answers[name].json()["probabilities"] == pytest.approx(alone[name]["probabilities"], abs=1e-5)
         for name, (_, status) in BAD.items():
             _assert_clean_error(answers[name], status, container["scratch"])
@@ -146,8 +164,10 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_own_answer(container,
 
 
 def test_the_model_is_served_at_its_sidecar_size_from_weights_named_otherwise(packaged):
-    """--weights best.pt is stored as models/model.pt beside its sidecar models/model.json."""
-    assert sorted(path.name for path in (packaged / "models").iterdir()) == ["model.json", "model.pt"]
+    """--weights best.pt is stored as models/model.pt beside its sidecar models/model.json and the guard file
+    the sidecar names."""
+    guard = json.loads((packaged / "models" / "model.json").read_text())["ood"]["file"]
+    assert sorted(path.name for path in (packaged / "models").iterdir()) == sorted(["model.json", "model.pt", guard])
     sys.path.insert(0, str(packaged / "code"))
     try:
         import importlib.util

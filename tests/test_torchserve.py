@@ -28,6 +28,7 @@ from bundle.sidecar import new_record, save_pair
 from handler import control
 from tests.bundle_runs import REPO
 from tests.serving import (
+    FLAGGED_FIELDS,
     JPEG,
     PNG,
     SERVED_FIELDS,
@@ -38,7 +39,9 @@ from tests.serving import (
     malformed_requests,
     mode_variants,
     nested_json,
+    out_of_distribution_image,
     png_header,
+    store_guard,
     store_triage_calibration,
     zero_filled_png,
 )
@@ -126,12 +129,14 @@ def _start_args(mar: Path, run_dir: Path, *extra) -> list:
 
 
 @pytest.fixture(scope="module")
-def bundle_root(tmp_path_factory, images) -> Path:
+def bundle_root(tmp_path_factory, images, synthetic_dir) -> Path:
     """Random weights trained at TRAINED_IMAGE_SIZE, with a calibration whose rule and refer threshold show in
-    the answers to ``images`` (tests.serving.store_triage_calibration)."""
+    the answers to ``images`` (tests.serving.store_triage_calibration), and an out-of-distribution guard fitted
+    on the synthetic set (tests.serving.store_guard)."""
     _require_torchserve()
     root = bundle_with_random_weights(tmp_path_factory.mktemp("bundle_root"), trained_image_size=TRAINED_IMAGE_SIZE)
     store_triage_calibration(root, list(images.values()))
+    store_guard(root, synthetic_dir)
     return root
 
 
@@ -195,8 +200,9 @@ def _assert_same_prediction(answer: dict, expected: dict) -> None:
     # the triage answer and the rule that chose the class, as the Predictor gives them
     assert set(answer) == set(expected) == SERVED_FIELDS
     assert answer["malignant_probability"] == pytest.approx(expected["malignant_probability"], abs=TOLERANCE)
-    for field in ("decision_rule", "most_probable_class", "refer", "refer_threshold"):
+    for field in ("decision_rule", "most_probable_class", "refer", "refer_threshold", "out_of_distribution"):
         assert answer[field] == expected[field], field
+    assert answer["ood_score"] == pytest.approx(expected["ood_score"], rel=1e-4)
 
 
 def test_the_archive_holds_the_sidecar_at_its_root_beside_the_weights(archive):
@@ -389,6 +395,28 @@ def test_concurrent_batches_mixing_good_and_bad_images(server, images, expected)
     assert mixed, "no batch held good and bad images together:\n" + "\n".join(batch_lines[-20:])
 
 
+def test_an_out_of_distribution_image_is_flagged_in_the_batch_of_lesions_answered_as_before(server, images, expected):
+    """A green frame sent together with lesion images: TorchServe batches them, the frame gets a 200 without a
+    diagnosis (the guard's fields and the reason) and every lesion its usual answer."""
+    jobs = [("frame", out_of_distribution_image())] + [(name, data) for name, data in images.items()][: BATCH_SIZE - 1]
+    jobs *= 4
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        responses = list(pool.map(lambda job: _post(server, data=job[1], headers={"Content-Type": JPEG}), jobs))
+    for (name, _), response in zip(jobs, responses, strict=True):
+        assert response.status_code == 200, response.text
+        if name == "frame":
+            answer = response.json()
+            assert set(answer) == FLAGGED_FIELDS and answer["class"] is None and answer["out_of_distribution"]
+            assert answer["ood_method"] == "mahalanobis" and answer["ood_score"] > answer["ood_threshold"]
+        else:
+            _assert_same_prediction(response.json(), expected[name])
+    batches = re.findall(
+        r"batch of (\d+) requests: (\d+) classified, \d+ refused, (\d+) out of distribution",
+        (server["run_dir"] / "logs" / "model_log.log").read_text(),
+    )
+    assert any(int(size) > 1 and int(flagged) for size, _, flagged in batches), batches
+
+
 def test_ping_says_healthy(server):
     response = requests.get(
         f"{server['inference_url']}/ping", headers=control.auth_headers(server["run_dir"]), timeout=30
@@ -526,7 +554,17 @@ def test_the_predict_client_prints_a_sentence_per_image_and_refusals(server, tmp
     good.write_bytes(next(iter(images.values())))
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    client = [sys.executable, "scripts/predict.py", str(good), str(bad), "--run_dir", str(server["run_dir"])]
+    frame = tmp_path / "frame.jpg"
+    frame.write_bytes(out_of_distribution_image())
+    client = [
+        sys.executable,
+        "scripts/predict.py",
+        str(good),
+        str(bad),
+        str(frame),
+        "--run_dir",
+        str(server["run_dir"]),
+    ]
     result = subprocess.run(client, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr  # one image was refused
     lines = result.stdout.splitlines()
@@ -536,6 +574,7 @@ def test_the_predict_client_prints_a_sentence_per_image_and_refusals(server, tmp
         lines[0],
     ), lines
     assert lines[1].startswith(f"{bad}: refused: ")
+    assert lines[2].startswith(f"{frame}: no diagnosis: not answered: this image is unlike the dermoscopy images")
     raw = subprocess.run(
         [*client[:3], "--run_dir", str(server["run_dir"]), "--json"],
         cwd=REPO,

@@ -1,0 +1,392 @@
+"""The out-of-distribution guard: know when an image is not a dermoscopy image like the training ones.
+
+The softmax sums to one whatever the input, so a photo of a cat, a blank frame or a screenshot comes
+back as a confident-looking lesion class. The guard gives every image a score from the same forward
+pass that classifies it, higher meaning further from the training distribution, and flags it when the
+score is above a threshold that keeps ``target_share`` (95%) of the validation images. Methods
+(``METHODS``; docs/RESULTS.md compares them on real HAM10000):
+
+- ``mahalanobis``: the smallest Mahalanobis distance of the pooled penultimate features to a class
+  mean, with one shared covariance (Lee et al., 2018), shrunk towards a multiple of the identity by
+  the Ledoit-Wolf formula, since ~1,200 validation images estimate a 1,024-dimensional covariance;
+- ``knn``: one minus the cosine similarity of the normalised features to their ``KNN_K``-th nearest
+  validation image (Sun et al., 2022);
+- ``energy``: the negative log-sum-exp of the logits (Liu et al., 2020);
+- ``msp``: minus the maximum softmax probability (Hendrycks and Gimpel, 2017).
+
+The features are what the network's last linear layer reads (``FeatureTap``), averaged over the
+test-time views exactly as the logits are, so they are the features of the logits served.
+
+**The fit** (``fit``) reads only the validation split, when the calibration is fitted (by training
+whenever it saves a better model, or by configs/calibrate.json). Its thresholds come from scores the
+statistics did not see: out-of-fold for ``mahalanobis`` (``FOLDS`` folds), leave-one-out for ``knn``.
+Statistics fitted on the very images they then score would put the threshold too low and flag more
+than 5% of new in-distribution images. The statistics (class means, shrunk precision matrix, the
+normalised validation features) are too big for the JSON sidecar: they go to a file beside the weights,
+named by its content hash (``model.ood-<hash>.pt``), which the sidecar's ``ood`` block names with its
+sha256 and the weights' fingerprint. A guard file of other weights, or not the one the sidecar names,
+is refused (``Guard.from_sidecar``); a new fit writes a new file before the sidecar names it, so a kill
+in between leaves the old pair intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bundle.atomic import atomic_write
+from bundle.sidecar import FINGERPRINT, SidecarError, read_sidecar, sidecar_path
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("mahalanobis", "knn", "energy", "msp")
+FEATURE_METHODS = ("mahalanobis", "knn")
+# The config value that serves without a guard.
+OFF = "none"
+TARGET_SHARE = 0.95
+KNN_K = 10
+FOLDS = 5
+GUARD_GLOB = "*.ood-*.pt"
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is one of ``METHODS`` or ``OFF``, else an error naming the config key."""
+    if method not in (*METHODS, OFF):
+        raise ValueError(f"config key 'ood_method' must be one of {[*METHODS, OFF]}, got {method!r}")
+    return method
+
+
+def check_target_share(share: float) -> float:
+    share = float(share)
+    if not 0.5 <= share < 1.0:
+        raise ValueError(f"config key 'ood_target_share' must be in [0.5, 1), got {share}")
+    return share
+
+
+class FeatureTap:
+    """Reads what ``network``'s last ``nn.Linear`` (the classifier) gets: the pooled penultimate features.
+
+    A forward pre-hook sums them over the forward passes since the last ``take()``, which returns their
+    mean: with test-time augmentation the inferer averages the logits of several views, and since the
+    classifier is linear the mean of the views' features is exactly the features of the mean logits.
+    """
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        linear = [module for module in network.modules() if isinstance(module, torch.nn.Linear)]
+        if isinstance(network, torch.jit.ScriptModule) or not linear:
+            raise ValueError(
+                f"the out-of-distribution methods {list(FEATURE_METHODS)} read the features the network's last "
+                f"linear layer gets, and {type(network).__name__} exposes none (a TorchScript export hides them): "
+                "serve the state_dict weights (models/model.pt), or set the config key 'ood_method' to 'energy' or "
+                "'msp'"
+            )
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._handle = linear[-1].register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, inputs: tuple) -> None:
+        features = inputs[0].detach().float()
+        self._sum = features if self._sum is None else self._sum + features
+        self._count += 1
+
+    def take(self) -> torch.Tensor:
+        """The mean features (N, F) over the forward passes since the last call, on the CPU."""
+        if self._sum is None:
+            raise RuntimeError("no forward pass went through the network since the features were last taken")
+        features, self._sum, self._count = (self._sum / self._count).cpu(), None, 0
+        return features
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _logit_score(method: str, logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.double()
+    if method == "energy":
+        return -torch.logsumexp(logits, dim=-1)
+    return -torch.softmax(logits, dim=-1).amax(dim=-1)
+
+
+def _mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    centred = features.double()[:, None, :] - means.double()[None]  # (N, C, F)
+    return torch.einsum("ncf,fg,ncg->nc", centred, precision.double(), centred).amin(dim=1)
+
+
+def _knn(features: torch.Tensor, bank: torch.Tensor, k: int, exclude_self: bool = False) -> torch.Tensor:
+    similarity = _normalised(features) @ bank.double().T
+    if exclude_self:
+        similarity.fill_diagonal_(-math.inf)
+    k = min(k, similarity.shape[1] - int(exclude_self))
+    return 1.0 - similarity.topk(k, dim=1).values[:, -1]
+
+
+def _normalised(features: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(features.double(), dim=-1)
+
+
+def _ledoit_wolf(centred: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The covariance of ``centred`` (N, F) rows shrunk towards ``mu * I`` by the Ledoit-Wolf (2004) formula."""
+    n, d = centred.shape
+    covariance = centred.T @ centred / n
+    mu = torch.trace(covariance) / d
+    delta = ((covariance - mu * torch.eye(d, dtype=covariance.dtype)) ** 2).sum() / d
+    squared = centred**2
+    beta = min(float(((squared.T @ squared) / n - covariance**2).sum() / (d * n)), float(delta))
+    shrinkage = 0.0 if float(delta) == 0 else beta / float(delta)
+    return (1 - shrinkage) * covariance + shrinkage * mu * torch.eye(d, dtype=covariance.dtype), shrinkage
+
+
+def _gaussian(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Class means (classes absent from ``labels`` get the overall mean) and the shrunk shared precision."""
+    features = features.double()
+    means = torch.stack(
+        [features[labels == c].mean(0) if (labels == c).any() else features.mean(0) for c in range(num_classes)]
+    )
+    covariance, shrinkage = _ledoit_wolf(features - means[labels])
+    return {"class_means": means.float(), "precision": torch.linalg.inv(covariance).float(), "shrinkage": shrinkage}
+
+
+def _out_of_fold_mahalanobis(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    fold = torch.arange(len(labels)) % FOLDS
+    fold = fold[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    scores = torch.empty(len(labels), dtype=torch.float64)
+    for f in range(FOLDS):
+        held = fold == f
+        stats = _gaussian(features[~held], labels[~held], num_classes)
+        scores[held] = _mahalanobis(features[held], stats["class_means"], stats["precision"])
+    return scores
+
+
+def threshold_for(scores: np.ndarray | torch.Tensor, target_share: float) -> float:
+    """The smallest score that at least ``target_share`` of ``scores`` do not exceed (flagged: ``score > it``)."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
+    k = max(1, math.ceil(target_share * scores.size - 1e-9))
+    return float(scores[k - 1])
+
+
+@dataclass(frozen=True)
+class GuardFit:
+    """Every method's threshold and statistics, fitted on validation; ``record`` is what the fit measured."""
+
+    thresholds: dict[str, float]
+    statistics: dict[str, torch.Tensor]
+    target_share: float
+    record: dict
+
+
+def fit(
+    logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, target_share: float = TARGET_SHARE
+) -> GuardFit:
+    """Fit every method on validation ``logits`` (N, C), ``features`` (N, F) and integer ``labels`` (N,)."""
+    target_share = check_target_share(target_share)
+    labels = labels.long().reshape(-1)
+    num_classes = logits.shape[1]
+    gaussian = _gaussian(features, labels, num_classes)
+    bank = _normalised(features).float()
+    held_out = {
+        "mahalanobis": _out_of_fold_mahalanobis(features, labels, num_classes),
+        "knn": _knn(features, bank, KNN_K, exclude_self=True),
+        "energy": _logit_score("energy", logits),
+        "msp": _logit_score("msp", logits),
+    }
+    thresholds = {method: threshold_for(scores, target_share) for method, scores in held_out.items()}
+    flagged = {
+        method: _flagged_shares(scores.numpy() > thresholds[method], labels.numpy(), num_classes)
+        for method, scores in held_out.items()
+    }
+    record = {
+        "n_images": len(labels),
+        "knn_k": KNN_K,
+        "folds": FOLDS,
+        "ledoit_wolf_shrinkage": gaussian["shrinkage"],
+        "validation_flagged_share": flagged,
+    }
+    statistics = {"class_means": gaussian["class_means"], "precision": gaussian["precision"], "bank": bank}
+    return GuardFit(thresholds, statistics, target_share, record)
+
+
+def _flagged_shares(flagged: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """The share flagged in all and per class index (None for a class with no image)."""
+    per_class = [float(flagged[labels == c].mean()) if (labels == c).any() else None for c in range(num_classes)]
+    return {"all": float(flagged.mean()), "per_class": per_class}
+
+
+def flagged_shares(flagged: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    """``{"all": share, "per_class": {name: share}}`` of flagged images among labelled ones."""
+    shares = _flagged_shares(np.asarray(flagged, dtype=bool), np.asarray(labels), len(class_names))
+    return {"all": shares["all"], "per_class": dict(zip(class_names, shares["per_class"], strict=True))}
+
+
+def guard_path(weights: str | os.PathLike, name: str) -> Path:
+    """The guard file ``name`` (as the sidecar names it) beside ``weights``."""
+    return Path(weights).with_name(name)
+
+
+def store(weights: str | os.PathLike, fitted: GuardFit, weights_fingerprint: str) -> dict:
+    """Write ``fitted``'s statistics beside ``weights`` under a name of their own hash and return the
+    sidecar's ``ood`` block naming them. Call ``remove_stale`` once the sidecar is in place."""
+    payload = {**fitted.statistics, FINGERPRINT: weights_fingerprint}
+    staging = Path(weights).with_name(f".{Path(weights).stem}.ood.staging")
+    staging.parent.mkdir(parents=True, exist_ok=True)  # the first best model of a run comes before its folder
+    torch.save(payload, staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    name = f"{Path(weights).stem}.ood-{digest[:16]}.pt"
+    atomic_write(guard_path(weights, name), lambda tmp: os.replace(staging, tmp))
+    return {
+        "file": name,
+        "sha256": digest,
+        "target_share": fitted.target_share,
+        "thresholds": fitted.thresholds,
+        "fit": fitted.record,
+    }
+
+
+def remove_stale(weights: str | os.PathLike) -> None:
+    """Delete guard files beside ``weights`` that its sidecar does not name (left by an earlier fit or a kill)."""
+    named = ((read_sidecar(weights) or {}).get("ood") or {}).get("file")
+    for path in Path(weights).parent.glob(GUARD_GLOB):
+        if path.name.startswith(f"{Path(weights).stem}.ood-") and path.name != named:
+            path.unlink(missing_ok=True)
+
+
+def guard_file(weights: str | os.PathLike) -> Path | None:
+    """The guard file the sidecar of ``weights`` names (None when it names none): it travels with them."""
+    block = (read_sidecar(weights) or {}).get("ood")
+    return None if not block else guard_path(weights, block["file"])
+
+
+@dataclass(frozen=True)
+class OODResult:
+    """One image's guard answer."""
+
+    score: float
+    threshold: float
+    method: str
+    target_share: float = TARGET_SHARE
+
+    @property
+    def flagged(self) -> bool:
+        return self.score > self.threshold
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"not answered: this image is unlike the dermoscopy images the model was trained on (its "
+            f"{self.method} out-of-distribution score {self.score:.4g} is above {self.threshold:.4g}, which "
+            f"{self.target_share:.0%} of the validation lesion images stay under): send a dermoscopy image of a "
+            "skin lesion"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "out_of_distribution": self.flagged,
+            "ood_score": self.score,
+            "ood_threshold": self.threshold,
+            "ood_method": self.method,
+        }
+
+
+@dataclass(frozen=True)
+class Guard:
+    """One method's threshold and the statistics it needs, loaded from the weights' sidecar."""
+
+    method: str
+    threshold: float
+    statistics: dict[str, torch.Tensor]
+    target_share: float = TARGET_SHARE
+
+    @property
+    def needs_features(self) -> bool:
+        return self.method in FEATURE_METHODS
+
+    def scores(self, logits: torch.Tensor, features: torch.Tensor | None) -> np.ndarray:
+        """The score of each image (higher: further from the training data)."""
+        return scores(self.method, logits, features, self.statistics).numpy()
+
+    def check(self, logits: torch.Tensor, features: torch.Tensor | None) -> list[OODResult]:
+        return [
+            OODResult(float(s), self.threshold, self.method, self.target_share) for s in self.scores(logits, features)
+        ]
+
+    @classmethod
+    def from_sidecar(cls, weights: str | os.PathLike, method: str) -> Guard | None:
+        """The guard fitted for ``weights`` (call it on weights whose sidecar is verified); None when ``method``
+        is ``OFF`` or the sidecar holds no fit (a model from before the guard: served without one, and logged)."""
+        check_method(method)
+        record = read_sidecar(weights) or {}
+        block = record.get("ood")
+        if method == OFF:
+            return None
+        if not block:
+            logger.warning(
+                "%s holds no out-of-distribution fit: every image is answered; refit the calibration "
+                "(configs/calibrate.json) to guard this model",
+                sidecar_path(weights),
+            )
+            return None
+        try:
+            threshold, target_share = float(block["thresholds"][method]), float(block["target_share"])
+            path, digest = guard_path(weights, block["file"]), block["sha256"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise SidecarError(
+                f"{sidecar_path(weights)}: 'ood' must hold 'file', 'sha256', 'target_share' and 'thresholds' with "
+                f"the method {method!r}: {type(error).__name__}: {error}"
+            ) from None
+        if method not in FEATURE_METHODS:
+            return cls(method, threshold, {}, target_share)
+        return cls(method, threshold, _verified_statistics(weights, record, path, digest), target_share)
+
+
+def _verified_statistics(weights: str | os.PathLike, record: dict, path: Path, digest: str) -> dict:
+    if not path.is_file():
+        raise SidecarError(
+            f"{sidecar_path(weights)} names the out-of-distribution fit {path.name}, which is not beside {weights}: "
+            "copy the weights, their sidecar and that file together"
+        )
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise SidecarError(
+            f"{path} is not the out-of-distribution fit {sidecar_path(weights)} names (sha256 differs): refused"
+        )
+    statistics = torch.load(path, map_location="cpu", weights_only=True)
+    if statistics.get(FINGERPRINT) != record.get(FINGERPRINT):
+        raise SidecarError(
+            f"{path} was fitted for other weights than {weights} (its {FINGERPRINT} differs from theirs): refused"
+        )
+    return {key: value for key, value in statistics.items() if key != FINGERPRINT}
+
+
+def scores(
+    method: str, logits: torch.Tensor, features: torch.Tensor | None, statistics: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Every image's ``method`` score from its ``logits`` (N, C) and pooled ``features`` (N, F)."""
+    if method not in FEATURE_METHODS:
+        return _logit_score(method, torch.as_tensor(logits))
+    if features is None:
+        raise ValueError(f"the out-of-distribution method {method!r} needs the network's features")
+    if method == "mahalanobis":
+        return _mahalanobis(features, statistics["class_means"], statistics["precision"])
+    return _knn(features, statistics["bank"], KNN_K)
+
+
+def all_scores(
+    logits: torch.Tensor, features: torch.Tensor, statistics: dict[str, torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """Every method's scores, for comparing them (scripts/evaluate_ood.py, evaluation)."""
+    return {method: scores(method, logits, features, statistics).numpy() for method in METHODS}
+
+
+def load_fit(weights: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The sidecar's ``ood`` block and every method's statistics, verified (for comparing the methods)."""
+    record = read_sidecar(weights) or {}
+    block = record.get("ood")
+    if not block:
+        raise SidecarError(f"{sidecar_path(weights)} holds no out-of-distribution fit: refit the calibration first")
+    return block, _verified_statistics(weights, record, guard_path(weights, block["file"]), block["sha256"])

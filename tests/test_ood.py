@@ -1,0 +1,166 @@
+"""The out-of-distribution guard (bundle.ood): scores, the validation fit, its storage beside the weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bundle import ood
+from bundle.inferers import FlipAveragingInferer
+from bundle.predictor import Predictor
+from bundle.sidecar import FINGERPRINT, SidecarError, read_sidecar, write_sidecar
+from tests.serving import (
+    FLAGGED_FIELDS,
+    SERVED_FIELDS,
+    bundle_with_random_weights,
+    out_of_distribution_image,
+    store_guard,
+)
+
+CLASSES, FEATURES = 7, 32
+
+
+def _clusters(n: int, seed: int, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features around one mean per class (all moved by ``shift``), their labels and a linear head's logits."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(99)) * 3
+    labels = torch.arange(n) % CLASSES
+    features = means[labels] + torch.randn(n, FEATURES, generator=generator) + shift
+    head = torch.randn(FEATURES, CLASSES, generator=torch.Generator().manual_seed(98))
+    return features, labels, features @ head
+
+
+def test_thresholds_keep_the_target_share_of_new_in_distribution_images_and_flag_far_ones():
+    features, labels, logits = _clusters(1400, seed=0)
+    fitted = ood.fit(logits, features, labels)
+    new_features, new_labels, new_logits = _clusters(4000, seed=1)
+    far_features, _, far_logits = _clusters(500, seed=2, shift=8.0)
+    for method in ood.METHODS:
+        scores = ood.scores(method, new_logits, new_features, fitted.statistics).numpy()
+        flagged = (scores > fitted.thresholds[method]).mean()
+        assert 0.02 <= flagged <= 0.08, f"{method}: {flagged:.3f} of new in-distribution images flagged"
+    for method in ood.FEATURE_METHODS:
+        far = ood.scores(method, far_logits, far_features, fitted.statistics).numpy()
+        assert (far > fitted.thresholds[method]).mean() == 1.0, method
+    # out-of-fold and leave-one-out: the validation images' own scores were not fitted on themselves
+    for method, shares in fitted.record["validation_flagged_share"].items():
+        assert shares["all"] <= 0.05 + 1e-9 and len(shares["per_class"]) == CLASSES, method
+
+
+def test_the_threshold_is_the_smallest_score_the_target_share_stays_under():
+    scores = np.arange(1, 101, dtype=float)
+    assert ood.threshold_for(scores, 0.95) == 95.0
+    assert (scores > ood.threshold_for(scores, 0.95)).mean() == 0.05
+    with pytest.raises(ValueError, match="ood_target_share"):
+        ood.check_target_share(1.0)
+    with pytest.raises(ValueError, match="ood_method"):
+        ood.check_method("softmax")
+
+
+def test_the_tapped_features_are_those_of_the_averaged_logits():
+    """With test-time flips the inferer averages 4 views' logits; the tap averages their features, and the
+    classifier of those is the served logits."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, CLASSES)
+    ).eval()
+    tap = ood.FeatureTap(network)
+    x = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        logits = FlipAveragingInferer(views="flips")(x, network)
+        features = tap.take()
+        head = network[-1]
+        torch.testing.assert_close(torch.nn.functional.linear(features, head.weight, head.bias), logits)
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        tap.take()
+
+
+def test_a_torchscript_network_hides_its_features_and_says_what_to_do():
+    scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    with pytest.raises(ValueError, match="ood_method"):
+        ood.FeatureTap(scripted)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, synthetic_dir):
+    root = bundle_with_random_weights(tmp_path_factory.mktemp("guarded"), trained_image_size=[32, 32])
+    store_guard(root, synthetic_dir)
+    return root
+
+
+def test_a_flagged_image_gets_no_diagnosis_in_the_same_batch_as_a_lesion(guarded, synthetic_dir):
+    lesion = sorted((synthetic_dir / "images").glob("*.jpg"))[0].read_bytes()
+    answered, flagged = Predictor(guarded, device="cpu").predict([lesion, out_of_distribution_image()])
+    assert answered.to_json()["out_of_distribution"] is False and set(answered.to_json()) == SERVED_FIELDS
+    answer = flagged.to_json()
+    assert set(answer) == FLAGGED_FIELDS and answer["class"] is None and answer["out_of_distribution"] is True
+    assert answer["ood_score"] > answer["ood_threshold"] and "not answered" in answer["reason"]
+    # for research use, the probabilities can still come with the flag
+    parser_key = Predictor(guarded, device="cpu")
+    parser_key.ood_probabilities = True
+    research = parser_key.predict([out_of_distribution_image()])[0].to_json()
+    assert research["out_of_distribution"] is True and set(research) == SERVED_FIELDS | {"reason"}
+
+
+def test_every_method_can_be_served_and_none_turns_the_guard_off(guarded, synthetic_dir):
+    lesion = sorted((synthetic_dir / "images").glob("*.jpg"))[0].read_bytes()
+    for method in ood.METHODS:
+        guard = ood.Guard.from_sidecar(guarded / "models" / "model.pt", method)
+        assert guard.method == method and guard.needs_features == (method in ood.FEATURE_METHODS)
+    assert ood.Guard.from_sidecar(guarded / "models" / "model.pt", ood.OFF) is None
+    predictor = Predictor(guarded, device="cpu")
+    predictor.guard = None
+    assert predictor.predict([lesion])[0].to_json()["out_of_distribution"] is None
+
+
+def test_a_guard_file_that_does_not_match_the_weights_is_refused(guarded, tmp_path):
+    weights = tmp_path / "models" / "model.pt"
+    weights.parent.mkdir()
+    weights.write_bytes((guarded / "models" / "model.pt").read_bytes())
+    record = read_sidecar(guarded / "models" / "model.pt")
+    guard_file = ood.guard_file(guarded / "models" / "model.pt")
+    write_sidecar(weights, record)
+
+    with pytest.raises(SidecarError, match="not beside"):  # the sidecar names a file that did not come along
+        ood.Guard.from_sidecar(weights, "mahalanobis")
+
+    tampered = bytearray(guard_file.read_bytes())
+    tampered[-10] ^= 0xFF
+    (weights.parent / guard_file.name).write_bytes(bytes(tampered))
+    with pytest.raises(SidecarError, match="sha256 differs"):
+        ood.Guard.from_sidecar(weights, "knn")
+
+    # a genuine guard file, but fitted for other weights (its own fingerprint says so)
+    statistics = torch.load(guard_file, weights_only=True)
+    statistics[FINGERPRINT] = "sha256:" + "0" * 64
+    other = ood.GuardFit(
+        {m: 1.0 for m in ood.METHODS}, {k: v for k, v in statistics.items() if k != FINGERPRINT}, 0.95, {}
+    )
+    block = ood.store(weights, other, "sha256:" + "0" * 64)
+    write_sidecar(weights, {**record, "ood": block})
+    with pytest.raises(SidecarError, match="other weights"):
+        ood.Guard.from_sidecar(weights, "mahalanobis")
+    # logit methods need no statistics, but packaging checks the whole fit before anything ships
+    from bundle.predictor import bundle_files
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "inference.json").write_text(json.dumps({}))
+    with pytest.raises(SidecarError, match="other weights"):
+        bundle_files(tmp_path, weights)
+
+
+def test_a_new_fit_replaces_the_old_file_only_once_the_sidecar_names_it(guarded, tmp_path):
+    weights = tmp_path / "model.pt"
+    weights.write_bytes((guarded / "models" / "model.pt").read_bytes())
+    record = read_sidecar(guarded / "models" / "model.pt")
+    statistics = ood.load_fit(guarded / "models" / "model.pt")[1]
+    fits = [ood.GuardFit({m: float(i) for m in ood.METHODS}, statistics, 0.95, {}) for i in range(2)]
+    first = ood.store(weights, fits[0], record[FINGERPRINT])
+    write_sidecar(weights, {**record, "ood": first})
+    second = ood.store(weights, fits[1], record[FINGERPRINT])  # a kill here leaves the first pair intact
+    assert ood.Guard.from_sidecar(weights, "knn").threshold == 0.0
+    write_sidecar(weights, {**record, "ood": second})
+    ood.remove_stale(weights)
+    assert [path.name for path in tmp_path.glob(ood.GUARD_GLOB)] == [second["file"]]
+    assert ood.Guard.from_sidecar(weights, "knn").threshold == 1.0
