@@ -82,19 +82,66 @@ def local_aws(tmp_path: Path):
 @contextlib.contextmanager
 def strip_moto_empty_fields():
     """Drop the empty VpcConfig / DataCaptureConfig dicts from moto's SageMaker replies, in this process."""
-    import botocore.session
 
     def strip(parsed, **_):
         for key in ("VpcConfig", "DataCaptureConfig"):
             if parsed.get(key) == {}:
                 del parsed[key]
 
+    with _on_every_sagemaker_client("after-call.sagemaker", strip):
+        yield
+
+
+@contextlib.contextmanager
+def record_training_job_requests(path: Path):
+    """Append each CreateTrainingJob request this process sends (its parameters, as botocore is handed
+    them) to ``path`` as a JSON line. moto replaces a job's MetricDefinitions with canned ones and drops
+    its RetryStrategy, so a test reads what the launcher asked AWS for here."""
+
+    def record(params, **_):
+        with open(path, "a") as file:
+            file.write(json.dumps(params, default=str) + "\n")
+
+    with _on_every_sagemaker_client("before-parameter-build.sagemaker.CreateTrainingJob", record):
+        yield
+
+
+def recorded_training_job_request(path: Path, job_name: str) -> dict:
+    """The CreateTrainingJob request of ``job_name`` that ``record_training_job_requests`` wrote to ``path``."""
+    requests = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    (request,) = [request for request in requests if request["TrainingJobName"] == job_name]
+    return request
+
+
+def recording_hooks(folder: Path, record_to: Path | None = None) -> dict:
+    """The environment that installs, in a CLI's own process, the moto fix-ups above (a test-only
+    ``sitecustomize.py`` in ``folder``) and, with ``record_to``, the request recorder."""
+    from tests.bundle_runs import REPO
+
+    lines = [
+        "import sys",
+        f"sys.path.insert(0, {str(REPO)!r})",
+        "from tests.aws_local import record_training_job_requests, strip_moto_empty_fields",
+        "HOOKS = [strip_moto_empty_fields()]  # kept: a collected generator would undo the patch",
+    ]
+    if record_to is not None:
+        lines.append(f"HOOKS.append(record_training_job_requests({str(record_to)!r}))")
+    lines.append("for hook in HOOKS:\n    hook.__enter__()")
+    (folder / "sitecustomize.py").write_text("\n".join(lines) + "\n")
+    return {"PYTHONPATH": str(folder)}
+
+
+@contextlib.contextmanager
+def _on_every_sagemaker_client(event: str, handler):
+    """Register ``handler`` for ``event`` on every SageMaker client created in this process meanwhile."""
+    import botocore.session
+
     original = botocore.session.Session.create_client
 
     def create_client(self, service_name, *args, **kwargs):
         client = original(self, service_name, *args, **kwargs)
         if service_name == "sagemaker":
-            client.meta.events.register("after-call.sagemaker", strip)
+            client.meta.events.register(event, handler)
         return client
 
     botocore.session.Session.create_client = create_client
@@ -142,10 +189,14 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
         folder = opt_ml / "input" / "data" / channel["ChannelName"]
         download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"], folder)
         channels[channel["ChannelName"]] = {
-            "TrainingInputMode": "File",
+            "TrainingInputMode": channel.get("InputMode", job["AlgorithmSpecification"]["TrainingInputMode"]),
             "S3DistributionType": "FullyReplicated",
             "RecordWrapperType": "None",
         }
+    if job.get("CheckpointConfig"):  # a (re)started job finds what earlier runs synced to S3
+        local = local_path(opt_ml, job["CheckpointConfig"].get("LocalPath", "/opt/ml/checkpoints"))
+        local.mkdir(parents=True)
+        download_prefix(job["CheckpointConfig"]["S3Uri"], local)
     config = opt_ml / "input" / "config"
     config.mkdir(parents=True)
     (config / "resourceconfig.json").write_text(
@@ -160,7 +211,11 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
         )
     )
     (config / "inputdataconfig.json").write_text(json.dumps(channels))
-    (config / "hyperparameters.json").write_text(json.dumps(job.get("HyperParameters", {})))
+    # hyperparameters naming the container's folders (checkpoint_dir, tensorboard_dir) point into ``root``
+    hyperparameters = {
+        key: value.replace("/opt/ml", str(opt_ml)) for key, value in job.get("HyperParameters", {}).items()
+    }
+    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
     for folder in ("model", "output/data"):
         (opt_ml / folder).mkdir(parents=True)
     for script in (opt_ml / "input" / "data" / "sm_drivers").rglob("*"):
@@ -171,8 +226,24 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
     return opt_ml
 
 
+def local_path(opt_ml: Path, container_path: str) -> Path:
+    """Where the container's ``/opt/ml/...`` folder lies in the simulated ``opt_ml``."""
+    return opt_ml / Path(container_path).relative_to("/opt/ml")
+
+
+def sync_checkpoints(job: dict, opt_ml: Path) -> None:
+    """Upload the container's checkpoint folder to the job's checkpoint URI, as SageMaker does while the
+    job runs and when spot capacity is reclaimed."""
+    config = job["CheckpointConfig"]
+    bucket, _, prefix = config["S3Uri"].removeprefix("s3://").partition("/")
+    upload_folder(local_path(opt_ml, config.get("LocalPath", "/opt/ml/checkpoints")), bucket, prefix.rstrip("/"))
+
+
 def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
-    """Run the job's sm_train.sh as the container would (``/bin/bash -c``), with this venv's python first on PATH."""
+    """Run the job's sm_train.sh as the container would (``/bin/bash -c``), with this venv's python first on PATH.
+
+    It leads a process group of its own: a test stops the whole container (driver, torchrun, bundle) at
+    once, as a reclaimed spot instance is stopped."""
     env = dict(
         os.environ,
         TRAINING_JOB_NAME=job_name,
@@ -190,6 +261,7 @@ def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
