@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -319,3 +320,94 @@ def inference_toolkit(model_dir: Path, scratch: Path):
     finally:
         server.send_signal(signal.SIGTERM)  # it passes SIGTERM on to TorchServe
         server.wait(timeout=120)
+
+
+class SageMakerRuntimeFront:
+    """sagemaker-runtime's InvokeEndpoint on loopback, in front of real model servers: what AWS's
+    runtime front does between a client and an endpoint's container, for clients pointed at it through
+    ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME`` (moto's runtime only replays canned answers).
+
+    ``endpoints`` maps an endpoint name to its container's URL (SageMaker's ``/invocations`` route). As
+    AWS does, it passes the body, content type and accept header on; returns a 2xx answer as it is;
+    wraps a non-2xx answer in a 424 ModelError carrying the container's status and body
+    (``OriginalStatusCode``, ``OriginalMessage``); answers an unknown endpoint with ValidationError and
+    an unreachable container with ServiceUnavailable. ``throttle(n)`` answers the next n calls with
+    ThrottlingException, as an account over its invocation quota is. ``calls`` lists the endpoint of
+    every call received.
+    """
+
+    def __init__(self, endpoints: dict[str, str]) -> None:
+        self.endpoints = dict(endpoints)
+        self.calls: list[str] = []
+        self._throttled = 0
+        self._server = None
+
+    def throttle(self, count: int) -> None:
+        self._throttled = count
+
+    def __enter__(self) -> str:
+        import http.server
+        import threading
+
+        import requests
+
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                match = re.fullmatch(r"/endpoints/([^/]+)/invocations", self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not match:
+                    return self.reply(404, {"message": f"unknown route {self.path}"}, "UnknownOperationException")
+                front.calls.append(name := match[1])
+                if front._throttled > 0:
+                    front._throttled -= 1
+                    return self.reply(400, {"message": "Rate exceeded"}, "ThrottlingException")
+                if name not in front.endpoints:
+                    message = f"Endpoint {name} of account {ACCOUNT} not found."
+                    return self.reply(400, {"message": message}, "ValidationError")
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
+                try:
+                    answer = requests.post(
+                        f"{front.endpoints[name]}/invocations", data=body, headers=headers, timeout=60
+                    )
+                except requests.ConnectionError:
+                    return self.reply(503, {"message": f"endpoint {name} is not reachable"}, "ServiceUnavailable")
+                if answer.ok:
+                    self.send_response(200)
+                    self.send_header("Content-Type", answer.headers.get("Content-Type", "application/json"))
+                    self.send_header("x-Amzn-Invoked-Production-Variant", "AllTraffic")
+                    self.send_header("Content-Length", str(len(answer.content)))
+                    self.end_headers()
+                    self.wfile.write(answer.content)
+                    return None
+                kind = "CLIENT" if answer.status_code < 500 else "SERVER"
+                error = {
+                    "ErrorCode": f"{kind}_ERROR_FROM_MODEL",
+                    "LogStreamArn": f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/aws/sagemaker/Endpoints/{name}",
+                    "Message": f"Received {kind.lower()} error ({answer.status_code}) from primary with message "
+                    f'"{answer.text}".',
+                    "OriginalMessage": answer.text,
+                    "OriginalStatusCode": answer.status_code,
+                }
+                return self.reply(424, error, "ModelError")
+
+            def reply(self, status: int, body: dict, error_type: str) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("x-amzn-ErrorType", error_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # quiet: the tests read ``calls``
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
