@@ -21,8 +21,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_CONFIGS = ("configs/train.json", "configs/evaluate.json", "configs/multi_gpu_train.json")
 ALIASES = {"epochs": "max_epochs"}
-# Read by the entry script, not the bundle: the datalist split and whether to evaluate after training.
-JOB_SETTINGS = {"val_frac": 0.15, "test_frac": 0.15, "split_seed": 0, "evaluate": True}
+# Read by the entry script, not the bundle: the datalist split, whether to evaluate after training, and
+# two folders ("": none) the launcher sets to the container's synced paths: the bundle's checkpoint
+# folder (resume checkpoint, best model, history; SageMaker syncs it with S3 across spot restarts) and
+# its TensorBoard folder.
+JOB_SETTINGS = {
+    "val_frac": 0.15,
+    "test_frac": 0.15,
+    "split_seed": 0,
+    "evaluate": True,
+    "checkpoint_dir": "",
+    "tensorboard_dir": "",
+}
 SET_BY_THE_JOB = ("bundle_root", "ckpt_dir", "output_dir", "cache_dir", "dataset_dir", "datalist")
 
 
@@ -96,6 +106,9 @@ def job_settings(settings: dict[str, str]) -> dict:
     """The entry script's own settings, typed, defaults filled in; a malformed value is a HyperparameterError."""
     typed = dict(JOB_SETTINGS)
     for key, value in settings.items():
+        if isinstance(JOB_SETTINGS[key], str):  # a path, taken as typed
+            typed[key] = value
+            continue
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:

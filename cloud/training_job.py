@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,8 @@ CHANNEL = "training"
 TRAIN = "configs/train.json"
 TRAIN_DDP = "['configs/train.json','configs/multi_gpu_train.json']"
 EVALUATE = "['configs/train.json','configs/evaluate.json']"
-# What evaluation and training leave that belongs in SM_OUTPUT_DATA_DIR (SageMaker uploads it as output.tar.gz).
+# What evaluation and training leave that belongs in SM_OUTPUT_DATA_DIR (SageMaker uploads it as output.tar.gz):
+# under the work folder, and under the checkpoint folder.
 OUTPUTS = (
     "eval/metrics.json",
     "eval/predictions.csv",
@@ -34,10 +36,11 @@ OUTPUTS = (
     "eval/reliability.png",
     "eval/malignant_roc.png",
     "eval/training_curves.png",
-    "models/history.json",
-    "models/model.json",
     "datalist.json",
 )
+CHECKPOINT_OUTPUTS = ("history.json", "model.json")
+# How much of a failed bundle run's stderr is kept to find its cause (a MONAI traceback runs to ~8 kB).
+STDERR_TAIL = 256 * 1024
 
 
 class JobError(RuntimeError):
@@ -57,6 +60,7 @@ class Container:
     rank: int
     world_size: int
     hyperparameters: dict
+    job_name: str = ""
 
     @classmethod
     def from_env(cls, env: dict, argv: list[str]) -> Container:
@@ -78,6 +82,7 @@ class Container:
             rank=int(env.get("RANK", "0")),
             world_size=int(env.get("WORLD_SIZE", "1")),
             hyperparameters=json.loads(env.get("SM_HPS") or "{}") | cli_hyperparameters(argv),
+            job_name=env.get("TRAINING_JOB_NAME", ""),
         )
 
 
@@ -118,13 +123,52 @@ def bundle_command(config_file: str, overrides: dict[str, str]) -> list[str]:
 
 
 def run_bundle(config_file: str, overrides: dict[str, str], what: str) -> None:
-    """Run one bundle command from the bundle root, its output going to the job's log."""
+    """Run one bundle command from the bundle root, its output going to the job's log.
+
+    Its stderr passes through as it comes, and its end is kept: when the run fails, the exception that
+    caused it becomes the JobError's message, so the job's failure reason says why (e.g. a resume
+    checkpoint of another dataset) rather than only that it failed.
+    """
     print(
         f"[rank {os.environ.get('RANK', '0')}] {what}: {' '.join(bundle_command(config_file, overrides))}", flush=True
     )
-    result = subprocess.run(bundle_command(config_file, overrides), cwd=REPO)
-    if result.returncode != 0:
-        raise JobError(f"{what} failed (monai.bundle exit status {result.returncode}); its output is above")
+    process = subprocess.Popen(bundle_command(config_file, overrides), cwd=REPO, stderr=subprocess.PIPE)
+    tail = bytearray()
+    while chunk := os.read(process.stderr.fileno(), 65536):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.buffer.flush()
+        tail = (tail + chunk)[-STDERR_TAIL:]
+    process.stderr.close()
+    returncode = process.wait()
+    if returncode != 0:
+        cause = failure_cause(tail.decode(errors="replace"))
+        raise JobError(
+            f"{what} failed (monai.bundle exit status {returncode})"
+            + (f": {cause}" if cause else "; its output is above")
+        )
+
+
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)(?::\s.*)?$")
+
+
+def failure_cause(stderr: str) -> str | None:
+    """The exception at the root of the last traceback in ``stderr``: Python prints a chain's cause
+    first, and MONAI wraps a failing config expression in a RuntimeError naming only the expression."""
+    lines = stderr.splitlines()
+    starts = [index for index, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return None
+    # the last chain: its first traceback follows the last line that is neither traceback nor chaining text
+    first = starts[-1]
+    for index in reversed(starts[:-1]):
+        between = lines[index:first]
+        if not any("direct cause of the following" in line or "another exception occurred" in line for line in between):
+            break
+        first = index
+    for line in lines[first:]:
+        if EXCEPTION_LINE.match(line):
+            return line.strip()
+    return None
 
 
 def run(container: Container, work_dir: Path) -> None:
@@ -157,7 +201,15 @@ def run(container: Container, work_dir: Path) -> None:
         records, val_frac=settings["val_frac"], test_frac=settings["test_frac"], seed=settings["split_seed"]
     )
     datalist = data.write_datalist(splits, work_dir / "datalist.json", data_dir)
-    paths = {"bundle_root": str(work_dir), "dataset_dir": str(data_dir), "datalist": str(datalist)}
+    paths = {
+        "bundle_root": str(work_dir),
+        "ckpt_dir": str(checkpoint_dir(work_dir, settings)),
+        "dataset_dir": str(data_dir),
+        "datalist": str(datalist),
+    }
+    if settings["tensorboard_dir"]:
+        # one folder per job: TensorBoard pointed at the S3 prefix then shows each job as a run of its own
+        paths["tensorboard_dir"] = str(Path(settings["tensorboard_dir"]) / (container.job_name or "local"))
     distributed = container.world_size > 1
     run_bundle(
         TRAIN_DDP if distributed else TRAIN,
@@ -168,17 +220,28 @@ def run(container: Container, work_dir: Path) -> None:
         return
     if settings["evaluate"]:
         run_bundle(EVALUATE, paths | overrides, "evaluation")
-    write_results(work_dir, container)
+    write_results(work_dir, Path(paths["ckpt_dir"]), container)
 
 
-def write_results(work_dir: Path, container: Container) -> None:
+def checkpoint_dir(work_dir: Path, settings: dict) -> Path:
+    """The bundle's ckpt_dir: the job's checkpoint folder when it has one (a run restarted on it resumes
+    from its checkpoint_last.pt, keeping its history and best model), else a scratch folder."""
+    if not settings["checkpoint_dir"]:
+        return work_dir / "models"
+    folder = Path(settings["checkpoint_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_results(work_dir: Path, ckpt_dir: Path, container: Container) -> None:
     from cloud.model_dir import model_files, write_directory
 
-    write_directory(model_files(REPO, work_dir / "models" / "model.pt"), container.model_dir)
+    write_directory(model_files(REPO, ckpt_dir / "model.pt"), container.model_dir)
     container.output_data_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
-        if (work_dir / name).is_file():
-            shutil.copyfile(work_dir / name, container.output_data_dir / Path(name).name)
+    found = [work_dir / name for name in OUTPUTS] + [ckpt_dir / name for name in CHECKPOINT_OUTPUTS]
+    for path in found:
+        if path.is_file():
+            shutil.copyfile(path, container.output_data_dir / path.name)
     print(
         f"model directory {container.model_dir} (the endpoint's model.tar.gz); metrics and plots in "
         f"{container.output_data_dir}",

@@ -3,6 +3,8 @@
     python scripts/sagemaker_train.py --data s3://BUCKET/ham10000/ [--role ARN --region R --bucket B]
         [--instance_type ml.g5.xlarge --instance_count 1 --gpus_per_instance N --torchrun true]
         [--image URI] [--max_runtime_s 86400 --volume_gb 50 --prefix skin-lesion] [--wait]
+        [--spot true --max_wait_s 172800] [--retry_attempts 2] [--checkpoint_s3 s3://BUCKET/checkpoints/run1]
+        [--tensorboard true] [--input_mode File|FastFile]
         [--epochs 30 --image_size "[224,224]" --batch_size 256 --learning_rate 0.001 --imbalance loss ...]
 
 ``--data`` is the HAM10000 folder in S3 (metadata CSV plus images, either layout), the job's 'training'
@@ -13,6 +15,15 @@ SDK's torchrun driver starts one process per GPU (``--gpus_per_instance`` to cho
 instance; ``--torchrun false`` runs one plain process. The image defaults to AWS's PyTorch training
 container for the instance type. Prints the job name and the model artifact's S3 URI, which
 ``scripts/sagemaker_deploy.py deploy`` takes as it is.
+
+Production settings (docs/SAGEMAKER.md, *Production*): ``--spot true`` trains on managed spot capacity,
+waiting up to ``--max_wait_s`` (default: ``--max_runtime_s``) for it; ``--retry_attempts N`` (0, the
+default: off) retries a job that failed on a transient error (e.g. no capacity). Either gives the job a
+checkpoint configuration: the container's ``/opt/ml/checkpoints``, synced with ``--checkpoint_s3``
+(default: beside the job's artifacts), is the bundle's checkpoint folder, so a restarted job resumes. The
+job always reports its metrics (``cloud.job_metrics``) to SageMaker; ``--tensorboard`` (on by default)
+uploads the bundle's TensorBoard files. ``--input_mode FastFile`` streams the data channel from S3
+instead of copying it first (``File``, the default: see the measurements in docs/SAGEMAKER.md).
 """
 
 import shutil
@@ -41,6 +52,13 @@ SOURCE = {
 # Installed by the SDK's driver in the training container, whose image brings torch.
 CONTAINER_REQUIREMENTS = "monai[fire,pillow,ignite,tqdm,tensorboard]==1.6.1\nmatplotlib\n"
 CHANNEL = "training"
+# SageMaker's own defaults for the container's folders that it syncs with S3 while the job runs.
+CHECKPOINT_PATH = "/opt/ml/checkpoints"
+TENSORBOARD_PATH = "/opt/ml/output/tensorboard"
+INPUT_MODES = ("File", "FastFile")
+MAX_RETRY_ATTEMPTS = 30  # the API's limit (RetryStrategy.MaximumRetryAttempts)
+# The job settings the launcher sets from its own options, never typed as hyperparameters.
+SET_BY_THE_LAUNCHER = {"checkpoint_dir": "--spot true or --retry_attempts", "tensorboard_dir": "--tensorboard"}
 
 
 def stage_source(folder: Path) -> Path:
@@ -70,6 +88,12 @@ def launch(
     volume_gb: int = 50,
     prefix: str = "skin-lesion",
     wait: bool = False,
+    spot: bool = False,
+    max_wait_s: int = None,
+    retry_attempts: int = 0,
+    checkpoint_s3: str = None,
+    tensorboard: bool = True,
+    input_mode: str = "File",
     **hyperparameters,
 ) -> None:
     """Check everything, upload the bundle and start the training job; print its name and model artifact."""
@@ -86,12 +110,16 @@ def launch(
             max_runtime_s,
             hyperparameters,
         )
+        job |= _production(job, spot, max_wait_s, retry_attempts, checkpoint_s3, tensorboard, input_mode, prefix)
         wait = aws.boolean(wait, "--wait")
     except (aws.SetupError, HyperparameterError) as error:
         sys.exit(f"error: {error}")
-    name, artifact = start(job, image, volume_gb, prefix, wait)
-    print(f"training job: {name}")
-    print(f"model artifact: {artifact}")
+    started = start(job, image, volume_gb, prefix, wait)
+    print(f"training job: {started['name']}")
+    print(f"model artifact: {started['artifact']}")
+    for what in ("checkpoints", "tensorboard"):
+        if started.get(what):
+            print(f"{what}: {started[what]}")
 
 
 def _checked(
@@ -131,12 +159,75 @@ def _checked(
     }
 
 
-def start(job: dict, image: str | None, volume_gb: int, prefix: str, wait: bool) -> tuple[str, str]:
-    """Upload the source and create the job; return its name and its model artifact's S3 URI."""
+def _production(job, spot, max_wait_s, retry_attempts, checkpoint_s3, tensorboard, input_mode, prefix) -> dict:
+    """The spot, retry, checkpoint, TensorBoard and input-mode options, checked; the hyperparameters the
+    entry script then needs (its checkpoint and TensorBoard folders) added to the job's."""
+    spot = aws.boolean(spot, "--spot")
+    tensorboard = aws.boolean(tensorboard, "--tensorboard")
+    for key, option in SET_BY_THE_LAUNCHER.items():
+        if key in job["hyperparameters"]:
+            raise aws.SetupError(f"--{key} is set by the launcher ({option}), not passed as a hyperparameter")
+    if (
+        isinstance(retry_attempts, bool)
+        or not isinstance(retry_attempts, int)
+        or not 0 <= retry_attempts <= MAX_RETRY_ATTEMPTS
+    ):
+        raise aws.SetupError(
+            f"--retry_attempts must be a whole number from 0 (off) to {MAX_RETRY_ATTEMPTS}, not {retry_attempts!r}"
+        )
+    if max_wait_s is not None:
+        if not spot:
+            raise aws.SetupError("--max_wait_s is the wait for spot capacity: it needs --spot true")
+        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, int) or max_wait_s < job["max_runtime_s"]:
+            raise aws.SetupError(
+                f"--max_wait_s must be a whole number of seconds, at least --max_runtime_s ({job['max_runtime_s']}): "
+                f"it counts the training time plus the wait for spot capacity, not {max_wait_s!r}"
+            )
+    checkpoints = spot or retry_attempts > 0
+    if checkpoint_s3 is not None:
+        if not checkpoints:
+            raise aws.SetupError("--checkpoint_s3 needs checkpoints: pass --spot true or --retry_attempts N")
+        aws.s3_uri(checkpoint_s3, "--checkpoint_s3")
+    if input_mode not in INPUT_MODES:
+        raise aws.SetupError(
+            f"--input_mode must be one of {', '.join(INPUT_MODES)}, not {input_mode!r} "
+            "(Pipe streams record files; the bundle reads image files: FastFile streams those)"
+        )
+    hyperparameters = dict(job["hyperparameters"])
+    if checkpoints:
+        hyperparameters["checkpoint_dir"] = CHECKPOINT_PATH
+    if tensorboard:
+        hyperparameters["tensorboard_dir"] = TENSORBOARD_PATH
+    return {
+        "spot": spot,
+        "max_wait_s": (max_wait_s or job["max_runtime_s"]) if spot else None,
+        "retry_attempts": retry_attempts,
+        "checkpoints": checkpoints,
+        "checkpoint_s3": checkpoint_s3,
+        "tensorboard_s3": f"s3://{job['bucket']}/{prefix}/tensorboard" if tensorboard else None,
+        "input_mode": input_mode,
+        "hyperparameters": hyperparameters,
+    }
+
+
+def start(job: dict, image: str | None, volume_gb: int, prefix: str, wait: bool) -> dict:
+    """Upload the source and create the job; return its name, its model artifact's S3 URI and, when
+    the job has them, its checkpoint and TensorBoard S3 URIs."""
     session = aws.session(job["region"], job["bucket"])
-    from sagemaker.core.training.configs import Compute, InputData, OutputDataConfig, SourceCode, StoppingCondition
+    from sagemaker.core.shapes import Channel, DataSource, S3DataSource
+    from sagemaker.core.training.configs import (
+        CheckpointConfig,
+        Compute,
+        OutputDataConfig,
+        RetryStrategy,
+        SourceCode,
+        StoppingCondition,
+        TensorBoardOutputConfig,
+    )
     from sagemaker.train import ModelTrainer
     from sagemaker.train.distributed import Torchrun
+
+    from cloud.job_metrics import metric_definitions
 
     output_path = f"s3://{job['bucket']}/{prefix}/output"
     with tempfile.TemporaryDirectory(prefix="skin-lesion-source-") as folder:
@@ -150,22 +241,51 @@ def start(job: dict, image: str | None, volume_gb: int, prefix: str, wait: bool)
             ),
             distributed=Torchrun(process_count_per_node=job["gpus_per_instance"]) if job["torchrun"] else None,
             compute=Compute(
-                instance_type=job["instance_type"], instance_count=job["instance_count"], volume_size_in_gb=volume_gb
+                instance_type=job["instance_type"],
+                instance_count=job["instance_count"],
+                volume_size_in_gb=volume_gb,
+                enable_managed_spot_training=job["spot"] or None,
             ),
-            stopping_condition=StoppingCondition(max_runtime_in_seconds=job["max_runtime_s"]),
+            stopping_condition=StoppingCondition(
+                max_runtime_in_seconds=job["max_runtime_s"], max_wait_time_in_seconds=job["max_wait_s"]
+            ),
             output_data_config=OutputDataConfig(s3_output_path=output_path),
             hyperparameters=job["hyperparameters"],
+            training_input_mode=job["input_mode"],
+        ).with_metric_definitions(metric_definitions())
+        if job["checkpoints"]:
+            # without an S3 URI the SDK picks s3://<bucket>/<prefix>/<job name>/checkpoints
+            trainer.with_checkpoint_config(CheckpointConfig(s3_uri=job["checkpoint_s3"], local_path=CHECKPOINT_PATH))
+        if job["tensorboard_s3"]:
+            trainer.with_tensorboard_output_config(
+                TensorBoardOutputConfig(s3_output_path=job["tensorboard_s3"], local_path=TENSORBOARD_PATH)
+            )
+        if job["retry_attempts"]:
+            trainer.with_retry_strategy(RetryStrategy(maximum_retry_attempts=job["retry_attempts"]))
+        # The SDK gives every channel it builds InputMode File, which outranks the job's training_input_mode:
+        # the data channel is built here with the chosen mode (the code and driver channels stay File).
+        data_channel = Channel(
+            channel_name=CHANNEL,
+            data_source=DataSource(
+                s3_data_source=S3DataSource(
+                    s3_data_type="S3Prefix", s3_uri=job["data"], s3_data_distribution_type="FullyReplicated"
+                )
+            ),
+            input_mode=job["input_mode"],
         )
-        trainer.train(
-            input_data_config=[InputData(channel_name=CHANNEL, data_source=job["data"])], wait=wait, logs=wait
-        )
+        trainer.train(input_data_config=[data_channel], wait=wait, logs=wait)
     training_job = trainer._latest_training_job  # the SDK keeps the job it created only here
     name = training_job.training_job_name
-    artifact = f"{output_path}/{name}/output/model.tar.gz"
+    started = {
+        "name": name,
+        "artifact": f"{output_path}/{name}/output/model.tar.gz",
+        "checkpoints": trainer.checkpoint_config.s3_uri if trainer.checkpoint_config else None,
+        "tensorboard": job["tensorboard_s3"],
+    }
     if wait:
         training_job.refresh()
-        artifact = training_job.model_artifacts.s3_model_artifacts
-    return name, artifact
+        started["artifact"] = training_job.model_artifacts.s3_model_artifacts
+    return started
 
 
 if __name__ == "__main__":

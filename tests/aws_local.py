@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -82,19 +83,66 @@ def local_aws(tmp_path: Path):
 @contextlib.contextmanager
 def strip_moto_empty_fields():
     """Drop the empty VpcConfig / DataCaptureConfig dicts from moto's SageMaker replies, in this process."""
-    import botocore.session
 
     def strip(parsed, **_):
         for key in ("VpcConfig", "DataCaptureConfig"):
             if parsed.get(key) == {}:
                 del parsed[key]
 
+    with _on_every_sagemaker_client("after-call.sagemaker", strip):
+        yield
+
+
+@contextlib.contextmanager
+def record_training_job_requests(path: Path):
+    """Append each CreateTrainingJob request this process sends (its parameters, as botocore is handed
+    them) to ``path`` as a JSON line. moto replaces a job's MetricDefinitions with canned ones and drops
+    its RetryStrategy, so a test reads what the launcher asked AWS for here."""
+
+    def record(params, **_):
+        with open(path, "a") as file:
+            file.write(json.dumps(params, default=str) + "\n")
+
+    with _on_every_sagemaker_client("before-parameter-build.sagemaker.CreateTrainingJob", record):
+        yield
+
+
+def recorded_training_job_request(path: Path, job_name: str) -> dict:
+    """The CreateTrainingJob request of ``job_name`` that ``record_training_job_requests`` wrote to ``path``."""
+    requests = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    (request,) = [request for request in requests if request["TrainingJobName"] == job_name]
+    return request
+
+
+def recording_hooks(folder: Path, record_to: Path | None = None) -> dict:
+    """The environment that installs, in a CLI's own process, the moto fix-ups above (a test-only
+    ``sitecustomize.py`` in ``folder``) and, with ``record_to``, the request recorder."""
+    from tests.bundle_runs import REPO
+
+    lines = [
+        "import sys",
+        f"sys.path.insert(0, {str(REPO)!r})",
+        "from tests.aws_local import record_training_job_requests, strip_moto_empty_fields",
+        "HOOKS = [strip_moto_empty_fields()]  # kept: a collected generator would undo the patch",
+    ]
+    if record_to is not None:
+        lines.append(f"HOOKS.append(record_training_job_requests({str(record_to)!r}))")
+    lines.append("for hook in HOOKS:\n    hook.__enter__()")
+    (folder / "sitecustomize.py").write_text("\n".join(lines) + "\n")
+    return {"PYTHONPATH": str(folder)}
+
+
+@contextlib.contextmanager
+def _on_every_sagemaker_client(event: str, handler):
+    """Register ``handler`` for ``event`` on every SageMaker client created in this process meanwhile."""
+    import botocore.session
+
     original = botocore.session.Session.create_client
 
     def create_client(self, service_name, *args, **kwargs):
         client = original(self, service_name, *args, **kwargs)
         if service_name == "sagemaker":
-            client.meta.events.register("after-call.sagemaker", strip)
+            client.meta.events.register(event, handler)
         return client
 
     botocore.session.Session.create_client = create_client
@@ -142,10 +190,14 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
         folder = opt_ml / "input" / "data" / channel["ChannelName"]
         download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"], folder)
         channels[channel["ChannelName"]] = {
-            "TrainingInputMode": "File",
+            "TrainingInputMode": channel.get("InputMode", job["AlgorithmSpecification"]["TrainingInputMode"]),
             "S3DistributionType": "FullyReplicated",
             "RecordWrapperType": "None",
         }
+    if job.get("CheckpointConfig"):  # a (re)started job finds what earlier runs synced to S3
+        local = local_path(opt_ml, job["CheckpointConfig"].get("LocalPath", "/opt/ml/checkpoints"))
+        local.mkdir(parents=True)
+        download_prefix(job["CheckpointConfig"]["S3Uri"], local)
     config = opt_ml / "input" / "config"
     config.mkdir(parents=True)
     (config / "resourceconfig.json").write_text(
@@ -160,7 +212,11 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
         )
     )
     (config / "inputdataconfig.json").write_text(json.dumps(channels))
-    (config / "hyperparameters.json").write_text(json.dumps(job.get("HyperParameters", {})))
+    # hyperparameters naming the container's folders (checkpoint_dir, tensorboard_dir) point into ``root``
+    hyperparameters = {
+        key: value.replace("/opt/ml", str(opt_ml)) for key, value in job.get("HyperParameters", {}).items()
+    }
+    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
     for folder in ("model", "output/data"):
         (opt_ml / folder).mkdir(parents=True)
     for script in (opt_ml / "input" / "data" / "sm_drivers").rglob("*"):
@@ -171,8 +227,24 @@ def simulated_container(job: dict, root: Path, host: str, master_port: int) -> P
     return opt_ml
 
 
+def local_path(opt_ml: Path, container_path: str) -> Path:
+    """Where the container's ``/opt/ml/...`` folder lies in the simulated ``opt_ml``."""
+    return opt_ml / Path(container_path).relative_to("/opt/ml")
+
+
+def sync_checkpoints(job: dict, opt_ml: Path) -> None:
+    """Upload the container's checkpoint folder to the job's checkpoint URI, as SageMaker does while the
+    job runs and when spot capacity is reclaimed."""
+    config = job["CheckpointConfig"]
+    bucket, _, prefix = config["S3Uri"].removeprefix("s3://").partition("/")
+    upload_folder(local_path(opt_ml, config.get("LocalPath", "/opt/ml/checkpoints")), bucket, prefix.rstrip("/"))
+
+
 def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
-    """Run the job's sm_train.sh as the container would (``/bin/bash -c``), with this venv's python first on PATH."""
+    """Run the job's sm_train.sh as the container would (``/bin/bash -c``), with this venv's python first on PATH.
+
+    It leads a process group of its own: a test stops the whole container (driver, torchrun, bundle) at
+    once, as a reclaimed spot instance is stopped."""
     env = dict(
         os.environ,
         TRAINING_JOB_NAME=job_name,
@@ -190,6 +262,7 @@ def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
@@ -247,3 +320,94 @@ def inference_toolkit(model_dir: Path, scratch: Path):
     finally:
         server.send_signal(signal.SIGTERM)  # it passes SIGTERM on to TorchServe
         server.wait(timeout=120)
+
+
+class SageMakerRuntimeFront:
+    """sagemaker-runtime's InvokeEndpoint on loopback, in front of real model servers: what AWS's
+    runtime front does between a client and an endpoint's container, for clients pointed at it through
+    ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME`` (moto's runtime only replays canned answers).
+
+    ``endpoints`` maps an endpoint name to its container's URL (SageMaker's ``/invocations`` route). As
+    AWS does, it passes the body, content type and accept header on; returns a 2xx answer as it is;
+    wraps a non-2xx answer in a 424 ModelError carrying the container's status and body
+    (``OriginalStatusCode``, ``OriginalMessage``); answers an unknown endpoint with ValidationError and
+    an unreachable container with ServiceUnavailable. ``throttle(n)`` answers the next n calls with
+    ThrottlingException, as an account over its invocation quota is. ``calls`` lists the endpoint of
+    every call received.
+    """
+
+    def __init__(self, endpoints: dict[str, str]) -> None:
+        self.endpoints = dict(endpoints)
+        self.calls: list[str] = []
+        self._throttled = 0
+        self._server = None
+
+    def throttle(self, count: int) -> None:
+        self._throttled = count
+
+    def __enter__(self) -> str:
+        import http.server
+        import threading
+
+        import requests
+
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                match = re.fullmatch(r"/endpoints/([^/]+)/invocations", self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not match:
+                    return self.reply(404, {"message": f"unknown route {self.path}"}, "UnknownOperationException")
+                front.calls.append(name := match[1])
+                if front._throttled > 0:
+                    front._throttled -= 1
+                    return self.reply(400, {"message": "Rate exceeded"}, "ThrottlingException")
+                if name not in front.endpoints:
+                    message = f"Endpoint {name} of account {ACCOUNT} not found."
+                    return self.reply(400, {"message": message}, "ValidationError")
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
+                try:
+                    answer = requests.post(
+                        f"{front.endpoints[name]}/invocations", data=body, headers=headers, timeout=60
+                    )
+                except requests.ConnectionError:
+                    return self.reply(503, {"message": f"endpoint {name} is not reachable"}, "ServiceUnavailable")
+                if answer.ok:
+                    self.send_response(200)
+                    self.send_header("Content-Type", answer.headers.get("Content-Type", "application/json"))
+                    self.send_header("x-Amzn-Invoked-Production-Variant", "AllTraffic")
+                    self.send_header("Content-Length", str(len(answer.content)))
+                    self.end_headers()
+                    self.wfile.write(answer.content)
+                    return None
+                kind = "CLIENT" if answer.status_code < 500 else "SERVER"
+                error = {
+                    "ErrorCode": f"{kind}_ERROR_FROM_MODEL",
+                    "LogStreamArn": f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/aws/sagemaker/Endpoints/{name}",
+                    "Message": f"Received {kind.lower()} error ({answer.status_code}) from primary with message "
+                    f'"{answer.text}".',
+                    "OriginalMessage": answer.text,
+                    "OriginalStatusCode": answer.status_code,
+                }
+                return self.reply(424, error, "ModelError")
+
+            def reply(self, status: int, body: dict, error_type: str) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("x-amzn-ErrorType", error_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # quiet: the tests read ``calls``
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()

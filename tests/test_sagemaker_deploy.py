@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.aws_local import BUCKET, ROLE, local_aws, require, upload_folder
+from tests.aws_local import BUCKET, ROLE, local_aws, recording_hooks, require, upload_folder
 from tests.bundle_runs import REPO
 from tests.serving import bundle_with_random_weights
 
@@ -16,15 +16,10 @@ BYOC_IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/skin-lesion-torchserv
 
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory):
-    hooks = tmp_path_factory.mktemp("hooks")
     # The CLI runs in its own process: moto's empty VpcConfig/DataCaptureConfig are stripped there too.
-    (hooks / "sitecustomize.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
-        "from tests.aws_local import strip_moto_empty_fields\n"
-        "HOOK = strip_moto_empty_fields()  # kept: a collected generator would undo the patch\nHOOK.__enter__()\n"
-    )
+    hooks = recording_hooks(tmp_path_factory.mktemp("hooks"))
     with local_aws(tmp_path_factory.mktemp("aws")) as env:
-        env["PYTHONPATH"] = str(hooks)
+        env.update(hooks)
         require("sagemaker.serve")  # within the region: importing it without one raises NoRegionError
         yield env
 

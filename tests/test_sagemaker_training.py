@@ -88,7 +88,8 @@ def test_the_launched_job_has_the_image_instances_hyperparameters_data_and_sourc
     assert job["ResourceConfig"]["InstanceCount"] == 1
     assert job["StoppingCondition"]["MaxRuntimeInSeconds"] == 86400  # not the SDK's 3600 s
     assert job["RoleArn"] == ROLE
-    assert job["HyperParameters"] == HYPERPARAMETERS
+    # and the TensorBoard folder the launcher sets (tests/test_sagemaker_production.py)
+    assert job["HyperParameters"] == HYPERPARAMETERS | {"tensorboard_dir": "/opt/ml/output/tensorboard"}
     assert channel(job, "training") == aws["data"]
     code = channel(job, "code")
     assert code.startswith(f"s3://{BUCKET}/")
