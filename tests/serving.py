@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from monai.networks.nets import DenseNet121
 from PIL import Image
@@ -45,6 +46,17 @@ SERVED_FIELDS = frozenset(
 FLAGGED_FIELDS = frozenset(
     {"class", "label", "out_of_distribution", "ood_score", "ood_threshold", "ood_method", "reason"}
 )
+
+
+def assert_well_formed(answer: dict) -> None:
+    """An answer is either a diagnosis (SERVED_FIELDS, probabilities summing to 1) or, for an image the
+    out-of-distribution guard flags, the flag without one (FLAGGED_FIELDS): which one depends on the
+    weights and the image, its shape never does."""
+    if answer["out_of_distribution"]:
+        assert set(answer) == FLAGGED_FIELDS and answer["class"] is None and answer["reason"]
+    else:
+        assert set(answer) == SERVED_FIELDS and answer["class"] in answer["probabilities"]
+        assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-4)
 
 
 def bundle_with_random_weights(root: Path, seed: int = 0, trained_image_size: list[int] | None = None) -> Path:
