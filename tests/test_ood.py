@@ -164,3 +164,59 @@ def test_a_new_fit_replaces_the_old_file_only_once_the_sidecar_names_it(guarded,
     ood.remove_stale(weights)
     assert [path.name for path in tmp_path.glob(ood.GUARD_GLOB)] == [second["file"]]
     assert ood.Guard.from_sidecar(weights, "knn").threshold == 1.0
+
+
+def test_the_measurement_scores_every_set_and_method_against_the_test_split(guarded, synthetic_dir, tmp_path):
+    """scripts/evaluate_ood.py as users run it: built-in sets, a folder of one's own, the guard's cost."""
+    import subprocess
+    import sys
+
+    from tests.bundle_runs import REPO
+
+    def script(name: str, *arguments) -> str:
+        result = subprocess.run(
+            [sys.executable, REPO / "scripts" / name, *map(str, arguments)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
+    datalist = tmp_path / "datalist.json"
+    script("prepare_data.py", "--dataset_dir", synthetic_dir, "--output", datalist)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "green.jpg").write_bytes(out_of_distribution_image())
+    output = tmp_path / "ood.json"
+    printed = script(
+        "evaluate_ood.py",
+        *("--bundle_root", guarded, "--dataset_dir", synthetic_dir, "--datalist", datalist),
+        *("--folders", json.dumps({"mine": str(mine)}), "--latency_batches", 2, "--output", output),
+    )
+    results = json.loads(output.read_text())
+    n_test = len(json.loads(datalist.read_text())["testing"])
+    assert results["in_distribution"]["n"] == n_test and results["served_method"] == "mahalanobis"
+    far = {"far_photos", "far_synthetic", "far_medical"}
+    near = {"near_blurred", "near_cropped", "near_inverted", "near_greyscale", "near_rotated_black_borders"}
+    assert set(results["sets"]) == {"mine", "far_all"} | far | near
+    for name, by_method in results["sets"].items():
+        assert set(by_method) == set(ood.METHODS), name
+        for scores in by_method.values():
+            assert scores["n"] > 0 and 0 <= scores["auroc"] <= 1 and 0 <= scores["flagged"] <= 1
+    assert results["sets"]["far_all"]["knn"]["n"] == sum(results["sets"][name]["knn"]["n"] for name in far)
+    assert results["sets"]["mine"]["mahalanobis"] == {"n": 1, "auroc": 1.0, "fpr_at_95_tpr": 0.0, "flagged": 1.0}
+    assert results["latency"]["ratio"] > 0 and "RESULT guard_latency_ratio=" in printed
+    # one's own folders alone, as the command line spells it
+    script(
+        "evaluate_ood.py",
+        *("--bundle_root", guarded, "--dataset_dir", synthetic_dir, "--datalist", datalist),
+        *("--folders", json.dumps({"mine": str(mine)}), "--builtin", "false", "--latency_batches", 0),
+        *("--output", output),
+    )
+    assert set(json.loads(output.read_text())["sets"]) == {"mine"}
+
+    # the same built-in sets, written as files for other tools
+    written = tmp_path / "sets"
+    script("ood_sets.py", "--output_dir", written, "--dataset_dir", synthetic_dir, "--datalist", datalist)
+    counts = json.loads((written / "sets.json").read_text())
+    assert set(counts) == far | near
+    for name, count in counts.items():
+        assert len(list((written / name).glob("*.jpg"))) == count == results["sets"][name]["msp"]["n"], name

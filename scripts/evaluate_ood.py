@@ -1,0 +1,230 @@
+"""Measure the out-of-distribution guard: score folders of images against the model's in-distribution test split.
+
+    python scripts/evaluate_ood.py --dataset_dir D --datalist data/datalist.json \
+        [--bundle_root .] [--weights models/model.pt] [--folders '{"mine": "path/to/folder"}'] \
+        [--builtin true] [--output eval/ood.json] [--latency_batches 20]
+
+Every image goes through the served path (``bundle.predictor.Predictor``: the bundle's preprocessing,
+inferer and one forward pass) as JPEG bytes or as its file's bytes. For every method of ``bundle.ood`` and
+every set (the ``folders`` given, and with ``builtin`` the far and near sets of ``scripts/ood_sets.py``) it
+reports, with the out-of-distribution images as positives against the test split:
+
+- ``auroc``: the ROC AUC of the score;
+- ``fpr_at_95_tpr``: the share of the set's images scoring at or under the score that keeps 95% of the test
+  split (the images a guard tuned on test would still let through);
+- ``flagged``: the share the served guard flags, at its threshold fitted on validation;
+
+``far_all`` pools every far set (``far_*``). Per method it also reports the share of test images flagged, in
+all and per class. Images serving refuses (too small, unreadable) never reach the guard: they are left out
+and counted per set under ``refused``.
+
+Then what the guard costs a served batch: ``Predictor.predict`` on batches of 8 test images, with the guard and
+without it (its hook removed, no score), one after the other per batch so that both see the same machine; it
+prints ``RESULT guard_latency_ratio=<median with / median without>``.
+
+Prints the tables as Markdown (docs/RESULTS.md) and writes everything to ``output``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import ood_sets  # noqa: E402
+
+from bundle import ood  # noqa: E402
+from bundle.data import IMAGE_SUFFIXES, load_datalist  # noqa: E402
+from bundle.flags import as_bool  # noqa: E402
+from bundle.labels import CLASS_NAMES  # noqa: E402
+from bundle.metrics import binary_auc  # noqa: E402
+from bundle.predictor import Predictor  # noqa: E402
+
+BATCH = 64
+LATENCY_BATCH = 8  # the archive's default server batch
+
+
+def _scores(
+    predictor: Predictor, images: list[bytes], statistics: dict, name: str
+) -> tuple[dict[str, np.ndarray], int]:
+    """Every method's score of each image, and how many images serving refuses (e.g. too small to classify):
+    those never reach the guard, so they are left out."""
+    logits, features, refused = [], [], []
+    for start in tqdm(range(0, len(images), BATCH), desc=name, unit="batch", leave=False):
+        batch = []
+        for data in images[start : start + BATCH]:
+            try:
+                batch.append(predictor.preprocess(data))
+            except Exception as error:
+                refused.append(str(error))
+        if batch:
+            batch_logits, batch_features = predictor.forward(torch.stack(batch))
+            logits.append(batch_logits)
+            features.append(batch_features)
+    if refused:
+        tqdm.write(f"{name}: {len(refused)} of {len(images)} images refused by serving, left out (first: {refused[0]})")
+    if not logits:
+        raise ValueError(f"{name}: serving refuses every one of its {len(images)} images (first: {refused[0]})")
+    if any(f is None for f in features):
+        raise ValueError("the network exposes no features (a TorchScript export?): use the state_dict weights")
+    return ood.all_scores(torch.cat(logits), torch.cat(features), statistics), len(refused)
+
+
+def _guard_cost(predictor: Predictor, images: list[bytes], batches: int) -> dict:
+    """Median ``predict`` seconds per batch with and without the guard, paired batch by batch."""
+    guard, tap = predictor.guard, predictor._tap
+    timings: dict[str, list[float]] = {"with": [], "without": []}
+    predictor.predict(images[:LATENCY_BATCH])  # warm-up
+    for index in tqdm(range(batches), desc="latency", unit="batch", leave=False):
+        start = index * LATENCY_BATCH % max(len(images) - LATENCY_BATCH, 1)
+        batch = images[start : start + LATENCY_BATCH]
+        for mode in ("with", "without"):
+            if mode == "without":
+                tap.close()
+                predictor.guard, predictor._tap = None, None
+            began = time.perf_counter()
+            predictor.predict(batch)
+            timings[mode].append(time.perf_counter() - began)
+            if mode == "without":
+                predictor.guard, predictor._tap = guard, ood.FeatureTap(predictor.network)
+                tap = predictor._tap
+    medians = {mode: statistics.median(values) for mode, values in timings.items()}
+    return {
+        "batch_size": LATENCY_BATCH,
+        "batches": batches,
+        "median_s_with_guard": medians["with"],
+        "median_s_without_guard": medians["without"],
+        "ratio": medians["with"] / medians["without"],
+    }
+
+
+def _folder_images(folder: str) -> list[bytes]:
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"--folders: {folder} holds no {'/'.join(IMAGE_SUFFIXES)} image")
+    return [path.read_bytes() for path in paths]
+
+
+def _against(test: np.ndarray, shifted: np.ndarray, threshold: float) -> dict:
+    kept = np.quantile(test, 0.95, method="higher")
+    positives = np.r_[np.zeros(len(test), bool), np.ones(len(shifted), bool)]
+    return {
+        "n": int(len(shifted)),
+        "auroc": binary_auc(np.r_[test, shifted], positives),
+        "fpr_at_95_tpr": float((shifted <= kept).mean()),
+        "flagged": float((shifted > threshold).mean()),
+    }
+
+
+def evaluate(
+    dataset_dir: str,
+    datalist: str,
+    bundle_root: str = str(REPO),
+    weights: str | None = None,
+    folders: dict | None = None,
+    builtin: bool | str = True,
+    split: str = "testing",
+    output: str | None = None,
+    device: str | None = None,
+    latency_batches: int = 20,
+) -> dict:
+    builtin = as_bool(builtin, "--builtin")  # fire hands "--builtin false" over as text
+    predictor = Predictor(bundle_root, weights, device=device)
+    block, statistics = ood.load_fit(predictor.weights)
+    thresholds = block["thresholds"]
+    items = load_datalist(datalist, split, dataset_dir)
+    labels = np.array([int(item["label"]) for item in items])
+    test_images = [Path(item["image"]).read_bytes() for item in items]
+    test, _ = _scores(predictor, test_images, statistics, split)
+
+    sets = {name: _folder_images(folder) for name, folder in (folders or {}).items()}
+    if builtin:
+        built = ood_sets.build([Path(item["image"]) for item in items])
+        sets |= {name: [ood_sets.jpeg(image) for image in images] for name, images in built.items()}
+    results = {
+        "weights": str(predictor.weights),
+        "image_size": predictor.image_size,
+        "served_method": predictor.guard.method if predictor.guard else None,
+        "thresholds": thresholds,
+        "target_share": block["target_share"],
+        "in_distribution": {
+            "split": split,
+            "n": len(items),
+            "flagged_share": {
+                method: ood.flagged_shares(test[method] > thresholds[method], labels, list(CLASS_NAMES))
+                for method in ood.METHODS
+            },
+        },
+        "sets": {},
+        "refused": {},
+    }
+    far: dict[str, list[np.ndarray]] = {method: [] for method in ood.METHODS}
+    for name, images in sets.items():
+        shifted, refused = _scores(predictor, images, statistics, name)
+        if refused:
+            results["refused"][name] = refused
+        results["sets"][name] = {
+            method: _against(test[method], shifted[method], thresholds[method]) for method in ood.METHODS
+        }
+        for method in ood.METHODS if name.startswith("far_") else ():
+            far[method].append(shifted[method])
+    if far[ood.METHODS[0]]:  # the issue's goal is on the far sets together
+        results["sets"]["far_all"] = {
+            method: _against(test[method], np.concatenate(far[method]), thresholds[method]) for method in ood.METHODS
+        }
+    if latency_batches and predictor.guard is not None:
+        results["latency"] = _guard_cost(predictor, test_images, latency_batches)
+    print(_markdown(results))
+    if "latency" in results:
+        latency = results["latency"]
+        print(
+            f"RESULT guard_latency_ratio={latency['ratio']:.3f} with_ms={1000 * latency['median_s_with_guard']:.1f} "
+            f"without_ms={1000 * latency['median_s_without_guard']:.1f} batch={latency['batch_size']}"
+        )
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _markdown(results: dict) -> str:
+    methods = ood.METHODS
+    lines = [
+        "| set | n | " + " | ".join(f"{m} AUROC / FPR@95 / flagged" for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for name, by_method in results["sets"].items():
+        cells = []
+        for method in methods:
+            r = by_method[method]
+            auroc = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
+            cells.append(f"{auroc} / {r['fpr_at_95_tpr']:.3f} / {r['flagged']:.3f}")
+        lines.append(f"| {name} | {next(iter(by_method.values()))['n']} | " + " | ".join(cells) + " |")
+    flagged = results["in_distribution"]["flagged_share"]
+    lines += [
+        "",
+        f"In-distribution ({results['in_distribution']['split']}, n={results['in_distribution']['n']}) flagged "
+        "at the validation threshold:",
+        "",
+        "| method | all | " + " | ".join(CLASS_NAMES) + " |",
+        "|---|---|" + "---|" * len(CLASS_NAMES),
+    ]
+    for method in methods:
+        per_class = flagged[method]["per_class"]
+        cells = ["n/a" if per_class[c] is None else f"{per_class[c]:.3f}" for c in CLASS_NAMES]
+        lines.append(f"| {method} | {flagged[method]['all']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    fire.Fire(evaluate)
