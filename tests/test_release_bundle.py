@@ -23,6 +23,7 @@ import torch
 import yaml
 from monai.networks.nets import DenseNet121
 
+from bundle.data import read_ham10000, split_by_lesion, write_datalist
 from bundle.labels import CLASS_NAMES
 from bundle.ood import guard_file
 from bundle.sidecar import read_sidecar
@@ -275,3 +276,18 @@ def test_a_release_without_trained_weights_names_the_missing_file(tmp_path):
     result = release(root, tmp_path / "dist", expect_ok=False)
     assert f"weights {root / 'models' / 'model.pt'} not found" in result.stderr
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+def test_the_bundle_trains_from_the_zip(downloaded, clean_python, synthetic_dir, tmp_path):
+    """train.json ships too, so the modules it imports do: one epoch from the bundle's folder saves weights with
+    their calibration and out-of-distribution fit."""
+    datalist = write_datalist(
+        split_by_lesion(read_ham10000(synthetic_dir), seed=0), tmp_path / "datalist.json", synthetic_dir
+    )
+    training = ["--dataset_dir", synthetic_dir, "--datalist", datalist, "--bundle_root", tmp_path, "--max_epochs", 1]
+    fast = ["--image_size", json.dumps(TRAINED_SIZE).replace(" ", ""), "--batch_size", 32, "--num_workers", 0]
+    command = [clean_python, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", *training, *fast]
+    run(command, downloaded, clean_env())
+    sidecar = read_sidecar(tmp_path / "models" / "model.pt")
+    assert sidecar["image_size"] == TRAINED_SIZE and sidecar["calibration"] and sidecar["ood"]
+    assert guard_file(tmp_path / "models" / "model.pt").is_file()
