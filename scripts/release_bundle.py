@@ -1,6 +1,6 @@
 """Write the trained bundle as a MONAI model-zoo release: ``dist/<name>_v<version>.zip``.
 
-    python scripts/release_bundle.py [--bundle_root .] [--weights models/model.pt] [--output_dir dist]
+    python scripts/release_bundle.py [--bundle_root DIR] [--weights DIR/models/model.pt] [--output_dir dist]
         [--files_url https://github.com/OWNER/REPO/releases/download/v0.3.0]
 
 The zip holds one folder, ``<name>/`` (``monai.bundle download`` extracts it under ``--bundle_dir``), laid out
@@ -229,7 +229,7 @@ def write_release(
     metadata = json.loads(metadata_file.read_text())
     if not metadata.get("data_license"):
         raise ValueError(f"{metadata_file} has no 'data_license': the release must say under which licence its data is")
-    name = release_name(metadata)
+    bundle_name = release_name(metadata)
     sidecar = read_sidecar(weights)
     # under the names inference.json reads, whatever --weights was called; the guard's is in the sidecar
     models = {"model.pt": weights, "model.json": sidecar_file} | ({guard_file.name: guard_file} if guard_file else {})
@@ -243,11 +243,11 @@ def write_release(
     }
     files |= {f"models/{name}": path.read_bytes() for name, path in models.items()}
     files["large_files.yml"] = large_files_yaml(models, files_url).encode()
-    files["docs/README.md"] = model_card(metadata, name, sidecar, models).encode()
+    files["docs/README.md"] = model_card(metadata, bundle_name, sidecar, models).encode()
     files["LICENSE"] = LICENSE.read_bytes()
 
-    release = Path(output_dir) / f"{name}_v{metadata['version']}.zip"
-    atomic_write(release, lambda partial: write_zip(partial, name, files))
+    release = Path(output_dir) / f"{bundle_name}_v{metadata['version']}.zip"
+    atomic_write(release, lambda partial: write_zip(partial, bundle_name, files))
     return release
 
 
