@@ -16,7 +16,7 @@ BUNDLE_RUN := $(PY) -m monai.bundle run --dataset_dir $(DATASET_DIR) --datalist 
 SERVE_RUN_DIR := runs/serve
 SERVE_DEMO_IMAGES ?= 3
 
-.PHONY: venv venv-sagemaker demo data train evaluate package serve-demo test lint clean
+.PHONY: venv venv-sagemaker demo data train evaluate package release serve-demo test lint clean
 
 venv: $(INSTALLED)
 
@@ -50,6 +50,11 @@ evaluate: venv
 # (also when classifying fails).
 package: venv
 	$(PY) scripts/package_mar.py
+
+# The MONAI model-zoo release of the trained bundle: dist/<name>_v<version>.zip (scripts/release_bundle.py).
+# RELEASE_FILES_URL: where the files of models/ are also published, for the zip's large_files.yml.
+release: venv
+	$(PY) scripts/release_bundle.py --output_dir dist $(if $(RELEASE_FILES_URL),--files_url $(RELEASE_FILES_URL))
 
 serve-demo: package
 	$(PY) scripts/serve.py start --run_dir $(SERVE_RUN_DIR)
