@@ -49,7 +49,7 @@ def kserve_settings(mar: Path) -> dict[str, tuple[str, str]]:
 
 def check_batch_size(mar: Path) -> None:
     """The archive must not batch requests (``KSERVE_BATCH_SIZE``). Its model-config.yaml decides: TorchServe
-    0.12 prefers it to a ``models`` line in config.properties (measured: tests/test_kserve_v2.py)."""
+    0.12 prefers it to a ``models`` line in config.properties (measured once by hand, 2026-12-05: docs/DEPLOY.md)."""
     batch_size = _archived_model_config(mar).get("batchSize")
     if batch_size != KSERVE_BATCH_SIZE:
         raise ValueError(

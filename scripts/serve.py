@@ -45,6 +45,12 @@ def start(
     and listen on 0.0.0.0 for the named front, which must authenticate every request (replicas behind a
     Kubernetes Service: docs/DEPLOY.md); a warning naming it goes to stderr.
     """
+    if authenticated_by is not None:
+        print(
+            f"WARNING: token authorisation is OFF: 0.0.0.0:{inference_port} answers "
+            f"anyone who reaches it; only {authenticated_by!r} may reach it, and it must authenticate every request",
+            file=sys.stderr,
+        )
     try:
         server = control.start_server(
             mar,
@@ -65,12 +71,6 @@ def start(
         f"serving {MODEL_NAME}: POST {server['inference_url']}/predictions/{MODEL_NAME}"
         f"{' and /invocations' if sagemaker else ''}; logs in {Path(run_dir) / 'logs'}"
     )
-    if authenticated_by is not None:
-        print(
-            f"WARNING: token authorisation is OFF: {server['inference_url'].replace('127.0.0.1', '0.0.0.0')} answers "
-            f"anyone who reaches it; only {authenticated_by!r} may reach it, and it must authenticate every request",
-            file=sys.stderr,
-        )
     if server["token_auth"]:
         print(
             f"token authorisation on: send 'Authorization: Bearer <key>', the inference key in "
