@@ -9,6 +9,7 @@ failure.
 """
 
 import base64
+import concurrent.futures
 import json
 import os
 import signal
@@ -249,3 +250,28 @@ def test_the_server_runs_as_kserve_expects(server):
     described = control._unix_socket_request(str(server["socket"]), "GET", f"/models/{MODEL_NAME}", 5).json()[0]
     assert described["batchSize"] == 1
     assert requests.get(f"{server['url']}/ping", timeout=30).json() == {"status": "Healthy"}
+
+
+def test_concurrent_v2_requests_each_get_their_own_answer(server, images):
+    """The reason for batch size 1: the kservev2 envelope reads only a batch's first request. Requests sent at
+    once are each answered, with their own id and their own inputs' names."""
+    lesion = base64.b64encode(images["lesion-0"].read_bytes()).decode()
+
+    def send(index: int) -> requests.Response:
+        body = {
+            "id": f"request-{index}",
+            "inputs": [
+                {"name": f"r{index}-image-{j}", "shape": [1], "datatype": "BYTES", "data": [lesion]}
+                for j in range(index % 3 + 1)
+            ],
+        }
+        return requests.post(f"{server['url']}/v2/models/{MODEL_NAME}/infer", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(send, range(6)))
+    for index, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["id"] == f"request-{index}"
+        assert [output["name"] for output in answer["outputs"]] == [f"r{index}-image-{j}" for j in range(index % 3 + 1)]
+        assert all(json.loads(output["data"][0])["class"] in CLASS_NAMES for output in answer["outputs"])
