@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # The SageMaker SDK and AWS's inference toolkit (~1.2 GB): for `make test` and the SageMaker scripts only.
 INSTALLED_SAGEMAKER := $(VENV)/.installed-sagemaker
+# The KServe SDK in a venv of its own (it pins psutil and pandas below .venv's): the KServe tests' client.
+VENV_KSERVE := .venv-kserve
+INSTALLED_KSERVE := $(VENV_KSERVE)/.installed
 
 # The demo's data: the real HAM10000 folder when HAM10000_DIR is set, else the synthetic set.
 DATASET_DIR := $(if $(HAM10000_DIR),$(HAM10000_DIR),data/synthetic)
@@ -16,7 +19,7 @@ BUNDLE_RUN := $(PY) -m monai.bundle run --dataset_dir $(DATASET_DIR) --datalist 
 SERVE_RUN_DIR := runs/serve
 SERVE_DEMO_IMAGES ?= 3
 
-.PHONY: venv venv-sagemaker demo data train evaluate package release serve-demo test lint clean
+.PHONY: venv venv-sagemaker venv-kserve demo data train evaluate package release serve-demo test lint clean
 
 venv: $(INSTALLED)
 
@@ -31,6 +34,14 @@ venv-sagemaker: $(INSTALLED_SAGEMAKER)
 
 $(INSTALLED_SAGEMAKER): $(INSTALLED) requirements-sagemaker.txt
 	$(VENV)/bin/pip install --quiet -r requirements-sagemaker.txt
+	touch $@
+
+venv-kserve: $(INSTALLED_KSERVE)
+
+$(INSTALLED_KSERVE): requirements-kserve.txt
+	$(PYTHON) -m venv $(VENV_KSERVE)
+	$(VENV_KSERVE)/bin/pip install --quiet --upgrade pip
+	$(VENV_KSERVE)/bin/pip install --quiet -r requirements-kserve.txt
 	touch $@
 
 data: venv
@@ -63,7 +74,7 @@ serve-demo: package
 
 demo: train evaluate serve-demo
 
-test: venv venv-sagemaker
+test: venv venv-sagemaker venv-kserve
 	$(VENV)/bin/pytest -q tests
 
 # The style pyproject.toml configures (ruff: lint rules and formatting); CI checks it before the tests.

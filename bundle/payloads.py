@@ -64,7 +64,24 @@ def _image_from_json(value: bytes | bytearray | str | dict | list | int | float 
             ) from None
     if not isinstance(value, dict) or not isinstance(value.get("image"), str):
         raise RequestError(http.HTTPStatus.BAD_REQUEST, 'expected a JSON object {"image": "<base64 of a JPEG or PNG>"}')
+    return _from_base64(value["image"], 'field "image"')
+
+
+def image_from_v2_input(tensor: dict) -> bytes:
+    """Image bytes from one input of an Open Inference Protocol (KServe v2) request, as TorchServe's kservev2
+    envelope hands it over: ``{"name", "datatype": "BYTES", "shape", "data": "<base64>"}`` (the envelope keeps
+    the first element of a BYTES input's data, so one input carries one image)."""
+    name = tensor.get("name")
+    if tensor.get("datatype") != "BYTES" or not isinstance(tensor.get("data"), str):
+        raise RequestError(
+            http.HTTPStatus.BAD_REQUEST,
+            f'input {name!r}: expected datatype BYTES with data ["<base64 of a JPEG or PNG>"], one image per input',
+        )
+    return _from_base64(tensor["data"], f"input {name!r}")
+
+
+def _from_base64(text: str, what: str) -> bytes:
     try:  # line breaks are allowed: the `base64` tool wraps its output
-        return base64.b64decode("".join(value["image"].split()), validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except ValueError as error:  # binascii.Error, or non-ASCII characters
-        raise RequestError(http.HTTPStatus.BAD_REQUEST, f'field "image" is not valid base64: {error}') from None
+        raise RequestError(http.HTTPStatus.BAD_REQUEST, f"{what} is not valid base64: {error}") from None

@@ -19,6 +19,13 @@ What listens where (README, "What listens where"):
 - gRPC: 127.0.0.1:``grpc_inference_port`` and ``grpc_management_port`` (TorchServe 0.12 always opens
   them), the same keys; with ``--sagemaker`` without a key.
 
+``--authenticated_by FRONT`` listens as ``--sagemaker`` does (0.0.0.0, no key, management on the Unix
+socket) for a server that only ``FRONT`` reaches and that authenticates every request itself: replicas
+behind one Kubernetes Service (docs/DEPLOY.md). TorchServe 0.12 cannot take its keys from outside (it
+draws them at random when it starts; ``TokenAuthorization`` in its frontend), so replicas cannot share a
+key: the credential lives in front of them. The option names that front, and ``start`` prints a warning
+with it and records it in server.json, so that no server answers without a key by accident.
+
 Keys expire ``token_expiration_min`` after they were issued (config.properties: 1440, a day). The API
 key in key_file.json never expires, and TorchServe's token API renews the others with it:
 ``rotate_keys`` does that (run it from cron or a timer more often than the expiry), and
@@ -76,12 +83,16 @@ def start_server(
     sagemaker: bool = False,
     timeout_s: float = 300,
     token_expiration_min: float | None = None,
+    authenticated_by: str | None = None,
 ) -> dict:
     """Start TorchServe and wait until the model is ready; return the server description (see ``read_server``).
 
     On failure the server is stopped again and ``ServeError`` says why, with the end of the logs.
     """
     mar, run_dir = Path(mar).resolve(), Path(run_dir).resolve()
+    if authenticated_by is not None and not str(authenticated_by).strip():
+        raise ServeError("--authenticated_by needs the name of the front that authenticates every request")
+    keyless = sagemaker or authenticated_by is not None
     if not mar.is_file():
         raise ServeError(f"model archive {mar} not found: build it with scripts/package_mar.py")
     torchserve = _torchserve_executable()
@@ -91,9 +102,9 @@ def start_server(
     run_dir.chmod(0o700)  # the key file and the management socket are the server user's alone
     for stale in ("key_file.json", "server.json", MANAGEMENT_SOCKET):
         (run_dir / stale).unlink(missing_ok=True)
-    host = "0.0.0.0" if sagemaker else "127.0.0.1"
+    host = "0.0.0.0" if keyless else "127.0.0.1"
     # Without token authorisation no key can guard management: a Unix socket, not a port, then.
-    management = f"unix:{run_dir / MANAGEMENT_SOCKET}" if sagemaker else f"http://127.0.0.1:{management_port}"
+    management = f"unix:{run_dir / MANAGEMENT_SOCKET}" if keyless else f"http://127.0.0.1:{management_port}"
     env = _environment(run_dir) | {
         "TS_INFERENCE_ADDRESS": f"http://{host}:{inference_port}",
         "TS_MANAGEMENT_ADDRESS": management,
@@ -117,7 +128,7 @@ def start_server(
         "--models",
         f"{MODEL_NAME}={mar.name}",
     ]
-    if sagemaker:
+    if keyless:
         command.append("--disable-token-auth")
     log_start = _ts_log_size(run_dir)  # a reused run folder's log holds earlier servers' lines
     _run_torchserve(command, run_dir, env)
@@ -127,11 +138,12 @@ def start_server(
     server = {
         "pid": pid,
         "inference_url": f"http://127.0.0.1:{inference_port}",
-        "management_url": None if sagemaker else f"http://127.0.0.1:{management_port}",
-        "management_socket": str(run_dir / MANAGEMENT_SOCKET) if sagemaker else None,
+        "management_url": None if keyless else f"http://127.0.0.1:{management_port}",
+        "management_socket": str(run_dir / MANAGEMENT_SOCKET) if keyless else None,
         "metrics_url": None if metrics_port is None else f"http://127.0.0.1:{metrics_port}",
         "model": MODEL_NAME,
-        "token_auth": not sagemaker,
+        "token_auth": not keyless,
+        "authenticated_by": authenticated_by,
     }
     (run_dir / "server.json").write_text(json.dumps(server, indent=2))
     try:

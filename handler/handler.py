@@ -4,6 +4,11 @@ Thin on purpose: ``bundle.predictor.Predictor`` does all the model work, loaded 
 the archive (``configs/``, ``bundle/``, the weights). This file only turns requests into image bytes and
 the predictor's results into JSON and HTTP status codes, so one bad image gets its own 4xx while the
 rest of its batch is answered normally.
+
+Under TorchServe's ``kservev2`` envelope (``service_envelope=kservev2``, as KServe runs it) the batch is the
+inputs of one Open Inference Protocol request, one image each (BYTES, base64), and the answer is one v2
+response: per input, an output of the same name holding one BYTES element, the JSON answer the plain route
+gives for that image (or ``{"error", "status"}`` for a refused one), so one bad image still gets its own error.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
-from bundle.payloads import JSON_TYPE, USAGE, RequestError, image_bytes, rejection_status
+from bundle.payloads import JSON_TYPE, USAGE, RequestError, image_bytes, image_from_v2_input, rejection_status
 from bundle.predictor import MAX_PIXELS, Prediction, Predictor, Rejection
 
 logger = logging.getLogger(__name__)
@@ -88,13 +93,25 @@ class SkinLesionHandler(BaseHandler):
                 status, body = rejection_status(result), result.to_json()
             else:
                 status, body = result.status, {"error": result.error}
-            self.context.set_response_status(status.value, status.phrase, idx=index)
-            self.context.set_response_content_type(index, JSON_TYPE)
+            if self._open_inference_protocol():
+                # one v2 response answers all inputs: a refused image's status travels in its own output
+                if status != http.HTTPStatus.OK:
+                    body["status"] = status.value
+            else:
+                self.context.set_response_status(status.value, status.phrase, idx=index)
+                self.context.set_response_content_type(index, JSON_TYPE)
             answers.append(json.dumps(body))
         return answers
 
+    def _open_inference_protocol(self) -> bool:
+        """Whether TorchServe's kservev2 envelope called: it names the request's inputs in the context."""
+        return hasattr(self.context, "input_names")
+
     def _image_bytes(self, request: dict, index: int) -> bytes:
-        """The raw body, or the first image field of a form, with the content type it came with."""
+        """The raw body, or the first image field of a form, with the content type it came with; under the
+        kservev2 envelope, the base64 image of one v2 input."""
+        if self._open_inference_protocol():
+            return image_from_v2_input(request)
         for field in IMAGE_FIELDS:
             if field in request:
                 content_type = (self.context.get_request_header(index, field) or {}).get("content-type") or ""

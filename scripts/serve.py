@@ -5,7 +5,7 @@ Classify with ``scripts/predict.py``, which finds the server and its key through
     python scripts/serve.py start [--mar dist/skin_lesion.mar] [--run_dir runs/serve]
         [--inference_port 8080 --management_port 8081] [--metrics_port PORT]
         [--grpc_inference_port 7070 --grpc_management_port 7071] [--token_expiration_min 1440]
-        [--sagemaker] [--foreground]
+        [--sagemaker | --authenticated_by FRONT] [--foreground]
     python scripts/serve.py rotate_keys [--run_dir runs/serve]
     python scripts/serve.py stop [--run_dir runs/serve]
 
@@ -34,14 +34,23 @@ def start(
     timeout_s: float = 300,
     foreground: bool = False,
     token_expiration_min: float | None = None,
+    authenticated_by: str | None = None,
 ) -> None:
     """Start TorchServe with the archive ``mar``, wait until the model answers, print the URLs.
 
     Every port must be free, the gRPC ones too (TorchServe always opens them, on loopback).
     ``foreground`` then blocks until the server ends (a container's main process); SIGTERM stops it.
     ``metrics_port``: serve TorchServe's metrics API there (off by default). ``token_expiration_min``:
-    the keys' lifetime (default: config.properties, 1440).
+    the keys' lifetime (default: config.properties, 1440). ``authenticated_by``: turn token authorisation off
+    and listen on 0.0.0.0 for the named front, which must authenticate every request (replicas behind a
+    Kubernetes Service: docs/DEPLOY.md); a warning naming it goes to stderr.
     """
+    if authenticated_by is not None:
+        print(
+            f"WARNING: token authorisation is OFF: 0.0.0.0:{inference_port} answers "
+            f"anyone who reaches it; only {authenticated_by!r} may reach it, and it must authenticate every request",
+            file=sys.stderr,
+        )
     try:
         server = control.start_server(
             mar,
@@ -54,6 +63,7 @@ def start(
             sagemaker,
             timeout_s,
             token_expiration_min,
+            authenticated_by,
         )
     except control.ServeError as error:
         sys.exit(f"error: {error}")
