@@ -174,12 +174,13 @@ def test_metrics_need_no_key_and_listen_on_loopback_only(server):
     }
 
 
-def test_in_the_default_log_mode_the_models_counters_go_to_the_model_metrics_log(archive, tmp_path):
+def test_in_log_mode_the_counters_go_to_the_model_log_and_metrics_host_opens_the_port(archive, tmp_path):
     """Without --metrics_mode the counters reach logs/model_metrics.log, where log agents collect them, and the
-    metrics port serves nothing."""
+    metrics port serves nothing; --metrics_host 0.0.0.0 (a pod that Prometheus scrapes) opens that port to
+    every interface, which clients here still reach on loopback."""
     run_dir = tmp_path / "run"
     try:
-        result = _serve(*_start_args(archive, run_dir))
+        result = _serve(*_start_args(archive, run_dir, "--metrics_host", "0.0.0.0"))
         assert result.returncode == 0, result.stdout + result.stderr
         server = control.read_server(run_dir)
         response = requests.post(
@@ -196,6 +197,8 @@ def test_in_the_default_log_mode_the_models_counters_go_to_the_model_metrics_log
         assert f"{REFUSED}.Count:1.0|#ModelName:skin_lesion,Level:Model,Reason:not_an_image|" in log.read_text()
         scrape = requests.get(f"{server['metrics_url']}/metrics", timeout=30)
         assert scrape.status_code == 200 and scrape.text == ""
+        metrics_port = int(server["metrics_url"].rsplit(":", 1)[1])
+        assert ("0.0.0.0", metrics_port) in _listening(server["pid"])
     finally:
         control.stop_server(run_dir)
 
