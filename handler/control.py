@@ -4,8 +4,8 @@ command line; ``scripts/predict.py``, the benchmarks and the tests use it direct
 TorchServe runs with ``handler/config.properties`` and its working directory in the run folder, which
 collects everything of one server: ``logs/`` (ts_log.log, model_log.log, access and metrics logs),
 ``torchserve.out`` (its console), ``key_file.json`` (token keys), ``server.json`` (its URLs, for
-clients) and ``tmp/`` (the extracted archive and TorchServe's pid file, so that servers in different
-run folders don't see each other).
+clients), ``metrics.yaml`` (the metrics TorchServe reports) and ``tmp/`` (the extracted archive and
+TorchServe's pid file, so that servers in different run folders don't see each other).
 
 What listens where (README, "What listens where"):
 - inference (/ping, /predictions, /invocations): 127.0.0.1:``inference_port``, the inference key;
@@ -15,7 +15,10 @@ What listens where (README, "What listens where"):
   ``management_port``, the management key. With ``--sagemaker`` there is no key to require, so it
   listens on no port at all but on the Unix socket ``<run_dir>/management.sock``, which only the
   server's user can open;
-- metrics: off, unless ``--metrics_port`` is given (127.0.0.1, no key);
+- metrics: off, unless ``--metrics_port`` is given (``metrics_host``, 127.0.0.1 by default; no key). With
+  ``--metrics_mode prometheus`` its ``/metrics`` serves TorchServe's metrics and the model's own
+  (``bundle.serving_metrics``) in Prometheus' text format; in ``log`` mode (the default) they go to
+  ``logs/ts_metrics.log`` and ``logs/model_metrics.log``;
 - gRPC: 127.0.0.1:``grpc_inference_port`` and ``grpc_management_port`` (TorchServe 0.12 always opens
   them), the same keys; with ``--sagemaker`` without a key.
 
@@ -43,6 +46,7 @@ non-zero with the end of the model log. The archive sets ``maxRetryTimeoutInSec`
 first failure. With token authorisation on, /ping needs the inference key too.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -53,7 +57,9 @@ from pathlib import Path
 
 import psutil
 import requests
+import yaml
 
+from bundle.serving_metrics import MODEL_METRICS
 from handler import MODEL_NAME
 
 TS_CONFIG = Path(__file__).with_name("config.properties")
@@ -66,6 +72,8 @@ LOAD_FAILURE_SIGNS = ("Load model failed", "Backend worker process died")
 # What TorchServe answers (400) when a key is wrong or expired.
 KEY_REFUSED = "Token Authorization failed"
 MANAGEMENT_SOCKET = "management.sock"
+# log: TorchServe's default, metrics to logs/*metrics.log; prometheus: served on the metrics API's /metrics.
+METRICS_MODES = ("log", "prometheus")
 
 
 class ServeError(RuntimeError):
@@ -84,11 +92,19 @@ def start_server(
     timeout_s: float = 300,
     token_expiration_min: float | None = None,
     authenticated_by: str | None = None,
+    metrics_mode: str = "log",
+    metrics_host: str = "127.0.0.1",
 ) -> dict:
     """Start TorchServe and wait until the model is ready; return the server description (see ``read_server``).
 
     On failure the server is stopped again and ``ServeError`` says why, with the end of the logs.
+    ``metrics_mode``: one of ``METRICS_MODES``; prometheus needs ``metrics_port``. ``metrics_host``: the
+    metrics API's bind address (it carries no key: loopback unless a scraper elsewhere must reach it).
     """
+    if metrics_mode not in METRICS_MODES:
+        raise ServeError(f"metrics_mode must be one of {METRICS_MODES}, got {metrics_mode!r}")
+    if metrics_mode == "prometheus" and metrics_port is None:
+        raise ServeError("metrics_mode 'prometheus' serves /metrics on the metrics API: give metrics_port too")
     mar, run_dir = Path(mar).resolve(), Path(run_dir).resolve()
     if authenticated_by is not None and not str(authenticated_by).strip():
         raise ServeError("--authenticated_by needs the name of the front that authenticates every request")
@@ -110,9 +126,11 @@ def start_server(
         "TS_MANAGEMENT_ADDRESS": management,
         "TS_GRPC_INFERENCE_PORT": str(grpc_inference_port),
         "TS_GRPC_MANAGEMENT_PORT": str(grpc_management_port),
+        "TS_METRICS_MODE": metrics_mode,
+        "TS_METRICS_CONFIG": str(_write_metrics_config(run_dir)),
     }
     if metrics_port is not None:
-        env |= {"TS_ENABLE_METRICS_API": "true", "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics_port}"}
+        env |= {"TS_ENABLE_METRICS_API": "true", "TS_METRICS_ADDRESS": f"http://{metrics_host}:{metrics_port}"}
     if token_expiration_min is not None:
         env["TS_TOKEN_EXPIRATION_TIME_MIN"] = str(
             token_expiration_min
@@ -140,7 +158,8 @@ def start_server(
         "inference_url": f"http://127.0.0.1:{inference_port}",
         "management_url": None if keyless else f"http://127.0.0.1:{management_port}",
         "management_socket": str(run_dir / MANAGEMENT_SOCKET) if keyless else None,
-        "metrics_url": None if metrics_port is None else f"http://127.0.0.1:{metrics_port}",
+        "metrics_url": None if metrics_port is None else f"http://{_local_host(metrics_host)}:{metrics_port}",
+        "metrics_mode": metrics_mode,
         "model": MODEL_NAME,
         "token_auth": not keyless,
         "authenticated_by": authenticated_by,
@@ -272,6 +291,35 @@ def _read_key(run_dir: str | os.PathLike, api: str) -> str:
         except ValueError:  # TorchServe rewrites the file in place while renewing a key
             time.sleep(0.05)
     raise ServeError(f"{path} is not valid JSON")
+
+
+def _write_metrics_config(run_dir: Path) -> Path:
+    """TorchServe's own metrics config (the frontend's metrics and its default model metrics) with the model's
+    counters added to ``model_metrics``, as ``<run_dir>/metrics.yaml``: in prometheus mode TorchServe exposes
+    only the metrics declared there."""
+    config = yaml.safe_load(_torchserve_metrics_config().read_text())
+    config["model_metrics"].setdefault("counter", []).extend(
+        {"name": metric.name, "unit": "Count", "dimensions": metric.dimensions} for metric in MODEL_METRICS
+    )
+    path = run_dir / "metrics.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _torchserve_metrics_config() -> Path:
+    """``ts/configs/metrics.yaml`` of the installed TorchServe (found without importing it)."""
+    spec = importlib.util.find_spec("ts")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServeError("the ts package is not installed: pip install -r requirements.txt (torchserve)")
+    path = Path(spec.submodule_search_locations[0]) / "configs" / "metrics.yaml"
+    if not path.is_file():
+        raise ServeError(f"{path} not found: TorchServe's default metrics config, which serving extends")
+    return path
+
+
+def _local_host(bind_host: str) -> str:
+    """Where a client on this machine reaches a server bound to ``bind_host``."""
+    return "127.0.0.1" if bind_host == "0.0.0.0" else bind_host
 
 
 def _wait_until_ready(server: dict, run_dir: Path, log_start: int, deadline: float) -> None:

@@ -3,7 +3,8 @@
 Thin on purpose: ``bundle.predictor.Predictor`` does all the model work, loaded from the files inside
 the archive (``configs/``, ``bundle/``, the weights). This file only turns requests into image bytes and
 the predictor's results into JSON and HTTP status codes, so one bad image gets its own 4xx while the
-rest of its batch is answered normally.
+rest of its batch is answered normally. Each batch's outcomes (images classified by class, refused by
+reason, flagged out of distribution) are added to the model's metrics (``bundle.serving_metrics``).
 
 Under TorchServe's ``kservev2`` envelope (``service_envelope=kservev2``, as KServe runs it) the batch is the
 inputs of one Open Inference Protocol request, one image each (BYTES, base64), and the answer is one v2
@@ -16,14 +17,17 @@ from __future__ import annotations
 import http
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
 from ts.handler_utils.timer import timed
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from bundle.payloads import JSON_TYPE, USAGE, RequestError, image_bytes, image_from_v2_input, rejection_status
 from bundle.predictor import MAX_PIXELS, Prediction, Predictor, Rejection
+from bundle.serving_metrics import IMAGES_CLASSIFIED, IMAGES_REFUSED, MODEL_LEVEL, NO_CLASS, OUT_OF_DISTRIBUTION
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +89,19 @@ class SkinLesionHandler(BaseHandler):
 
     @timed
     def postprocess(self, results: list[Prediction | Rejection | RequestError]) -> list[str]:
-        answers = []
+        answers, outcomes = [], Counter()
         for index, result in enumerate(results):
             if isinstance(result, Prediction):
                 status, body = http.HTTPStatus.OK, result.to_json()
+                outcomes[IMAGES_CLASSIFIED, body["class"] or NO_CLASS] += 1
+                if result.out_of_distribution:
+                    outcomes[OUT_OF_DISTRIBUTION, None] += 1
             elif isinstance(result, Rejection):
                 status, body = rejection_status(result), result.to_json()
+                outcomes[IMAGES_REFUSED, result.kind.value] += 1
             else:
                 status, body = result.status, {"error": result.error}
+                outcomes[IMAGES_REFUSED, result.status.name.lower()] += 1
             if self._open_inference_protocol():
                 # one v2 response answers all inputs: a refused image's status travels in its own output
                 if status != http.HTTPStatus.OK:
@@ -101,11 +110,20 @@ class SkinLesionHandler(BaseHandler):
                 self.context.set_response_status(status.value, status.phrase, idx=index)
                 self.context.set_response_content_type(index, JSON_TYPE)
             answers.append(json.dumps(body))
+        self._count(outcomes)
         return answers
 
     def _open_inference_protocol(self) -> bool:
         """Whether TorchServe's kservev2 envelope called: it names the request's inputs in the context."""
         return hasattr(self.context, "input_names")
+
+    def _count(self, outcomes: Counter) -> None:
+        """Add the batch's outcomes to the model's counters: TorchServe writes them to model_metrics.log, or
+        serves them on /metrics in metrics_mode=prometheus."""
+        for (metric, label_value), count in outcomes.items():
+            values = [self.context.model_name, MODEL_LEVEL, *([label_value] if metric.label else [])]
+            dimensions = [Dimension(name, value) for name, value in zip(metric.dimensions, values, strict=True)]
+            self.context.metrics.add_counter(metric.name, count, dimensions=dimensions)
 
     def _image_bytes(self, request: dict, index: int) -> bytes:
         """The raw body, or the first image field of a form, with the content type it came with; under the

@@ -3,7 +3,8 @@
 Classify with ``scripts/predict.py``, which finds the server and its key through the run folder.
 
     python scripts/serve.py start [--mar dist/skin_lesion.mar] [--run_dir runs/serve]
-        [--inference_port 8080 --management_port 8081] [--metrics_port PORT]
+        [--inference_port 8080 --management_port 8081]
+        [--metrics_port PORT [--metrics_mode log|prometheus] [--metrics_host 127.0.0.1]]
         [--grpc_inference_port 7070 --grpc_management_port 7071] [--token_expiration_min 1440]
         [--sagemaker | --authenticated_by FRONT] [--foreground]
     python scripts/serve.py rotate_keys [--run_dir runs/serve]
@@ -35,15 +36,19 @@ def start(
     foreground: bool = False,
     token_expiration_min: float | None = None,
     authenticated_by: str | None = None,
+    metrics_mode: str = "log",
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Start TorchServe with the archive ``mar``, wait until the model answers, print the URLs.
 
     Every port must be free, the gRPC ones too (TorchServe always opens them, on loopback).
     ``foreground`` then blocks until the server ends (a container's main process); SIGTERM stops it.
-    ``metrics_port``: serve TorchServe's metrics API there (off by default). ``token_expiration_min``:
-    the keys' lifetime (default: config.properties, 1440). ``authenticated_by``: turn token authorisation off
-    and listen on 0.0.0.0 for the named front, which must authenticate every request (replicas behind a
-    Kubernetes Service: docs/DEPLOY.md); a warning naming it goes to stderr.
+    ``metrics_port``: serve TorchServe's metrics API there (off by default), on ``metrics_host`` (loopback;
+    it carries no key). ``metrics_mode``: ``log`` (metrics to logs/*metrics.log) or ``prometheus`` (served on
+    ``/metrics`` of the metrics port, the model's own counters included: docs/SERVING.md, "Metrics").
+    ``token_expiration_min``: the keys' lifetime (default: config.properties, 1440). ``authenticated_by``: turn
+    token authorisation off and listen on 0.0.0.0 for the named front, which must authenticate every request
+    (replicas behind a Kubernetes Service: docs/DEPLOY.md); a warning naming it goes to stderr.
     """
     if authenticated_by is not None:
         print(
@@ -64,6 +69,8 @@ def start(
             timeout_s,
             token_expiration_min,
             authenticated_by,
+            metrics_mode=metrics_mode,
+            metrics_host=metrics_host,
         )
     except control.ServeError as error:
         sys.exit(f"error: {error}")
@@ -71,6 +78,8 @@ def start(
         f"serving {MODEL_NAME}: POST {server['inference_url']}/predictions/{MODEL_NAME}"
         f"{' and /invocations' if sagemaker else ''}; logs in {Path(run_dir) / 'logs'}"
     )
+    if server["metrics_mode"] == "prometheus":
+        print(f"Prometheus metrics (no key): GET {server['metrics_url']}/metrics")
     if server["token_auth"]:
         print(
             f"token authorisation on: send 'Authorization: Bearer <key>', the inference key in "
