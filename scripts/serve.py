@@ -56,6 +56,8 @@ def start(
             f"anyone who reaches it; only {authenticated_by!r} may reach it, and it must authenticate every request",
             file=sys.stderr,
         )
+    if foreground:  # from the first moment: a pod may be stopped while the model still loads
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         server = control.start_server(
             mar,
@@ -72,8 +74,24 @@ def start(
             metrics_mode=metrics_mode,
             metrics_host=metrics_host,
         )
+        _announce(server, run_dir, sagemaker)
+        if foreground:
+            psutil.Process(server["pid"]).wait()
     except control.ServeError as error:
         sys.exit(f"error: {error}")
+    except _Terminated:
+        control.stop_server(run_dir)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: the server started so far is stopped before exiting."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+def _announce(server: dict, run_dir: str, sagemaker: bool) -> None:
     print(
         f"serving {MODEL_NAME}: POST {server['inference_url']}/predictions/{MODEL_NAME}"
         f"{' and /invocations' if sagemaker else ''}; logs in {Path(run_dir) / 'logs'}"
@@ -85,14 +103,6 @@ def start(
             f"token authorisation on: send 'Authorization: Bearer <key>', the inference key in "
             f"{Path(run_dir) / 'key_file.json'}; keys expire, renew them with scripts/serve.py rotate_keys"
         )
-    if foreground:
-
-        def stop_and_exit(signum, frame):
-            control.stop_server(run_dir)
-            sys.exit(0)
-
-        signal.signal(signal.SIGTERM, stop_and_exit)
-        psutil.Process(server["pid"]).wait()
 
 
 def stop(run_dir: str = str(control.DEFAULT_RUN_DIR)) -> None:

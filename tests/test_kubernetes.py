@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jsonpatch
 import kubernetes_validate
+import psutil
 import pytest
 import requests
 import yaml
@@ -256,6 +257,31 @@ def test_the_deployments_command_serves_without_a_key_and_stops_on_sigterm(mar, 
         assert process.returncode == 0
         assert "WARNING: token authorisation is OFF" in stderr and front in stderr
         assert not (run_dir / "server.json").exists(), "serve.py stopped TorchServe"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        control.stop_server(run_dir)
+
+
+def test_a_pod_stopped_while_the_model_loads_stops_its_server_too(mar, tmp_path):
+    """SIGTERM before the model is ready (a rollout that changes its mind) still ends in a clean stop: no
+    TorchServe is left behind the exited container process."""
+    run_dir = tmp_path / "run"
+    inference, management, grpc_inference, grpc_management = _free_ports(4)
+    command = [sys.executable, REPO / "scripts" / "serve.py", "start", "--foreground", "--authenticated_by", "test"]
+    command += ["--mar", mar, "--run_dir", run_dir, "--inference_port", inference, "--management_port", management]
+    command += ["--grpc_inference_port", grpc_inference, "--grpc_management_port", grpc_management]
+    process = subprocess.Popen([str(argument) for argument in command], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "server.json").is_file():  # written once TorchServe runs, before the model is ready
+            assert process.poll() is None and time.monotonic() < deadline, control._log_tail(run_dir)
+            time.sleep(0.2)
+        torchserve = control.read_server(run_dir)["pid"]
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+        assert process.returncode == 0
+        assert not psutil.pid_exists(torchserve) or psutil.Process(torchserve).status() == psutil.STATUS_ZOMBIE
     finally:
         if process.poll() is None:
             process.kill()
