@@ -22,6 +22,7 @@ import psutil
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from handler import MODEL_NAME, control
 from tests.bundle_runs import REPO
@@ -209,12 +210,15 @@ def test_the_deployments_command_serves_without_a_key_and_stops_on_sigterm(mar, 
     (container,) = _containers(_render(BASE))
     root = image_root(tmp_path / "image", mar)
     run_dir = tmp_path / "run"
-    inference, grpc_inference, grpc_management = _free_ports(3)
+    inference, metrics, grpc_inference, grpc_management = _free_ports(4)
 
     def on_this_machine(argument: str) -> str:
         return argument.replace(IMAGE_HOME, str(root / IMAGE_HOME.lstrip("/"))).replace("/tmp/serve", str(run_dir))
 
     command = [on_this_machine(argument) for argument in container["command"]]
+    manifest_metrics = {port["name"]: port["containerPort"] for port in container["ports"]}["metrics"]
+    assert command[command.index("--metrics_port") + 1] == str(manifest_metrics)
+    command[command.index("--metrics_port") + 1] = metrics  # a free port on this machine
     assert command[0] == "python3"
     command[0] = sys.executable
     command += ["--inference_port", inference, "--grpc_inference_port", grpc_inference]
@@ -246,8 +250,12 @@ def test_the_deployments_command_serves_without_a_key_and_stops_on_sigterm(mar, 
             time.sleep(1)  # /ping says Healthy while the worker still loads the model
         assert response.status_code == 200, response.text
         assert set(response.json()) == SERVED_FIELDS
+        scraped = requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=30)
+        families = {family.name for family in text_string_to_metric_families(scraped.text)}
+        assert {"ts_inference_requests", "skin_lesion_images_classified"} <= families, "what Prometheus scrapes"
         assert _listening(server["pid"]) == {
             ("0.0.0.0", inference),
+            ("0.0.0.0", metrics),
             ("127.0.0.1", grpc_inference),
             ("127.0.0.1", grpc_management),
         }
