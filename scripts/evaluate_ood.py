@@ -6,8 +6,9 @@
 
 Every image goes through the served path (``bundle.predictor.Predictor``: the bundle's preprocessing,
 inferer and one forward pass) as JPEG bytes or as its file's bytes. For every method of ``bundle.ood`` and
-every set (the ``folders`` given, and with ``builtin`` the far and near sets of ``scripts/ood_sets.py``) it
-reports, with the out-of-distribution images as positives against the test split:
+every set (with ``builtin`` the far and near sets of ``scripts/ood_sets.py``, and the ``folders`` given, which
+replace built-in sets of the same name) it reports, with the out-of-distribution images as positives against
+the test split:
 
 - ``auroc``: the ROC AUC of the score;
 - ``fpr_at_95_tpr``: the share of the set's images scoring at or under the score that keeps 95% of the test
@@ -147,10 +148,12 @@ def evaluate(
     test_images = [Path(item["image"]).read_bytes() for item in items]
     test, _ = _scores(predictor, test_images, statistics, split)
 
-    sets = {name: _folder_images(folder) for name, folder in (folders or {}).items()}
+    sets: dict[str, list[bytes]] = {}
     if builtin:
         built = ood_sets.build([Path(item["image"]) for item in items])
         sets |= {name: [ood_sets.jpeg(image) for image in images] for name, images in built.items()}
+    # a folder replaces the built-in set of its name (e.g. far sets written where more packages were installed)
+    sets |= {name: _folder_images(folder) for name, folder in (folders or {}).items()}
     results = {
         "weights": str(predictor.weights),
         "image_size": predictor.image_size,
