@@ -18,6 +18,7 @@ import ast
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import bundle
@@ -30,13 +31,18 @@ ENTRY_POINTS = (Path(__file__).with_name("handler.py"), Path(__file__).with_name
 def serving_modules(bundle_root: str | os.PathLike) -> list[str]:
     """The names of the ``bundle`` modules serving the bundle in ``bundle_root`` imports (``__init__``
     included), sorted: it is that bundle's ``configs/inference.json`` the archive carries."""
-    config = json.loads((Path(bundle_root) / INFERENCE_CONFIG).read_text())
-    modules, queue = {"__init__"}, list(ENTRY_POINTS)
+    return import_closure(ENTRY_POINTS, json.loads((Path(bundle_root) / INFERENCE_CONFIG).read_text()))
+
+
+def import_closure(sources: Iterable[Path], config: dict, modules: Iterable[str] = ()) -> list[str]:
+    """``modules`` (and ``__init__``) with every ``bundle`` module the ``sources`` import, transitively, sorted;
+    ``config``: the inference config whose parsed keys count as imports (see the module docstring)."""
+    found, queue = {"__init__", *modules}, list(sources)
     while queue:
-        for name in sorted(_bundle_modules(queue.pop(), config) - modules):
-            modules.add(name)
+        for name in sorted(bundle_modules(queue.pop(), config) - found):
+            found.add(name)
             queue.append(PACKAGE / f"{name}.py")
-    return sorted(modules)
+    return sorted(found)
 
 
 def serving_files(bundle_root: str | os.PathLike) -> list[Path]:
@@ -44,7 +50,8 @@ def serving_files(bundle_root: str | os.PathLike) -> list[Path]:
     return [PACKAGE / f"{name}.py" for name in serving_modules(bundle_root)]
 
 
-def _bundle_modules(source: Path, config: dict) -> set[str]:
+def bundle_modules(source: Path, config: dict) -> set[str]:
+    """The ``bundle`` modules ``source`` imports, or names through the config keys it parses."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(source.read_text(), str(source))):
         if isinstance(node, ast.ImportFrom) and node.module == "bundle":
@@ -54,7 +61,7 @@ def _bundle_modules(source: Path, config: dict) -> set[str]:
         elif isinstance(node, ast.Import):
             names |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("bundle.")}
         elif _parsed_config_key(node):
-            names |= _config_modules(config, node.args[0].value)
+            names |= config_modules(config, node.args[0].value)
     return {name for name in names if (PACKAGE / f"{name}.py").is_file()}
 
 
@@ -68,7 +75,7 @@ def _parsed_config_key(node: ast.AST) -> bool:
     )
 
 
-def _config_modules(config: dict, key: str) -> set[str]:
+def config_modules(config: dict, key: str) -> set[str]:
     """The ``bundle.x`` named by the inference config's ``key`` and everything it references."""
     seen, queue, text = set(), [key], []
     while queue:

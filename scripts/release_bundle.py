@@ -41,7 +41,7 @@ import fire
 from bundle.atomic import atomic_write
 from bundle.predictor import INFERENCE_CONFIG, bundle_files
 from bundle.sidecar import read_sidecar
-from handler.shipped import PACKAGE, _bundle_modules, _config_modules
+from handler.shipped import PACKAGE, config_modules, import_closure
 
 REPO = Path(__file__).resolve().parents[1]
 METADATA = Path("configs") / "metadata.json"
@@ -66,14 +66,9 @@ def released_modules(configs_dir: str | os.PathLike) -> list[str]:
     named = {"__init__"}
     for config in configs:
         for key in config:
-            named |= _config_modules(config, key)
-    modules = {name for name in named if (PACKAGE / f"{name}.py").is_file()}
-    queue = sorted(modules)
-    while queue:
-        for name in sorted(_bundle_modules(PACKAGE / f"{queue.pop()}.py", inference) - modules):
-            modules.add(name)
-            queue.append(name)
-    return sorted(modules)
+            named |= config_modules(config, key)
+    modules = sorted(name for name in named if (PACKAGE / f"{name}.py").is_file())
+    return import_closure([PACKAGE / f"{name}.py" for name in modules], inference, modules)
 
 
 def sha256(path: Path) -> str:
