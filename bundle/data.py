@@ -372,6 +372,7 @@ def preflight(
     dataset_dir: str | os.PathLike,
     keys: Sequence[str] = ("training", "validation"),
     labels: bool = True,
+    memo_dir: str | os.PathLike | None = None,
 ) -> None:
     """Check every item of the ``keys`` splits before any work; raise one ``DatasetError`` listing all.
 
@@ -379,6 +380,11 @@ def preflight(
     ``dataset_dir``; the file exists and decodes to RGB; with ``labels``, the label is an integer
     class index (batch inference passes False: its images need none). Each split must exist and be
     non-empty.
+
+    With ``memo_dir`` (training passes its ``cache_dir``) a passed decode check leaves a memo there,
+    named by a hash of every checked file's path, size and modification time (the identity the image
+    cache's name uses too); a later preflight of the same unchanged files skips decoding them again,
+    the slowest part of a run's start. Paths and labels are checked every time.
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
@@ -406,6 +412,10 @@ def preflight(
                 else:
                     item_problems.append(f"resolves to {resolved}, outside dataset_dir {root}")
             problems += [f"{prefix}: {reason}" for reason in item_problems]
+    memo = None if problems or memo_dir is None else _decode_memo(memo_dir, [file for _, file in to_decode])
+    if memo is not None and memo.is_file():
+        logger.info("preflight: %d images OK (decoded unchanged before, memo %s)", len(to_decode), memo)
+        return
     problems += _decode_problems(to_decode)
     if problems:
         shown = problems[:MAX_REPORTED]
@@ -416,6 +426,21 @@ def preflight(
             f"(dataset_dir {dataset_dir}):\n  " + "\n  ".join(shown)
         )
     logger.info("preflight: %d images OK", len(to_decode))
+    if memo is not None:
+        atomic_write(memo, lambda tmp: Path(tmp).write_text(f"{len(to_decode)} images decoded\n"))
+
+
+def _decode_memo(memo_dir: str | os.PathLike, files: list[Path]) -> Path | None:
+    """The memo of a passed decode check of exactly ``files`` as they are now (None when one is missing:
+    the decode check reports it)."""
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            stat = file.stat()
+        except OSError:
+            return None
+        digest.update(f"{file}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return Path(memo_dir) / f"preflight-{digest.hexdigest()[:20]}.ok"
 
 
 def _item_problems(item: dict, labels: bool = True) -> list[str]:

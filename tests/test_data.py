@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bundle import data
 from bundle.data import (
     DatasetError,
     inference_items,
@@ -280,6 +281,43 @@ def test_preflight_passes_a_clean_datalist(datalist, synthetic_dir, caplog):
     caplog.set_level("INFO", logger="bundle.data")
     preflight(datalist, synthetic_dir)
     assert "preflight: " in caplog.text and " images OK" in caplog.text
+
+
+def test_preflight_with_a_memo_decodes_unchanged_files_once_and_changed_ones_again(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(synthetic_dir, dataset)
+    items = read_ham10000(dataset)[:12]
+    path = write_datalist({"training": items[:8], "validation": items[8:]}, tmp_path / "datalist.json", dataset)
+    decoded = []
+    real_decode_problem = data.decode_problem
+    monkeypatch.setattr(data, "decode_problem", lambda file: decoded.append(file) or real_decode_problem(file))
+    memo_dir = tmp_path / "cache"
+
+    preflight(path, dataset, memo_dir=memo_dir)
+    assert len(decoded) == 12 and len(list(memo_dir.glob("preflight-*.ok"))) == 1
+    decoded.clear()
+    preflight(path, dataset, memo_dir=memo_dir)
+    assert decoded == []  # nothing changed: the memo stands for the decode check
+
+    # a file rewritten in place (new size and time) is decoded again, and its fault reported
+    changed = dataset / items[3]["image"]
+    changed.write_bytes(changed.read_bytes()[:400])
+    with pytest.raises(DatasetError, match=f"training\\[3\\] {items[3]['image']}: cannot decode"):
+        preflight(path, dataset, memo_dir=memo_dir)
+    assert len(decoded) == 12
+    # a label fault is caught with the files unchanged and memoised, and no memo hides it
+    shutil.copy(synthetic_dir / items[3]["image"], changed)
+    preflight(path, dataset, memo_dir=memo_dir)
+    bad_label = write_datalist(
+        {"training": [{**items[0], "label": NUM_CLASSES}, *items[1:8]], "validation": items[8:]},
+        tmp_path / "bad.json",
+        dataset,
+    )
+    decoded.clear()
+    with pytest.raises(DatasetError, match=f"label {NUM_CLASSES} is outside"):
+        preflight(bad_label, dataset, memo_dir=memo_dir)
 
 
 def test_preflight_reports_every_broken_item_at_once(synthetic_dir, tmp_path):
