@@ -402,7 +402,8 @@ class BatchMix:
     pairs it with, by one weight ``lam ~ Beta(alpha, alpha)`` for the whole batch. Mixup blends the two
     images; CutMix pastes a box of about ``1 - lam`` of the area from the partner (and ``lam`` becomes
     the exact area kept). With both alphas set, each mixed batch is one or the other at even odds. The
-    labels become ``lam * onehot(label) + (1 - lam) * onehot(partner's label)``.
+    labels become ``lam * onehot(label) + (1 - lam) * onehot(partner's label)``; labels that are already
+    soft ``(N, num_classes)`` rows (distillation's, ``bundle.distill``) are mixed as they are.
 
     Once mixing is on, every batch's labels are float ``(N, num_classes)`` soft targets, unmixed
     batches' too (one-hot): a captured (CUDA graph) step needs one label shape and dtype per run.
@@ -467,10 +468,13 @@ class BatchMix:
         return kind, 1.0 - (row1 - row0) * (col1 - col0) / (height * width), (row0, row1, col0, col1)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(images, targets)``: the batch mixed (or not) and float ``(N, num_classes)`` targets."""
+        """``(images, targets)``: the batch mixed (or not) and float ``(N, num_classes)`` targets; ``labels``
+        are class indices ``(N,)`` or soft rows ``(N, num_classes)``."""
         device = images.device
-        # one-hot by comparison: F.one_hot checks the labels' range with a read back on some devices
-        targets = (labels.reshape(-1, 1) == torch.arange(self.num_classes, device=labels.device)).float()
+        if labels.ndim == 2:
+            targets = labels.float()
+        else:  # one-hot by comparison: F.one_hot checks the labels' range with a read back on some devices
+            targets = (labels.reshape(-1, 1) == torch.arange(self.num_classes, device=labels.device)).float()
         perm = torch.randperm(images.shape[0], device=device, generator=self.generator(device))
         kind, lam, box = self.draw(images.shape[2:])
         if kind == "none":

@@ -36,6 +36,9 @@ class CachedBatchLoader:
         augmentation: applied to each float batch on its device (None: no augmentation).
         mix: mixup / CutMix after the augmentation (``BatchMix``); when it is enabled every batch's
             label is a float ``(N, num_classes)`` soft target (None or disabled: class indices).
+        targets: one training target per cached image, handed on as the batch's ``label`` in place of
+            the cache's class index: distillation's float ``(N, num_classes)`` soft rows
+            (``bundle.distill``), which ``mix`` then mixes. None: the cache's labels.
         channels_last: hand the network channels-last images (faster convolutions on GPUs).
         with_paths: add each image's file as ``image_path`` (for evaluation reports).
         seed: seeds the shuffling.
@@ -50,6 +53,7 @@ class CachedBatchLoader:
         sampler: torch.utils.data.Sampler | None = None,
         augmentation: BatchAugmentation | None = None,
         mix: BatchMix | None = None,
+        targets: torch.Tensor | None = None,
         channels_last: bool = False,
         with_paths: bool = False,
         seed: int = 0,
@@ -63,6 +67,9 @@ class CachedBatchLoader:
         self.sampler = sampler
         self.augmentation = augmentation
         self.mix = mix if mix is not None and mix.enabled else None
+        if targets is not None and len(targets) != len(cache):
+            raise ValueError(f"{len(targets)} training targets for {len(cache)} cached images")
+        self.labels = cache.labels if targets is None else targets.to(cache.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.with_paths = with_paths
         self.generator = torch.Generator().manual_seed(seed)
@@ -91,8 +98,8 @@ class CachedBatchLoader:
             *(torch.tensor_split(o, len(self)) for o in (order, on_device, gather_order)), strict=True
         ):
             batch = {"image": self.cache.gather(gather_indices)}
-            if self.cache.labels is not None:
-                batch["label"] = self.cache.labels[device_indices]
+            if self.labels is not None:
+                batch["label"] = self.labels[device_indices]
             if self.with_paths:
                 batch["image_path"] = [self.cache.paths[i] for i in indices.tolist()]
             yield batch
