@@ -795,11 +795,22 @@ class EvaluationReport(PredictionWriter):
     ) -> dict:
         """The served guard on these in-distribution images: its threshold, the share flagged (in all and per
         class) and the score's quantiles; with ``ckpt_path`` and the features, the share each method would flag."""
+        flagged = scores > self.guard.threshold
+        overflagged = ood.overflagged(flagged, labels, self.class_names, self.guard.target_share)
+        if overflagged:
+            logger.warning(
+                "the out-of-distribution guard (%s) flags %s: these lesions would go unanswered, against %.0f%% "
+                "targeted (eval/metrics.json 'ood'; docs/RESULTS.md says what a weak network does to rare classes)",
+                self.guard.method,
+                ", ".join(f"{v['share']:.0%} of the {v['n']} {name} images" for name, v in overflagged.items()),
+                100 * (1 - self.guard.target_share),
+            )
         report = {
             "method": self.guard.method,
             "threshold": self.guard.threshold,
             "target_share": self.guard.target_share,
-            "flagged_share": ood.flagged_shares(scores > self.guard.threshold, labels, self.class_names),
+            "flagged_share": ood.flagged_shares(flagged, labels, self.class_names),
+            "overflagged_classes": overflagged,
             "score_quantiles": {f"{q:g}": float(np.quantile(scores, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)},
             "note": "the classification metrics above count every image, flagged or not",
         }

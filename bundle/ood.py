@@ -224,6 +224,24 @@ def flagged_shares(flagged: np.ndarray, labels: np.ndarray, class_names: list[st
     return {"all": shares["all"], "per_class": dict(zip(class_names, shares["per_class"], strict=True))}
 
 
+OVERFLAG_FACTOR = 2  # a class flagged at more than this many times the target's share is reported
+
+
+def overflagged(flagged: np.ndarray, labels: np.ndarray, class_names: list[str], target_share: float) -> dict:
+    """``{name: {"share", "n"}}`` of the classes flagged at more than ``OVERFLAG_FACTOR`` x ``1 - target_share``.
+
+    Flagged in-distribution images go unanswered, so a class the guard flags far more often than the
+    others is one whose lesions it hides: typically a rare class the network's features do not yet hold
+    together (docs/RESULTS.md). Evaluation names them so that nobody reads only the overall share."""
+    flagged, labels = np.asarray(flagged, dtype=bool), np.asarray(labels)
+    limit = OVERFLAG_FACTOR * (1 - target_share)
+    return {
+        name: {"share": float(flagged[labels == c].mean()), "n": int((labels == c).sum())}
+        for c, name in enumerate(class_names)
+        if (labels == c).any() and flagged[labels == c].mean() > limit
+    }
+
+
 def guard_path(weights: str | os.PathLike, name: str) -> Path:
     """The guard file ``name`` (as the sidecar names it) beside ``weights``."""
     return Path(weights).with_name(name)

@@ -48,6 +48,15 @@ def test_thresholds_keep_the_target_share_of_new_in_distribution_images_and_flag
         assert shares["all"] <= 0.05 + 1e-9 and len(shares["per_class"]) == CLASSES, method
 
 
+def test_evaluation_names_the_classes_the_guard_flags_far_more_than_its_target():
+    labels = np.array([0] * 100 + [1] * 20 + [2] * 5)
+    flagged = np.zeros(len(labels), bool)
+    flagged[:5] = True  # 5% of class 0: the target
+    flagged[100:103] = True  # 15% of class 1: over twice the target
+    shares = ood.overflagged(flagged, labels, ["a", "b", "c", "d"], 0.95)
+    assert shares == {"b": {"share": 0.15, "n": 20}}  # "c" is never flagged and "d" has no image
+
+
 def test_the_threshold_is_the_smallest_score_the_target_share_stays_under():
     scores = np.arange(1, 101, dtype=float)
     assert ood.threshold_for(scores, 0.95) == 95.0
