@@ -57,6 +57,16 @@ def test_evaluation_names_the_classes_the_guard_flags_far_more_than_its_target()
     assert shares == {"b": {"share": 0.15, "n": 20}}  # "c" is never flagged and "d" has no image
 
 
+def test_the_served_mahalanobis_distance_is_the_quadratic_form_of_the_fitted_precision():
+    features, labels, logits = _clusters(600, seed=3)
+    statistics = ood.fit(logits, features, labels).statistics
+    new_features = _clusters(50, seed=4)[0].double()
+    centred = new_features[:, None, :] - statistics["class_means"].double()[None]
+    expected = torch.einsum("ncf,fg,ncg->nc", centred, statistics["precision"].double(), centred).amin(dim=1)
+    served = ood.scores("mahalanobis", None, new_features, statistics | ood.whitening(statistics))
+    assert torch.allclose(served, expected, rtol=1e-6)
+
+
 def test_the_threshold_is_the_smallest_score_the_target_share_stays_under():
     scores = np.arange(1, 101, dtype=float)
     assert ood.threshold_for(scores, 0.95) == 95.0
