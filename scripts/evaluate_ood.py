@@ -2,12 +2,13 @@
 
     python scripts/evaluate_ood.py --dataset_dir D --datalist data/datalist.json \
         [--bundle_root .] [--weights models/model.pt] [--folders '{"mine": "path/to/folder"}'] \
-        [--builtin true] [--output eval/ood.json] [--latency_batches 20]
+        [--sets_dir ood_sets] [--builtin true] [--output eval/ood.json] [--latency_batches 20]
 
 Every image goes through the served path (``bundle.predictor.Predictor``: the bundle's preprocessing,
 inferer and one forward pass) as JPEG bytes or as its file's bytes. For every method of ``bundle.ood`` and
-every set (with ``builtin`` the far and near sets of ``scripts/ood_sets.py``, and the ``folders`` given, which
-replace built-in sets of the same name) it reports, with the out-of-distribution images as positives against
+every set (with ``builtin`` the far and near sets of ``scripts/ood_sets.py``; then the sets of ``sets_dir``, a folder
+``scripts/ood_sets.py --output_dir`` wrote, e.g. where scikit-image was installed; then the ``folders`` given; each
+replaces a set of the same name before it) it reports, with the out-of-distribution images as positives against
 the test split:
 
 - ``auroc``: the ROC AUC of the score;
@@ -116,6 +117,16 @@ def _folder_images(folder: str) -> list[bytes]:
     return [path.read_bytes() for path in paths]
 
 
+def _written_sets(sets_dir: str | None) -> dict[str, str]:
+    """The set folders ``scripts/ood_sets.py`` wrote to ``sets_dir``, named in its ``sets.json``."""
+    if sets_dir is None:
+        return {}
+    listing = Path(sets_dir) / "sets.json"
+    if not listing.is_file():
+        raise FileNotFoundError(f"--sets_dir: {listing} is missing: write the sets with scripts/ood_sets.py")
+    return {name: str(Path(sets_dir) / name) for name in json.loads(listing.read_text())}
+
+
 def _against(test: np.ndarray, shifted: np.ndarray, threshold: float) -> dict:
     kept = np.quantile(test, 0.95, method="higher")
     positives = np.r_[np.zeros(len(test), bool), np.ones(len(shifted), bool)]
@@ -133,6 +144,7 @@ def evaluate(
     bundle_root: str = str(REPO),
     weights: str | None = None,
     folders: dict | None = None,
+    sets_dir: str | None = None,
     builtin: bool | str = True,
     split: str = "testing",
     output: str | None = None,
@@ -153,7 +165,7 @@ def evaluate(
         built = ood_sets.build([Path(item["image"]) for item in items])
         sets |= {name: [ood_sets.jpeg(image) for image in images] for name, images in built.items()}
     # a folder replaces the built-in set of its name (e.g. far sets written where more packages were installed)
-    sets |= {name: _folder_images(folder) for name, folder in (folders or {}).items()}
+    sets |= {name: _folder_images(folder) for name, folder in {**_written_sets(sets_dir), **(folders or {})}.items()}
     results = {
         "weights": str(predictor.weights),
         "image_size": predictor.image_size,

@@ -8,13 +8,20 @@
 # 3. scripts/gpu_check.py: the 30-epoch 64 px run from a cold cache (wall time, first step), the trainer
 #    against the model alone at SPEED_SIZES, then the recipe variants (RECIPES_JSON, each over SEEDS;
 #    SEEDS=None runs them as named, e.g. "<name>_s<seed>" each with its seed key, in that order), the
-#    first alone, the others PARALLEL at a time (lowered to what the GPU's memory holds).
+#    first alone, the others PARALLEL at a time (lowered to what the GPU's memory holds);
+# 4. the out-of-distribution guard (scripts/evaluate_ood.py) on the first finished recipe's weights: its test
+#    split against the near sets and the far sets, those in OOD_SETS (default .gpu/ood_sets, written where
+#    scikit-image is installed by `python scripts/ood_sets.py --output_dir .gpu/ood_sets`) replacing the
+#    built-in ones, and the guard's share of a served batch's latency.
 # The next session's runs are prepared in scripts/recipes/levers_128.json (each lever alone over three seeds,
 # and the recipe without cuDNN autotuning):
 #     SEEDS=None bash scripts/gpu_session.sh .gpu/ham10000-200x150 $OUT scripts/recipes/levers_128.json
+# Prepared here, in folders git ignores (.git/info/exclude) so that the device tool carries them (`carry`:
+# [".whl", ".gpu"], about 50 MB of its 64 MiB): `pip download --no-deps -d .whl monai pytorch-ignite fire
+# termcolor`, a copy of the dataset in .gpu/ham10000-200x150 (40 MB) and the far sets in .gpu/ood_sets (6 MB).
 # GPU_CHECK_ARGS adds arguments to gpu_check.py (--require_cuda False rehearses the session on a CPU).
-# Results in OUT_DIR: gpu.txt, pytest.log, gpu_check.json and .log, runs.tgz (every run's histories,
-# sidecars, metrics, plots and logs, finished or cut). gpu_check.py saves after each part, so a step cut
+# Results in OUT_DIR: gpu.txt, pytest.log, gpu_check.json and .log, ood.json and .log, runs.tgz (every run's
+# histories, sidecars, metrics, plots and logs, finished or cut). gpu_check.py saves after each part, so a step cut
 # by CHECK_TIMEOUT leaves the earlier ones.
 set -uo pipefail
 dataset_dir=$1
@@ -37,12 +44,24 @@ if [ "${PIPESTATUS[0]}" != 0 ]; then
     echo "CUDA graph tests failed: every training runs the eager step"
     overrides='{"cuda_graphs": false}'
 fi
-timeout "${CHECK_TIMEOUT:-520}" python3 scripts/gpu_check.py --dataset_dir "$dataset_dir" --work_dir "$work" \
+timeout "${CHECK_TIMEOUT:-430}" python3 scripts/gpu_check.py --dataset_dir "$dataset_dir" --work_dir "$work" \
     --epochs "${EPOCHS:-30}" --evaluate False --speed_sizes "${SPEED_SIZES:-[64,128,224]}" \
     --speed_steps "${SPEED_STEPS:-30}" --recipes "$recipes" --seeds "${SEEDS:-[0,1,2]}" \
     --parallel "${PARALLEL:-4}" --train_overrides "$overrides" --recipe_timeout_s "${RECIPE_TIMEOUT:-400}" \
     ${GPU_CHECK_ARGS:-} 2>&1 | tee "$out/gpu_check.log"
 cp "$work/gpu_check.json" "$out/" 2>/dev/null
+first_run=$(head -n 1 "$work/recipes/runs.jsonl" 2>/dev/null \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["name"])' 2>/dev/null)
+sets_dir=${OOD_SETS:-.gpu/ood_sets}
+sets_arg=()
+[ -f "$sets_dir/sets.json" ] && sets_arg=(--sets_dir "$sets_dir")
+if [ -n "$first_run" ]; then
+    timeout "${OOD_TIMEOUT:-90}" python3 scripts/evaluate_ood.py --dataset_dir "$dataset_dir" \
+        --datalist "$work/recipes/datalist.json" --weights "$work/recipes/$first_run/models/model.pt" \
+        "${sets_arg[@]}" --latency_batches 30 --output "$out/ood.json" 2>&1 | tee "$out/ood.log"
+else
+    echo "no recipe run finished: the out-of-distribution guard is not measured" | tee "$out/ood.log"
+fi
 # the small files of every run, finished or cut: histories, sidecars, metrics, plots, logs
 (cd "$work" && find . -name '*.json' -o -name '*.jsonl' -o -name '*.log' -o -name '*.png' | grep -v /cache/ \
     | tar czf "$out/runs.tgz" -T -) 2>/dev/null

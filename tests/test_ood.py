@@ -243,3 +243,18 @@ def test_the_measurement_scores_every_set_and_method_against_the_test_split(guar
     for name, count in counts.items():
         assert len(list((written / name).glob("*.jpg"))) == count, name
         assert name == "far_medical" or count == results["sets"][name]["msp"]["n"], name
+    # ... and read back as the sets of a GPU session (scripts/gpu_session.sh carries them): --sets_dir
+    script(
+        "evaluate_ood.py",
+        *("--bundle_root", guarded, "--dataset_dir", synthetic_dir, "--datalist", datalist),
+        *("--sets_dir", written, "--builtin", "false", "--latency_batches", 0, "--output", output),
+    )
+    read_back = json.loads(output.read_text())["sets"]
+    assert {name: read_back[name]["mahalanobis"]["n"] for name in counts} == counts
+    missing = subprocess.run(
+        [sys.executable, REPO / "scripts" / "evaluate_ood.py", "--bundle_root", guarded, "--dataset_dir", synthetic_dir]
+        + ["--datalist", datalist, "--sets_dir", tmp_path, "--builtin", "false", "--latency_batches", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and f"--sets_dir: {tmp_path / 'sets.json'} is missing" in missing.stderr
