@@ -148,30 +148,44 @@ def _ledoit_wolf(centred: torch.Tensor) -> tuple[torch.Tensor, float]:
     covariance = centred.T @ centred / n
     mu = torch.trace(covariance) / d
     delta = ((covariance - mu * torch.eye(d, dtype=covariance.dtype)) ** 2).sum() / d
-    squared = centred**2
-    beta = min(float(((squared.T @ squared) / n - covariance**2).sum() / (d * n)), float(delta))
+    # the formula's sum over i, j of mean_k(x_ki² x_kj²) is mean_k(|x_k|⁴): no (F, N) x (N, F) product
+    fourth = float(((centred**2).sum(dim=1) ** 2).sum()) / n
+    beta = min((fourth - float((covariance**2).sum())) / (d * n), float(delta))
     shrinkage = 0.0 if float(delta) == 0 else beta / float(delta)
     return (1 - shrinkage) * covariance + shrinkage * mu * torch.eye(d, dtype=covariance.dtype), shrinkage
 
 
-def _gaussian(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """Class means (classes absent from ``labels`` get the overall mean) and the shrunk shared precision."""
+def _class_gaussian(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
+    """Class means (classes absent from ``labels`` get the overall mean), the shrunk shared covariance's
+    Cholesky factor and the shrinkage, in float64."""
     features = features.double()
     means = torch.stack(
         [features[labels == c].mean(0) if (labels == c).any() else features.mean(0) for c in range(num_classes)]
     )
     covariance, shrinkage = _ledoit_wolf(features - means[labels])
-    return {"class_means": means.float(), "precision": torch.linalg.inv(covariance).float(), "shrinkage": shrinkage}
+    return means, torch.linalg.cholesky(covariance), shrinkage
+
+
+def _gaussian(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """The served statistics: class means and the shrunk shared precision."""
+    means, factor, shrinkage = _class_gaussian(features, labels, num_classes)
+    return {"class_means": means.float(), "precision": torch.cholesky_inverse(factor).float(), "shrinkage": shrinkage}
 
 
 def _out_of_fold_mahalanobis(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each image's distance under the statistics of the other folds: |L⁻¹(x - m)|² with L the covariance's
+    Cholesky factor: two triangular solves a fold rather than a precision and its whitening. Training fits
+    the guard at every validation that improves, so this is on its clock: the whole ``fit`` of 1,504 images
+    x 1,024 features took 6.0 s before and 1.9 s after, on one busy CPU thread (docs/PERFORMANCE.md)."""
     fold = torch.arange(len(labels)) % FOLDS
     fold = fold[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
     scores = torch.empty(len(labels), dtype=torch.float64)
     for f in range(FOLDS):
         held = fold == f
-        stats = _gaussian(features[~held], labels[~held], num_classes)
-        scores[held] = _mahalanobis(features[held], stats)
+        means, factor, _ = _class_gaussian(features[~held], labels[~held], num_classes)
+        whitened = torch.linalg.solve_triangular(factor, features[held].double().T, upper=False).T
+        whitened_means = torch.linalg.solve_triangular(factor, means.T, upper=False).T
+        scores[held] = ((whitened[:, None, :] - whitened_means[None]) ** 2).sum(dim=-1).amin(dim=1)
     return scores
 
 
