@@ -205,7 +205,7 @@ class FeatureCollector:
 
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output
-        output["features"] = self.tap.take()
+        output["features"] = self.tap.take(len(output[Keys.PRED]))
         output["logits"] = output[Keys.PRED].detach().float().cpu()
 
 

@@ -73,9 +73,10 @@ def check_target_share(share: float) -> float:
 class FeatureTap:
     """Reads what ``network``'s last ``nn.Linear`` (the classifier) gets: the pooled penultimate features.
 
-    A forward pre-hook sums them over the forward passes since the last ``take()``, which returns their
-    mean: with test-time augmentation the inferer averages the logits of several views, and since the
-    classifier is linear the mean of the views' features is exactly the features of the mean logits.
+    A forward pre-hook keeps them for every forward pass since the last ``take(batch_size)``, which returns
+    each image's mean over its views: with test-time augmentation the inferer averages the logits of several
+    views (one pass each, or one pass over all of them stacked view after view), and since the classifier is
+    linear the mean of the views' features is exactly the features of the mean logits.
     """
 
     def __init__(self, network: torch.nn.Module) -> None:
@@ -87,21 +88,20 @@ class FeatureTap:
                 "serve the state_dict weights (models/model.pt), or set the config key 'ood_method' to 'energy' or "
                 "'msp'"
             )
-        self._sum: torch.Tensor | None = None
-        self._count = 0
+        self._passes: list[torch.Tensor] = []
         self._handle = linear[-1].register_forward_pre_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, inputs: tuple) -> None:
-        features = inputs[0].detach().float()
-        self._sum = features if self._sum is None else self._sum + features
-        self._count += 1
+        self._passes.append(inputs[0].detach().float())
 
-    def take(self) -> torch.Tensor:
-        """The mean features (N, F) over the forward passes since the last call, on the CPU."""
-        if self._sum is None:
+    def take(self, batch_size: int) -> torch.Tensor:
+        """The features (``batch_size``, F) of the batch's images, each the mean over its views, on the CPU."""
+        if not self._passes:
             raise RuntimeError("no forward pass went through the network since the features were last taken")
-        features, self._sum, self._count = (self._sum / self._count).cpu(), None, 0
-        return features
+        features, self._passes = torch.cat(self._passes), []
+        if len(features) % batch_size:
+            raise RuntimeError(f"{len(features)} feature rows are not whole views of a batch of {batch_size} images")
+        return features.view(-1, batch_size, features.shape[-1]).mean(dim=0).cpu()
 
     def close(self) -> None:
         self._handle.remove()

@@ -259,7 +259,7 @@ class Predictor:
         reads them, the pooled features of the same pass."""
         with torch.inference_mode():
             logits = self.inferer(batch.to(self.device), self.network).float().cpu()
-            return logits, (self._tap.take() if self._tap is not None else None)
+            return logits, (self._tap.take(len(batch)) if self._tap is not None else None)
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Check the bytes' header, then run the config's transform chain on them, as the bundle run does on

@@ -29,6 +29,7 @@ import json
 import math
 import operator
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -302,7 +303,8 @@ def trainer_vs_model_only(
     Then, on the last batch the loader made, the step function alone in a loop: eager
     (``model_only_eager``: ``bundle.training.trainer_iteration``) and replayed as a graph
     (``model_only_graphed``). ``trainer_vs_model_only`` is the trainer's img/s over the faster model-only
-    loop's; ``graph_speedup`` the graphed trainer's over the eager one's.
+    loop's; ``graph_speedup`` the graphed trainer's over the eager one's. Last, validation's forward
+    passes with the test-time views batched or not (``validation_views``).
     """
     from bundle.training import GraphedTrainerIteration, trainer_iteration
 
@@ -366,6 +368,8 @@ def trainer_vs_model_only(
         seconds = time.perf_counter() - begun
         out[name] = {"img_per_s": steps * size / seconds, "ms_per_step": 1000 * seconds / steps}
         save()
+    out["validation_views"] = validation_views(parser, device)
+    save()
     if device.type == "cuda":
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     model_only = max(out[name].get("img_per_s", 0) for name in ("model_only_eager", "model_only_graphed"))
@@ -373,6 +377,37 @@ def trainer_vs_model_only(
     out["graph_speedup"] = out["trainer"]["img_per_s"] / out["trainer_eager"]["img_per_s"]
     out["wall_s"] = time.perf_counter() - started
     save()
+
+
+def validation_views(parser, device: torch.device, rounds: int = 3) -> dict:
+    """Validation's forward passes over its batches, with its network, precision and test-time views: one
+    pass per view against all the views as one batch (``tta_batched``), each warmed up once (cuDNN tunes
+    the new shapes), then timed ``rounds`` times in turn; the medians and ``batched_speedup``."""
+    inferer = parser.get_parsed_content("validate#inferer")
+    network = parser.get_parsed_content("validate#network").eval()
+    batches = [batch["image"] for batch in parser.get_parsed_content("validate#dataloader")]
+    amp = bool(parser.get_parsed_content("amp"))
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    with torch.inference_mode(), torch.autocast(device.type, **parser.get_parsed_content("amp_kwargs"), enabled=amp):
+        for timed in [False] + [True] * rounds:
+            for batched in (False, True):
+                inferer.batched = batched
+                _sync(device)
+                began = time.perf_counter()
+                for images in batches:
+                    inferer(images, network)
+                _sync(device)
+                if timed:
+                    seconds[batched].append(time.perf_counter() - began)
+    per_view, together = statistics.median(seconds[False]), statistics.median(seconds[True])
+    return {
+        "images": sum(len(images) for images in batches),
+        "batches": len(batches),
+        "views": inferer.views,
+        "per_view_s": per_view,
+        "batched_s": together,
+        "batched_speedup": per_view / together,
+    }
 
 
 FIRST_STEP = re.compile(r"first training step done ([0-9.]+) s after the process started")
@@ -422,7 +457,8 @@ def check(
     1. ``train_wall_s``: the 30-epoch 64 px ``monai.bundle run`` from its start, cold cache
        (``first_step_s.cold``: from its launch to the end of its first training step);
     2. (``evaluate``) its evaluation on the GPU and the CPU-vs-GPU logits check;
-    3. ``trainer_vs_model_only`` at each of ``speed_sizes`` (``speed`` holds the details);
+    3. ``trainer_vs_model_only`` and ``tta_batched_speedup`` (validation's views as one batch against one pass
+       per view) at each of ``speed_sizes`` (``speed`` holds the details);
     4. (``profile_steps``) the step profile (``profile_training``);
     5. ``recipes`` (default: the 128 px overlay) through ``scripts/run_recipes.py`` per seed, the first run
        alone (``recipe_wall_s``, ``first_step_s.warm``: its images were cached by step 3), then the others
@@ -434,8 +470,14 @@ def check(
     GPU's memory holds, judged from the first run's peak.
     """
     overrides = dict(train_overrides or {})
-    evaluate, warm_rerun, ddp = (
-        as_bool(v, k) for k, v in [("--evaluate", evaluate), ("--warm_rerun", warm_rerun), ("--ddp", ddp)]
+    evaluate, warm_rerun, ddp, require_cuda = (
+        as_bool(v, k)
+        for k, v in [
+            ("--evaluate", evaluate),
+            ("--warm_rerun", warm_rerun),
+            ("--ddp", ddp),
+            ("--require_cuda", require_cuda),
+        ]
     )
     cuda = torch.cuda.is_available()
     if not cuda and require_cuda:  # require_cuda false: the tests run the whole check on a CPU
@@ -485,7 +527,7 @@ def check(
         if cuda:
             report["cpu_vs_gpu_max_abs_logit_diff"], report["checkpoint_devices"] = _cpu_matches_gpu(work)
         save()
-    report["speed"], report["trainer_vs_model_only"] = {}, {}
+    report["speed"], report["trainer_vs_model_only"], report["tta_batched_speedup"] = {}, {}, {}
     for size in speed_sizes:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -495,6 +537,7 @@ def check(
                 dataset_dir, datalist, work, speed_steps, part, save, **{**overrides, "image_size": [size, size]}
             )
             report["trainer_vs_model_only"][str(size)] = part["trainer_vs_model_only"]
+            report["tta_batched_speedup"][str(size)] = part["validation_views"]["batched_speedup"]
         except Exception:  # reported; the later steps still run
             part["error"] = traceback.format_exc()
             print(part["error"], file=sys.stderr)
@@ -512,6 +555,7 @@ def check(
         torch.cuda.empty_cache()
         save()
     if recipes == {}:
+        save()
         print(json.dumps({k: v for k, v in report.items() if k not in ("history", "metrics")}, indent=1))
         return
     recipes = {name: {**options, **overrides} for name, options in (recipes or DEFAULT_RECIPES).items()}

@@ -5,6 +5,8 @@ import collections
 import gzip
 import json
 import math
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ from torch.autograd.profiler_util import EventList, FunctionEvent
 
 from bundle import data
 from scripts import gpu_check
+from tests.bundle_runs import REPO
 
 
 @pytest.fixture
@@ -129,6 +132,9 @@ def test_the_trainer_is_timed_against_the_model_alone_in_one_process(synthetic_d
         out["trainer"]["img_per_s"] / out["model_only_eager"]["img_per_s"]
     )
     assert out["graph_speedup"] == pytest.approx(out["trainer"]["img_per_s"] / out["trainer_eager"]["img_per_s"])
+    views = out["validation_views"]
+    assert views["views"] == "flips" and views["images"] == len(json.loads(datalist.read_text())["validation"])
+    assert views["batched_speedup"] == pytest.approx(views["per_view_s"] / views["batched_s"])
     assert json.loads(saved[-1]) == json.loads(json.dumps(out)), "saved after its last part"
     assert not (tmp_path / "speed" / "models" / "history.json").exists(), "stopped within the first epoch"
 
@@ -161,7 +167,16 @@ def test_the_whole_check_runs_end_to_end(synthetic_dir, tmp_path):
     assert report["first_step_s"]["cold"] > 0 and report["first_step_s"]["warm"] > 0
     assert 0 <= report["metrics"]["auc_macro"] <= 1
     assert report["trainer_vs_model_only"]["32"] > 0
+    assert report["tta_batched_speedup"]["32"] > 0
     assert [row["name"] for row in report["recipes"]] == ["tiny_s0", "tiny_s1"]
     assert all(row["image_size"] == [32, 32] and row["epochs"] == 2 for row in report["recipes"])
     assert report["recipe_wall_s"] == report["recipes"][0]["train_wall_s"]
     assert report["parallel"]["parallel"] == 2 and report["parallel"]["alone_img_per_s"] > 0
+
+
+def test_require_cuda_false_from_the_command_line_runs_on_a_cpu(synthetic_dir, tmp_path):
+    """fire hands ``--require_cuda false`` over as text, which is truthy: it must read as false."""
+    command = [sys.executable, "scripts/gpu_check.py", "--dataset_dir", str(synthetic_dir), "--work_dir", str(tmp_path)]
+    command += ["--require_cuda", "false", "--epochs", "0", "--speed_sizes", "[]", "--recipes", "{}"]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["device_name"] == "cpu"

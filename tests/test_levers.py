@@ -386,6 +386,30 @@ def test_tta_views_reaches_validation_and_serving_defaulting_to_flips():
     assert train_config(tta_views="dihedral").get_parsed_content("validate#inferer").views == "dihedral"
 
 
+@pytest.mark.parametrize("views", ["flips", "dihedral"])
+def test_the_views_as_one_batch_give_the_logits_of_one_pass_per_view(views):
+    """``tta_batched`` stacks the views into one batch (one pass's kernel launches on a GPU); a network in
+    eval mode treats each image on its own, so the averaged logits are those of a pass per view."""
+    network, images = _conv_net(), torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        per_view = FlipAveragingInferer(views=views)(images, network)
+        batched = FlipAveragingInferer(views=views, batched="true")(images, network)
+    assert batched.shape == (3, per_view.shape[1])
+    torch.testing.assert_close(batched, per_view, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="'tta_batched'"):
+        FlipAveragingInferer(batched="sometimes")
+
+
+def test_tta_batched_reaches_validation_and_serving_off_on_a_cpu():
+    assert train_config().get_parsed_content("validate#inferer").batched is False
+    assert train_config(tta_batched=True).get_parsed_content("validate#inferer").batched is True
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "inference.json"))
+    assert parser.get_parsed_content("inferer").batched is False
+    parser["tta_batched"] = True
+    assert parser.get_parsed_content("inferer", lazy=False).batched is True
+
+
 # --- every lever at once, as a user runs it ----------------------------------------------------------
 
 

@@ -77,9 +77,12 @@ def test_the_threshold_is_the_smallest_score_the_target_share_stays_under():
         ood.check_method("softmax")
 
 
-def test_the_tapped_features_are_those_of_the_averaged_logits():
-    """With test-time flips the inferer averages 4 views' logits; the tap averages their features, and the
-    classifier of those is the served logits."""
+@pytest.mark.parametrize("views", ["flips", "dihedral"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_tapped_features_are_those_of_the_averaged_logits(views, batched):
+    """With test-time views the inferer averages the views' logits, a pass per view or one pass over all of
+    them; the tap averages each image's features over its views, and the classifier of those is the served
+    logits."""
     torch.manual_seed(0)
     network = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, CLASSES)
@@ -87,12 +90,15 @@ def test_the_tapped_features_are_those_of_the_averaged_logits():
     tap = ood.FeatureTap(network)
     x = torch.rand(5, 3, 16, 16)
     with torch.no_grad():
-        logits = FlipAveragingInferer(views="flips")(x, network)
-        features = tap.take()
+        logits = FlipAveragingInferer(views=views, batched=batched)(x, network)
+        features = tap.take(len(x))
         head = network[-1]
         torch.testing.assert_close(torch.nn.functional.linear(features, head.weight, head.bias), logits)
+        network(x[:3])
+        with pytest.raises(RuntimeError, match="not whole views of a batch of 5"):
+            tap.take(len(x))
     with pytest.raises(RuntimeError, match="no forward pass"):
-        tap.take()
+        tap.take(len(x))
 
 
 def test_a_torchscript_network_hides_its_features_and_says_what_to_do():
@@ -120,6 +126,21 @@ def test_a_flagged_image_gets_no_diagnosis_in_the_same_batch_as_a_lesion(guarded
     parser_key.ood_probabilities = True
     research = parser_key.predict([out_of_distribution_image()])[0].to_json()
     assert research["out_of_distribution"] is True and set(research) == SERVED_FIELDS | {"reason"}
+
+
+def test_the_views_as_one_batch_serve_the_same_answers_and_scores(guarded, synthetic_dir):
+    """``tta_batched`` (the default on a GPU) changes how the views reach the network, not what is served."""
+    images = [path.read_bytes() for path in sorted((synthetic_dir / "images").glob("*.jpg"))[:3]]
+    images.insert(1, out_of_distribution_image())
+    predictor = Predictor(guarded, device="cpu")
+    assert predictor.inferer.batched is False
+    per_view = [result.to_json() for result in predictor.predict(images)]
+    predictor.inferer.batched = True
+    batched = [result.to_json() for result in predictor.predict(images)]
+    assert [r["out_of_distribution"] for r in batched] == [False, True, False, False]
+    for one, other in zip(per_view, batched, strict=True):
+        assert one["class"] == other["class"] and one["ood_score"] == pytest.approx(other["ood_score"], rel=1e-5)
+        assert one.get("probabilities") == pytest.approx(other.get("probabilities"), abs=1e-5)
 
 
 def test_every_method_can_be_served_and_none_turns_the_guard_off(guarded, synthetic_dir):
