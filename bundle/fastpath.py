@@ -22,8 +22,9 @@ class CachedBatchLoader:
 
     Args:
         cache: the decoded images.
-        batch_size: images per batch. An epoch is cut into ``ceil(n / batch_size)`` batches of
-            (nearly) equal size, so every image is seen every epoch and no batch is a tiny remainder.
+        batch_size: images per batch at most. An epoch is cut into ``ceil(n / batch_size)`` batches of
+            (nearly) equal size, so every image is seen every epoch and no batch is a tiny remainder; into
+            up to a third more when that gives every batch one size (one shape for cuDNN to tune).
         shuffle: a new random order every epoch (ignored when ``sampler`` is given).
         equal_batches: with ``shuffle``, leave out the last few images of each epoch's order (fewer
             than one per batch, different ones every epoch) so that every batch has one size, as with a
@@ -87,7 +88,14 @@ class CachedBatchLoader:
         return len(self.sampler) if self.sampler is not None else len(self.cache)
 
     def __len__(self) -> int:
-        return math.ceil(self._epoch_size() / self.batch_size)
+        size = self._epoch_size()
+        count = math.ceil(size / self.batch_size)
+        if count <= 1 or self.sampler is not None or (self.shuffle and self.equal_batches):
+            return count
+        # every image kept (evaluation): one batch size when up to a third more batches divide the epoch, e.g.
+        # 1,504 validation images in 4 batches of 376 rather than 502, 501, 501; a GPU autotunes its convolutions
+        # for each batch shape it meets, and a second shape is a second tuning of every layer
+        return next((k for k in range(count, count + count // 3 + 1) if size % k == 0), count)
 
     def _batches(self) -> Iterator[dict]:
         order = self._epoch_order()

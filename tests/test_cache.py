@@ -222,6 +222,19 @@ def test_batches_drawn_by_a_sampler_all_have_one_size(tmp_path):
     assert len(torch.unique(torch.cat(seen))) == 23, "a different few left out every epoch"
 
 
+def test_an_evaluation_epoch_takes_a_few_more_batches_to_give_them_one_size(tmp_path):
+    """Every image kept: 24 images in batches of at most 10 are 3 batches of 8 (ceil(24 / 10) = 3 divides 24);
+    28 are 4 of 7 rather than 10, 9, 9 (as 1,504 validation images in batches of at most 512 are 4 of 376);
+    25 in batches of at most 9 stay 9, 8, 8 (neither 3 nor 4 divides 25, and 5 is more than a third more)."""
+    items = write_images(tmp_path / "images", n=28)
+    for n, batch_size, sizes in [(24, 10, [8, 8, 8]), (28, 10, [7] * 4), (25, 9, [9, 8, 8]), (25, 30, [25])]:
+        cache = build(items[:n], tmp_path / f"cache{n}", (8, 8))
+        loader = CachedBatchLoader(cache, batch_size=batch_size, with_paths=True)
+        batches = list(loader)
+        assert [len(b["label"]) for b in batches] == sizes and len(loader) == len(sizes)
+        assert [p for b in batches for p in b["image_path"]] == [item["image"] for item in items[:n]], "in order"
+
+
 def test_channels_last_batches(tmp_path):
     cache = build(write_images(tmp_path / "images", n=4), tmp_path / "cache")
     batch = next(iter(CachedBatchLoader(cache, batch_size=4, channels_last=True)))
