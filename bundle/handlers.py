@@ -170,15 +170,17 @@ class ValidationLogits:
         self._features: list[torch.Tensor] = []
 
     def _collect(self, engine: Engine) -> None:
-        for item in engine.state.output:
-            self._logits.append(item["logits"].detach().float().cpu())
-            self._labels.append(torch.as_tensor(item["label"]).detach().cpu().reshape(-1))
-            if "features" in item:
-                self._features.append(item["features"].detach().float().cpu())
+        output = engine.state.output
+        logits = output_rows(output, "logits").float()
+        self._logits.append(logits)
+        self._labels.append(output_rows(output, "label").reshape(len(logits), -1))
+        features = output_rows(output, "features")
+        if features is not None:
+            self._features.append(features.float())
 
     def fit(self) -> tuple[Calibration, ood.GuardFit | None]:
-        logits, labels = torch.stack(self._logits), torch.stack(self._labels)
-        features = torch.stack(self._features) if self._features else None
+        logits, labels = torch.cat(self._logits), torch.cat(self._labels)
+        features = torch.cat(self._features) if self._features else None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             logits, labels = evenly_divisible_all_gather(logits), evenly_divisible_all_gather(labels)
             features = None if features is None else evenly_divisible_all_gather(features)
@@ -572,18 +574,23 @@ class PredictionWriter:
 
     def _collect(self, engine: Engine) -> None:
         outputs = engine.state.output
-        self._probabilities += [o["pred"].detach().float().cpu() for o in outputs]
-        self._logits += [o["logits"].detach().float().cpu() for o in outputs if "logits" in o]
-        self._labels += [torch.as_tensor(o["label"]).cpu() for o in outputs if o.get("label") is not None]
-        self._features += [o["features"].detach().float().cpu() for o in outputs if "features" in o]
-        self._images += [_image_name(o, b) for o, b in zip(outputs, engine.state.batch, strict=False)]
+        probabilities = output_rows(outputs, "pred").float()
+        self._probabilities.append(probabilities)
+        for key, kept in (("logits", self._logits), ("features", self._features)):
+            rows = output_rows(outputs, key)
+            if rows is not None:
+                kept.append(rows.float())
+        labels = output_rows(outputs, "label")
+        if labels is not None:
+            self._labels.append(labels.reshape(len(probabilities), -1))
+        self._images += _image_names(outputs, engine.state.batch)
 
     def _gathered(self) -> dict:
         collected = {
-            "probabilities": torch.stack(self._probabilities),
-            "logits": torch.stack(self._logits) if self._logits else None,
-            "labels": torch.stack(self._labels).reshape(len(self._labels), -1) if self._labels else None,
-            "features": torch.stack(self._features) if self._features else None,
+            "probabilities": torch.cat(self._probabilities),
+            "logits": torch.cat(self._logits) if self._logits else None,
+            "labels": torch.cat(self._labels) if self._labels else None,
+            "features": torch.cat(self._features) if self._features else None,
         }
         images = self._images
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -824,11 +831,26 @@ class EvaluationReport(PredictionWriter):
         return report
 
 
-def _image_name(output: dict, batch_item: dict) -> str:
-    """The image's file: the cached fast path names it in the batch, the per-sample chain in the image's metadata."""
-    if "image_path" in batch_item:
-        return str(batch_item["image_path"])
-    return str(output["image"].meta["filename_or_obj"])
+def output_rows(output: dict | list[dict], key: str) -> torch.Tensor | None:
+    """``key`` of an evaluator's iteration output as one (N, ...) tensor on the CPU (None where absent): the
+    batch's own when the evaluator does not decollate (train.json's), else its images' stacked."""
+    if isinstance(output, dict):
+        value = output.get(key)
+        return None if value is None else torch.as_tensor(value).detach().cpu()
+    values = [torch.as_tensor(item[key]).detach().cpu() for item in output if item.get(key) is not None]
+    return torch.stack(values) if values else None
+
+
+def _image_names(output: dict | list[dict], batch: dict | list[dict]) -> list[str]:
+    """The batch's image files: the cached fast path names them in the batch, the per-sample chain in the
+    images' metadata (as a batch, or per image when the evaluator decollates)."""
+    if isinstance(batch, dict):
+        names = batch["image_path"] if "image_path" in batch else output["image"].meta["filename_or_obj"]
+        return [str(name) for name in names]
+    return [
+        str(item["image_path"]) if "image_path" in item else str(o["image"].meta["filename_or_obj"])
+        for o, item in zip(output, batch, strict=True)
+    ]
 
 
 def _fmt(value: float | None) -> str:

@@ -229,11 +229,12 @@ _FIRST_CALL = time.time()
 
 
 class ValidationOutputd:
-    """Validation's postprocessing of one image, in plain torch: the logits (as float32, kept under
-    ``logits`` for the calibration fit), the calibrated probabilities under ``pred`` and the label one-hot.
+    """Validation's postprocessing, in plain torch, of a whole batch (train.json's evaluator does not
+    decollate) or of one image: the logits (as float32, kept under ``logits`` for the calibration fit),
+    the calibrated probabilities under ``pred`` and the label one-hot.
 
-    What MONAI's EnsureTyped + CastToTyped + CopyItemsd + AsDiscreted(to_onehot) chain gives, at a
-    twentieth of its cost: that chain took ~0.3 s of CPU per validation epoch of 1,206 images, a tenth
+    What MONAI's EnsureTyped + CastToTyped + CopyItemsd + AsDiscreted(to_onehot) chain gives per image, at a
+    small share of its cost: that chain took ~0.3 s of CPU per validation epoch of 1,206 images, a tenth
     of a GPU epoch. ``PredictionsToCPU`` has already moved the batch to the CPU.
     """
 
@@ -247,6 +248,6 @@ class ValidationOutputd:
         d["logits"] = logits
         d["pred"] = self.calibration.probabilities(logits)
         if d.get("label") is not None:
-            label = torch.as_tensor(d["label"]).detach().cpu().long().reshape(-1)[0]
+            label = torch.as_tensor(d["label"]).detach().cpu().long().reshape(logits.shape[:-1])
             d["label"] = torch.nn.functional.one_hot(label, self.num_classes).float()
         return d

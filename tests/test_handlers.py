@@ -2,16 +2,28 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from ignite.engine import Engine, Events
 
 from bundle import sidecar
-from bundle.handlers import BestModelSaver, as_bool, atomic_write, check_resume, training_fingerprint
+from bundle.calibration import Calibration
+from bundle.handlers import (
+    BestModelSaver,
+    as_bool,
+    atomic_write,
+    check_resume,
+    output_rows,
+    training_fingerprint,
+)
 from bundle.labels import CLASS_NAMES
 from bundle.predictor import trained_image_size
 from bundle.sidecar import SidecarError, verified_sidecar, weights_fingerprint
+from bundle.training import ValidationOutputd
+from tests.bundle_runs import REPO
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -187,3 +199,30 @@ def test_a_checkpoint_trained_on_something_else_is_refused_naming_resume_false(t
     torch.save({"model": {}}, checkpoint)  # written before checkpoints recorded what they were trained on
     with pytest.raises(ValueError, match="records nothing about what it was trained on.*--resume false"):
         check_resume(checkpoint, True, trained_on)
+
+
+def test_validation_postprocessing_of_a_batch_is_that_of_its_images():
+    """train.json's evaluator hands ValidationOutputd whole batches (decollate off); each row must be what the
+    image alone gets, and output_rows reads either form the same."""
+    logits, labels = (
+        torch.randn(5, 7, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([[0], [6], [2], [2], [5]]),
+    )
+    post = ValidationOutputd(Calibration(temperature=1.5), num_classes=7)
+    batch = post({"pred": logits, "label": labels})
+    images = [post({"pred": logits[i], "label": labels[i]}) for i in range(5)]
+    for key in ("pred", "logits", "label"):
+        torch.testing.assert_close(output_rows(batch, key), output_rows(images, key))
+    assert output_rows(batch, "label").argmax(1).tolist() == [0, 6, 2, 2, 5]
+    assert output_rows(batch, "features") is None and output_rows(images, "features") is None
+
+
+def test_validation_decollated_or_not_scores_the_same_and_says_what_it_saves(synthetic_dir, tmp_path):
+    """scripts/benchmark_validation.py runs train.json's evaluator both ways over the same weights, and refuses
+    to report a ratio if their validation AUCs differ."""
+    command = [sys.executable, "scripts/benchmark_validation.py", "--work_dir", str(tmp_path)]
+    command += ["--dataset_dir", str(synthetic_dir), "--image_size", "32", "--rounds", "1"]
+    result = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["images"] > 0 and 0 <= report["val_auc"] <= 1
+    assert report["on_vs_off"] == pytest.approx(report["s_decollate_on"] / report["s_decollate_off"])
