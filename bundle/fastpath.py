@@ -15,6 +15,7 @@ from monai.data import ThreadBuffer
 
 from bundle.augment import BatchAugmentation, BatchMix
 from bundle.cache import ImageCache
+from bundle.flags import as_bool
 
 
 class CachedBatchLoader:
@@ -71,7 +72,7 @@ class CachedBatchLoader:
         if targets is not None and len(targets) != len(cache):
             raise ValueError(f"{len(targets)} training targets for {len(cache)} cached images")
         self.labels = cache.labels if targets is None else targets.to(cache.device)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if as_bool(channels_last, "channels_last") else torch.contiguous_format
         self.with_paths = with_paths
         self.generator = torch.Generator().manual_seed(seed)
 

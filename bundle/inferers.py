@@ -45,7 +45,7 @@ class FlipAveragingInferer(Inferer):
         super().__init__()
         if views not in VIEWS:
             raise ValueError(f"config key 'tta_views' must be one of {VIEWS}, got {views!r}")
-        self.enabled = enabled
+        self.enabled = as_bool(enabled, "tta")
         self.views = views
         self.batched = as_bool(batched, "tta_batched")
 

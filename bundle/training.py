@@ -13,6 +13,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import set_determinism
 
+from bundle.flags import as_bool
+
 logger = logging.getLogger(__name__)
 
 LR_SCALING = ("linear", "sqrt", "none")
@@ -22,7 +24,7 @@ def seed_run(seed: int, cudnn_benchmark: bool) -> None:
     """MONAI's ``set_determinism``, then cuDNN autotuning back on if asked (it switches it off):
     autotuned convolutions are much faster on a GPU but not bit-reproducible."""
     set_determinism(seed=seed)
-    if cudnn_benchmark:
+    if as_bool(cudnn_benchmark, "cudnn_benchmark"):
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = False
 
@@ -81,7 +83,7 @@ class GraphedTrainerIteration:
     """
 
     def __init__(self, enabled: bool = True, warmup_steps: int = 3, max_graphs: int = 2) -> None:
-        self.enabled = bool(enabled)
+        self.enabled = as_bool(enabled, "cuda_graphs")
         self.warmup_steps = int(warmup_steps)
         self.max_graphs = int(max_graphs)
         self.graphs: dict[tuple, dict] = {}

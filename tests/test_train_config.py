@@ -15,7 +15,7 @@ from monai.engines.utils import IterationEvents
 from monai.metrics import compute_roc_auc
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bundle import data
+from bundle import data, training
 from bundle.cache import ImageCache
 from bundle.fastpath import CachedBatchLoader
 from bundle.handlers import PredictionsToCPU
@@ -320,3 +320,31 @@ def test_validation_postprocessing_gives_what_monais_chain_gave():
             assert got[key].dtype == expected[key].dtype == torch.float32
             assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])), key
         assert got["image_path"] == f"{i}.jpg"
+
+
+@pytest.mark.parametrize("text, on", [("false", False), ("true", True), ("False", False), ("1", True)])
+def test_boolean_keys_typed_on_the_command_line_mean_what_they_say(text, on):
+    """``monai.bundle run --amp false`` hands the config the text 'false' (fire parses only False), which
+    Python reads as true: every boolean key must read it as false."""
+    parser = train_config(amp=text, compile=text, channels_last=text, cuda_graphs=text, tta=text)
+    assert parser.get_parsed_content("train#trainer#amp") is on
+    assert parser.get_parsed_content("validate#evaluator#amp") is on
+    assert parser.get_parsed_content("train#trainer#compile") is on
+    assert parser.get_parsed_content("memory_format") == (torch.channels_last if on else torch.preserve_format)
+    assert parser.get_parsed_content("train#trainer#iteration_update").enabled is on
+    assert parser.get_parsed_content("validate#inferer").enabled is on
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        training.seed_run(0, text)
+        assert torch.backends.cudnn.benchmark is on
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.deterministic = False
+
+
+def test_a_boolean_key_that_is_not_a_boolean_is_named():
+    with pytest.raises(ValueError, match="'cudnn_benchmark'"):
+        training.seed_run(0, "sometimes")
+    with pytest.raises(RuntimeError) as error:
+        train_config(amp="sometimes").get_parsed_content("train#trainer#amp")
+    assert "'amp'" in str(error.value.__cause__ or error.value)
