@@ -400,6 +400,34 @@ def test_the_views_as_one_batch_give_the_logits_of_one_pass_per_view(views):
         FlipAveragingInferer(batched="sometimes")
 
 
+def test_crops_add_five_closer_looks_to_every_view():
+    """tta_crop_scale 0.75 on a 12 px image: each of the 4 flips whole, then its centre and its four corners
+    of 9 px resized back to 12, so 24 passes, batched or not; a constant image gives every crop the same."""
+    seen = []
+
+    def network(images):
+        seen.append(images.clone())
+        return _conv_net()(images)
+
+    images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        per_view = FlipAveragingInferer(crop_scale=0.75)(images, network)
+        assert len(seen) == 24 and all(view.shape == images.shape for view in seen)
+        torch.testing.assert_close(
+            seen[2][:, :, :, :],
+            torch.nn.functional.interpolate(images[:, :, :9, :9], size=(12, 12), mode="bilinear", align_corners=False),
+        )  # the first corner of the unflipped image
+        batched = FlipAveragingInferer(crop_scale=0.75, batched=True)(images, network)
+        torch.testing.assert_close(batched, per_view, atol=1e-6, rtol=1e-5)
+        flat = torch.full((1, 3, 12, 12), 0.3)
+        torch.testing.assert_close(FlipAveragingInferer(crop_scale=0.75)(flat, network), _conv_net()(flat))
+    for scale in (0.4, 1.2):
+        with pytest.raises(ValueError, match="'tta_crop_scale'"):
+            FlipAveragingInferer(crop_scale=scale)
+    assert train_config(tta_crop_scale=0.875).get_parsed_content("validate#inferer").crop_scale == 0.875
+    assert train_config().get_parsed_content("validate#inferer").crop_scale == 1.0
+
+
 def test_tta_batched_reaches_validation_and_serving_off_on_a_cpu():
     assert train_config().get_parsed_content("validate#inferer").batched is False
     assert train_config(tta_batched=True).get_parsed_content("validate#inferer").batched is True

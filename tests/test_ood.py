@@ -77,9 +77,9 @@ def test_the_threshold_is_the_smallest_score_the_target_share_stays_under():
         ood.check_method("softmax")
 
 
-@pytest.mark.parametrize("views", ["flips", "dihedral"])
+@pytest.mark.parametrize("views, crop_scale", [("flips", 1.0), ("dihedral", 1.0), ("flips", 0.75)])
 @pytest.mark.parametrize("batched", [False, True])
-def test_the_tapped_features_are_those_of_the_averaged_logits(views, batched):
+def test_the_tapped_features_are_those_of_the_averaged_logits(views, crop_scale, batched):
     """With test-time views the inferer averages the views' logits, a pass per view or one pass over all of
     them; the tap averages each image's features over its views, and the classifier of those is the served
     logits."""
@@ -90,7 +90,7 @@ def test_the_tapped_features_are_those_of_the_averaged_logits(views, batched):
     tap = ood.FeatureTap(network)
     x = torch.rand(5, 3, 16, 16)
     with torch.no_grad():
-        logits = FlipAveragingInferer(views=views, batched=batched)(x, network)
+        logits = FlipAveragingInferer(views=views, batched=batched, crop_scale=crop_scale)(x, network)
         features = tap.take(len(x))
         head = network[-1]
         torch.testing.assert_close(torch.nn.functional.linear(features, head.weight, head.bias), logits)
