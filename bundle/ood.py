@@ -123,11 +123,15 @@ def whitening(statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"whitener": whitener, "whitened_means": statistics["class_means"].double() @ whitener}
 
 
+def _nearest_mean(whitened: torch.Tensor, whitened_means: torch.Tensor) -> torch.Tensor:
+    """Each whitened row's squared distance to the nearest whitened class mean: its Mahalanobis distance."""
+    return ((whitened[:, None, :] - whitened_means[None]) ** 2).sum(dim=-1).amin(dim=1)
+
+
 def _mahalanobis(features: torch.Tensor, statistics: dict[str, torch.Tensor]) -> torch.Tensor:
     if "whitener" not in statistics:
         statistics = whitening(statistics)
-    whitened = features.double() @ statistics["whitener"]
-    return ((whitened[:, None, :] - statistics["whitened_means"][None]) ** 2).sum(dim=-1).amin(dim=1)
+    return _nearest_mean(features.double() @ statistics["whitener"], statistics["whitened_means"])
 
 
 def _knn(features: torch.Tensor, bank: torch.Tensor, k: int, exclude_self: bool = False) -> torch.Tensor:
@@ -185,7 +189,7 @@ def _out_of_fold_mahalanobis(features: torch.Tensor, labels: torch.Tensor, num_c
         means, factor, _ = _class_gaussian(features[~held], labels[~held], num_classes)
         whitened = torch.linalg.solve_triangular(factor, features[held].double().T, upper=False).T
         whitened_means = torch.linalg.solve_triangular(factor, means.T, upper=False).T
-        scores[held] = ((whitened[:, None, :] - whitened_means[None]) ** 2).sum(dim=-1).amin(dim=1)
+        scores[held] = _nearest_mean(whitened, whitened_means)
     return scores
 
 

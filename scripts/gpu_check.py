@@ -228,7 +228,7 @@ def profile_training(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         image_size=parser.get_parsed_content("image_size"),
         batch_size=parser.get_parsed_content("batch_size"),
-        amp=bool(parser.get_parsed_content("amp")),
+        amp=as_bool(parser.get_parsed_content("amp"), "amp"),
         warmup_steps=warmup,
         steps=steps,
         setup_s=time.perf_counter() - started,
@@ -315,7 +315,7 @@ def trainer_vs_model_only(
     out.update(
         image_size=parser.get_parsed_content("image_size"),
         batch_size=parser.get_parsed_content("batch_size"),
-        amp=bool(parser.get_parsed_content("amp")),
+        amp=as_bool(parser.get_parsed_content("amp"), "amp"),
         setup_s=time.perf_counter() - started,
     )
     phases = ["trainer", "trainer_eager"]
@@ -386,7 +386,7 @@ def validation_views(parser, device: torch.device, rounds: int = 3) -> dict:
     inferer = parser.get_parsed_content("validate#inferer")
     network = parser.get_parsed_content("validate#network").eval()
     batches = [batch["image"] for batch in parser.get_parsed_content("validate#dataloader")]
-    amp = bool(parser.get_parsed_content("amp"))
+    amp = as_bool(parser.get_parsed_content("amp"), "amp")
     seconds: dict[bool, list[float]] = {False: [], True: []}
     with torch.inference_mode(), torch.autocast(device.type, **parser.get_parsed_content("amp_kwargs"), enabled=amp):
         for timed in [False] + [True] * rounds:
@@ -503,7 +503,7 @@ def check(
     parser = ConfigParser()
     parser.read_config(str(REPO / "configs" / "train.json"))
     report["config_device"] = str(parser.get_parsed_content("device"))
-    report["config_amp"] = bool(parser.get_parsed_content("amp"))
+    report["config_amp"] = as_bool(parser.get_parsed_content("amp"), "amp")
 
     train = bundle_run + ["configs/train.json", "--max_epochs", str(epochs), "--resume", "false", *common]
     train += run_recipes._overrides(overrides)
