@@ -74,13 +74,14 @@ class BestModelSaver:
         enabled: bool = True,
         calibrate: bool = False,
         ood_target_share: float = ood.TARGET_SHARE,
+        ood_class_weights: str = ood.CLASS_WEIGHTS[0],
     ) -> None:
         self.network = network
         self.save_path = save_path
         self.metric_name = metric_name
         self.enabled = enabled  # False on all but one rank under DDP: every rank tracks, one writes
         self.image_size = [int(side) for side in image_size]
-        self.validation = ValidationLogits(ood_target_share) if calibrate else None
+        self.validation = ValidationLogits(ood_target_share, ood_class_weights) if calibrate else None
         self.best_metric = -math.inf
         self.best_epoch = -1
 
@@ -157,8 +158,11 @@ class ValidationLogits:
     returns ``bundle.calibration.fit`` of them, and ``bundle.ood.fit`` of them (None without features).
     """
 
-    def __init__(self, ood_target_share: float = ood.TARGET_SHARE) -> None:
+    def __init__(
+        self, ood_target_share: float = ood.TARGET_SHARE, ood_class_weights: str = ood.CLASS_WEIGHTS[0]
+    ) -> None:
         self.ood_target_share = ood.check_target_share(ood_target_share)
+        self.ood_class_weights = ood.check_class_weights(ood_class_weights)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -185,7 +189,11 @@ class ValidationLogits:
             logits, labels = evenly_divisible_all_gather(logits), evenly_divisible_all_gather(labels)
             features = None if features is None else evenly_divisible_all_gather(features)
         labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0].long()  # one-hot after postprocessing
-        guard = None if features is None else ood.fit(logits, features, labels, self.ood_target_share)
+        guard = (
+            None
+            if features is None
+            else ood.fit(logits, features, labels, self.ood_target_share, self.ood_class_weights)
+        )
         return calibration.fit(logits, labels, logits.shape[1]), guard
 
 
@@ -227,12 +235,13 @@ class CalibrationFitter:
         enabled: bool = True,
         allow_missing_sidecar: bool | str = False,
         ood_target_share: float = ood.TARGET_SHARE,
+        ood_class_weights: str = ood.CLASS_WEIGHTS[0],
     ) -> None:
         self.ckpt_path = ckpt_path
         self.image_size = [int(side) for side in image_size]
         self.enabled = enabled
         self.allow_missing_sidecar = as_bool(allow_missing_sidecar, "allow_missing_sidecar")
-        self.validation = ValidationLogits(ood_target_share)
+        self.validation = ValidationLogits(ood_target_share, ood_class_weights)
 
     def attach(self, engine: Engine) -> None:
         self.validation.attach(engine)

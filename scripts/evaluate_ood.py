@@ -2,7 +2,8 @@
 
     python scripts/evaluate_ood.py --dataset_dir D --datalist data/datalist.json \
         [--bundle_root .] [--weights models/model.pt] [--folders '{"mine": "path/to/folder"}'] \
-        [--sets_dir ood_sets] [--builtin true] [--output eval/ood.json] [--latency_batches 20]
+        [--sets_dir ood_sets] [--builtin true] [--output eval/ood.json] [--latency_batches 20] \
+        [--refit_class_weights true]
 
 Every image goes through the served path (``bundle.predictor.Predictor``: the bundle's preprocessing,
 inferer and one forward pass) as JPEG bytes or as its file's bytes. For every method of ``bundle.ood`` and
@@ -19,6 +20,11 @@ the test split:
 ``far_all`` pools every far set (``far_*``). Per method it also reports the share of test images flagged, in
 all and per class. Images serving refuses (too small, unreadable) never reach the guard: they are left out
 and counted per set under ``refused``.
+
+With ``refit_class_weights`` it also refits the Mahalanobis guard on the validation split's features with
+each of ``bundle.ood.CLASS_WEIGHTS`` (the config key ``ood_class_weights``) and reports, under
+``class_weights``, each fit's threshold, test images flagged and sets, as above: one command compares the
+weightings on any model without retraining or touching its sidecar.
 
 Then what the guard costs a served batch: ``Predictor.predict`` on batches of 8 test images, with the guard and
 without it (its hook removed, no score), one after the other per batch so that both see the same machine; it
@@ -56,11 +62,9 @@ BATCH = 64
 LATENCY_BATCH = 8  # the archive's default server batch
 
 
-def _scores(
-    predictor: Predictor, images: list[bytes], statistics: dict, name: str
-) -> tuple[dict[str, np.ndarray], int]:
-    """Every method's score of each image, and how many images serving refuses (e.g. too small to classify):
-    those never reach the guard, so they are left out."""
+def _forward(predictor: Predictor, images: list[bytes], name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The logits and pooled features of each image, and how many images serving refuses (e.g. too small to
+    classify): those never reach the guard, so they are left out."""
     logits, features, refused = [], [], []
     for start in tqdm(range(0, len(images), BATCH), desc=name, unit="batch", leave=False):
         batch = []
@@ -79,7 +83,24 @@ def _scores(
         raise ValueError(f"{name}: serving refuses every one of its {len(images)} images (first: {refused[0]})")
     if any(f is None for f in features):
         raise ValueError("the network exposes no features (a TorchScript export?): use the state_dict weights")
-    return ood.all_scores(torch.cat(logits), torch.cat(features), statistics), len(refused)
+    return torch.cat(logits), torch.cat(features), len(refused)
+
+
+def _refits(predictor: Predictor, datalist: str, dataset_dir: str, target_share: float) -> dict[str, tuple]:
+    """The Mahalanobis statistics and threshold fitted on the validation split with each class weighting."""
+    items = load_datalist(datalist, "validation", dataset_dir)
+    logits, features, _ = _forward(predictor, [Path(item["image"]).read_bytes() for item in items], "validation")
+    labels = torch.tensor([int(item["label"]) for item in items])
+    refits = {}
+    for weights in ood.CLASS_WEIGHTS:
+        fitted = ood.fit(logits, features, labels, target_share, weights)
+        statistics = fitted.statistics | ood.whitening(fitted.statistics)
+        refits[weights] = (statistics, fitted.thresholds["mahalanobis"])
+    return refits
+
+
+def _mahalanobis(features: torch.Tensor, refit: tuple) -> np.ndarray:
+    return ood.scores("mahalanobis", None, features, refit[0]).numpy()
 
 
 def _guard_cost(predictor: Predictor, images: list[bytes], batches: int) -> dict:
@@ -150,15 +171,20 @@ def evaluate(
     output: str | None = None,
     device: str | None = None,
     latency_batches: int = 20,
-) -> dict:
+    refit_class_weights: bool | str = False,
+) -> None:
     builtin = as_bool(builtin, "--builtin")  # fire hands "--builtin false" over as text
+    refit_class_weights = as_bool(refit_class_weights, "--refit_class_weights")
     predictor = Predictor(bundle_root, weights, device=device)
     block, statistics = ood.load_fit(predictor.weights)
     thresholds = block["thresholds"]
     items = load_datalist(datalist, split, dataset_dir)
     labels = np.array([int(item["label"]) for item in items])
     test_images = [Path(item["image"]).read_bytes() for item in items]
-    test, _ = _scores(predictor, test_images, statistics, split)
+    test_logits, test_features, _ = _forward(predictor, test_images, split)
+    test = ood.all_scores(test_logits, test_features, statistics)
+    refits = _refits(predictor, datalist, dataset_dir, block["target_share"]) if refit_class_weights else {}
+    refit_test = {weights: _mahalanobis(test_features, refit) for weights, refit in refits.items()}
 
     sets: dict[str, list[bytes]] = {}
     if builtin:
@@ -183,20 +209,37 @@ def evaluate(
         "sets": {},
         "refused": {},
     }
-    far: dict[str, list[np.ndarray]] = {method: [] for method in ood.METHODS}
+    if refits:
+        results["class_weights"] = {
+            weights: {
+                "threshold": refit[1],
+                "in_distribution": ood.flagged_shares(refit_test[weights] > refit[1], labels, list(CLASS_NAMES)),
+                "sets": {},
+            }
+            for weights, refit in refits.items()
+        }
+    # the scores of each set's images: per method, then per refitted class weighting
+    far: dict[str, list[np.ndarray]] = {key: [] for key in (*ood.METHODS, *refits)}
     for name, images in sets.items():
-        shifted, refused = _scores(predictor, images, statistics, name)
+        logits, features, refused = _forward(predictor, images, name)
+        shifted = ood.all_scores(logits, features, statistics)
         if refused:
             results["refused"][name] = refused
         results["sets"][name] = {
             method: _against(test[method], shifted[method], thresholds[method]) for method in ood.METHODS
         }
-        for method in ood.METHODS if name.startswith("far_") else ():
-            far[method].append(shifted[method])
+        for weights, refit in refits.items():
+            shifted[weights] = _mahalanobis(features, refit)
+            results["class_weights"][weights]["sets"][name] = _against(refit_test[weights], shifted[weights], refit[1])
+        for key in far if name.startswith("far_") else ():
+            far[key].append(shifted[key])
     if far[ood.METHODS[0]]:  # the issue's goal is on the far sets together
         results["sets"]["far_all"] = {
             method: _against(test[method], np.concatenate(far[method]), thresholds[method]) for method in ood.METHODS
         }
+        for weights, refit in refits.items():
+            pooled = _against(refit_test[weights], np.concatenate(far[weights]), refit[1])
+            results["class_weights"][weights]["sets"]["far_all"] = pooled
     if latency_batches and predictor.guard is not None:
         results["latency"] = _guard_cost(predictor, test_images, latency_batches)
     print(_markdown(results))
@@ -209,7 +252,6 @@ def evaluate(
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(results, indent=1))
-    return results
 
 
 def _markdown(results: dict) -> str:
@@ -231,13 +273,33 @@ def _markdown(results: dict) -> str:
         f"In-distribution ({results['in_distribution']['split']}, n={results['in_distribution']['n']}) flagged "
         "at the validation threshold:",
         "",
-        "| method | all | " + " | ".join(CLASS_NAMES) + " |",
-        "|---|---|" + "---|" * len(CLASS_NAMES),
+        "| method | all | class mean | " + " | ".join(CLASS_NAMES) + " |",
+        "|---|---|---|" + "---|" * len(CLASS_NAMES),
     ]
     for method in methods:
         per_class = flagged[method]["per_class"]
         cells = ["n/a" if per_class[c] is None else f"{per_class[c]:.3f}" for c in CLASS_NAMES]
-        lines.append(f"| {method} | {flagged[method]['all']:.3f} | " + " | ".join(cells) + " |")
+        shares = flagged[method]
+        lines.append(f"| {method} | {shares['all']:.3f} | {shares['class_mean']:.3f} | " + " | ".join(cells) + " |")
+    if "class_weights" in results:
+        lines += [
+            "",
+            "Mahalanobis refitted on validation with each class weighting (config key ood_class_weights):",
+            "",
+            "| class weights | all | class mean | " + " | ".join(CLASS_NAMES) + " | far_all AUROC / FPR@95 / flagged |",
+            "|---|---|---|" + "---|" * len(CLASS_NAMES) + "---|",
+        ]
+        for weights, refit in results["class_weights"].items():
+            shares, far = refit["in_distribution"], refit["sets"].get("far_all")
+            cells = ["n/a" if shares["per_class"][c] is None else f"{shares['per_class'][c]:.3f}" for c in CLASS_NAMES]
+            far_cell = (
+                "n/a" if far is None else f"{far['auroc']:.3f} / {far['fpr_at_95_tpr']:.3f} / {far['flagged']:.3f}"
+            )
+            lines.append(
+                f"| {weights} | {shares['all']:.3f} | {shares['class_mean']:.3f} | "
+                + " | ".join(cells)
+                + f" | {far_cell} |"
+            )
     return "\n".join(lines)
 
 

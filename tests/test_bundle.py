@@ -150,6 +150,8 @@ def test_evaluation_reports_the_share_of_test_images_the_guard_flags(evaluated, 
     per_class, limit = report["flagged_share"]["per_class"], ood.OVERFLAG_FACTOR * (1 - report["target_share"])
     assert set(report["overflagged_classes"]) == {name for name, share in per_class.items() if share and share > limit}
     assert 0 <= report["flagged_share"]["all"] <= 1 and (evaluated / "ood_scores.png").stat().st_size > 0
+    present = [share for share in per_class.values() if share is not None]
+    assert report["flagged_share"]["class_mean"] == pytest.approx(np.mean(present))
     with open(evaluated / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     flagged = [row["out_of_distribution"] == "true" for row in rows]

@@ -8,6 +8,7 @@ import torch
 
 from bundle import ood
 from bundle.inferers import FlipAveragingInferer
+from bundle.labels import CLASS_NAMES
 from bundle.predictor import Predictor
 from bundle.sidecar import FINGERPRINT, SidecarError, read_sidecar, write_sidecar
 from tests.serving import (
@@ -48,6 +49,36 @@ def test_thresholds_keep_the_target_share_of_new_in_distribution_images_and_flag
         assert shares["all"] <= 0.05 + 1e-9 and len(shares["per_class"]) == CLASSES, method
 
 
+def test_a_rare_class_that_varies_where_the_common_ones_do_not_is_not_hidden_by_the_guard():
+    """One image in 50 is of a class that spreads five times as far as the others in four directions, as
+    vascular lesions do in the real features. A covariance weighted by image count is the common classes',
+    and flags 63% of that class's new images; with each class weighted equally (the default), a third."""
+    means = torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(99)) * 4
+    spread = torch.ones(CLASSES, FEATURES)
+    spread[:, :4], spread[-1, :4] = 0.2, 1.0
+
+    def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.where(torch.arange(n) % 50 == 0, CLASSES - 1, torch.arange(n) % (CLASSES - 1))
+        noise = torch.randn(n, FEATURES, generator=torch.Generator().manual_seed(seed))
+        return means[labels] + noise * spread[labels], labels
+
+    features, labels = images(2000, seed=0)
+    new_features, new_labels = images(20000, seed=1)
+    rare = new_labels == CLASSES - 1
+    shares = {}
+    for weights in ood.CLASS_WEIGHTS:
+        fitted = ood.fit(torch.zeros(len(labels), CLASSES), features, labels, class_weights=weights)
+        assert fitted.record["covariance_class_weights"] == weights
+
+        def flagged(features: torch.Tensor, fitted: ood.GuardFit = fitted) -> torch.Tensor:
+            return ood.scores("mahalanobis", None, features, fitted.statistics) > fitted.thresholds["mahalanobis"]
+
+        shares[weights] = flagged(new_features)[rare].float().mean()
+        assert flagged(new_features)[~rare].float().mean() <= 0.05
+        assert flagged(new_features + 8.0).all()
+    assert shares["equal"] <= 0.4 and shares["count"] >= 0.55
+
+
 def test_evaluation_names_the_classes_the_guard_flags_far_more_than_its_target():
     labels = np.array([0] * 100 + [1] * 20 + [2] * 5)
     flagged = np.zeros(len(labels), bool)
@@ -75,6 +106,8 @@ def test_the_threshold_is_the_smallest_score_the_target_share_stays_under():
         ood.check_target_share(1.0)
     with pytest.raises(ValueError, match="ood_method"):
         ood.check_method("softmax")
+    with pytest.raises(ValueError, match="ood_class_weights"):
+        ood.check_class_weights("balanced")
 
 
 @pytest.mark.parametrize("views, crop_scale", [("flips", 1.0), ("dihedral", 1.0), ("flips", 0.75)])
@@ -247,14 +280,21 @@ def test_the_measurement_scores_every_set_and_method_against_the_test_split(guar
     assert results["sets"]["mine"]["mahalanobis"] == {"n": 1, "auroc": 1.0, "fpr_at_95_tpr": 0.0, "flagged": 1.0}
     assert results["sets"]["far_medical"] == results["sets"]["mine"]
     assert results["latency"]["ratio"] > 0 and "RESULT guard_latency_ratio=" in printed
-    # one's own folders alone, as the command line spells it
-    script(
+    # one's own folders alone, as the command line spells it, and the guard refitted with each class weighting
+    printed = script(
         "evaluate_ood.py",
         *("--bundle_root", guarded, "--dataset_dir", synthetic_dir, "--datalist", datalist),
         *("--folders", json.dumps({"mine": str(mine)}), "--builtin", "false", "--latency_batches", 0),
-        *("--output", output),
+        *("--output", output, "--refit_class_weights", "true"),
     )
-    assert set(json.loads(output.read_text())["sets"]) == {"mine"}
+    refitted = json.loads(output.read_text())
+    assert set(refitted["sets"]) == {"mine"} and set(refitted["class_weights"]) == set(ood.CLASS_WEIGHTS)
+    for weights, refit in refitted["class_weights"].items():
+        assert refit["sets"] == {"mine": {"n": 1, "auroc": 1.0, "fpr_at_95_tpr": 0.0, "flagged": 1.0}}, weights
+        shares = refit["in_distribution"]
+        present = [share for share in shares["per_class"].values() if share is not None]
+        assert set(shares["per_class"]) == set(CLASS_NAMES) and shares["class_mean"] == pytest.approx(np.mean(present))
+    assert "refitted on validation with each class weighting" in printed
 
     # the same built-in sets, written as files for other tools
     written = tmp_path / "sets"
