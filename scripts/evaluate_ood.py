@@ -86,8 +86,8 @@ def _forward(predictor: Predictor, images: list[bytes], name: str) -> tuple[torc
     return torch.cat(logits), torch.cat(features), len(refused)
 
 
-def _refits(predictor: Predictor, datalist: str, dataset_dir: str, target_share: float) -> dict[str, tuple]:
-    """The Mahalanobis statistics and threshold fitted on the validation split with each class weighting."""
+def _refits(predictor: Predictor, datalist: str, dataset_dir: str, target_share: float) -> dict[str, ood.Guard]:
+    """The Mahalanobis guard fitted on the validation split with each class weighting."""
     items = load_datalist(datalist, "validation", dataset_dir)
     logits, features, _ = _forward(predictor, [Path(item["image"]).read_bytes() for item in items], "validation")
     labels = torch.tensor([int(item["label"]) for item in items])
@@ -95,12 +95,8 @@ def _refits(predictor: Predictor, datalist: str, dataset_dir: str, target_share:
     for weights in ood.CLASS_WEIGHTS:
         fitted = ood.fit(logits, features, labels, target_share, weights)
         statistics = fitted.statistics | ood.whitening(fitted.statistics)
-        refits[weights] = (statistics, fitted.thresholds["mahalanobis"])
+        refits[weights] = ood.Guard("mahalanobis", fitted.thresholds["mahalanobis"], statistics, target_share)
     return refits
-
-
-def _mahalanobis(features: torch.Tensor, refit: tuple) -> np.ndarray:
-    return ood.scores("mahalanobis", None, features, refit[0]).numpy()
 
 
 def _guard_cost(predictor: Predictor, images: list[bytes], batches: int) -> dict:
@@ -184,7 +180,7 @@ def evaluate(
     test_logits, test_features, _ = _forward(predictor, test_images, split)
     test = ood.all_scores(test_logits, test_features, statistics)
     refits = _refits(predictor, datalist, dataset_dir, block["target_share"]) if refit_class_weights else {}
-    refit_test = {weights: _mahalanobis(test_features, refit) for weights, refit in refits.items()}
+    refit_test = {weights: guard.scores(None, test_features) for weights, guard in refits.items()}
 
     sets: dict[str, list[bytes]] = {}
     if builtin:
@@ -212,11 +208,11 @@ def evaluate(
     if refits:
         results["class_weights"] = {
             weights: {
-                "threshold": refit[1],
-                "in_distribution": ood.flagged_shares(refit_test[weights] > refit[1], labels, list(CLASS_NAMES)),
+                "threshold": guard.threshold,
+                "in_distribution": ood.flagged_shares(refit_test[weights] > guard.threshold, labels, list(CLASS_NAMES)),
                 "sets": {},
             }
-            for weights, refit in refits.items()
+            for weights, guard in refits.items()
         }
     # the scores of each set's images: per method, then per refitted class weighting
     far: dict[str, list[np.ndarray]] = {key: [] for key in (*ood.METHODS, *refits)}
@@ -228,17 +224,19 @@ def evaluate(
         results["sets"][name] = {
             method: _against(test[method], shifted[method], thresholds[method]) for method in ood.METHODS
         }
-        for weights, refit in refits.items():
-            shifted[weights] = _mahalanobis(features, refit)
-            results["class_weights"][weights]["sets"][name] = _against(refit_test[weights], shifted[weights], refit[1])
+        for weights, guard in refits.items():
+            shifted[weights] = guard.scores(None, features)
+            results["class_weights"][weights]["sets"][name] = _against(
+                refit_test[weights], shifted[weights], guard.threshold
+            )
         for key in far if name.startswith("far_") else ():
             far[key].append(shifted[key])
     if far[ood.METHODS[0]]:  # the issue's goal is on the far sets together
         results["sets"]["far_all"] = {
             method: _against(test[method], np.concatenate(far[method]), thresholds[method]) for method in ood.METHODS
         }
-        for weights, refit in refits.items():
-            pooled = _against(refit_test[weights], np.concatenate(far[weights]), refit[1])
+        for weights, guard in refits.items():
+            pooled = _against(refit_test[weights], np.concatenate(far[weights]), guard.threshold)
             results["class_weights"][weights]["sets"]["far_all"] = pooled
     if latency_batches and predictor.guard is not None:
         results["latency"] = _guard_cost(predictor, test_images, latency_batches)
@@ -252,6 +250,13 @@ def evaluate(
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(results, indent=1))
+
+
+def _shares_row(label: str, shares: dict, *more: str) -> str:
+    """A Markdown row of test images flagged: in all, the class mean, per class, then the ``more`` cells."""
+    per_class = shares["per_class"]
+    cells = ["n/a" if per_class[c] is None else f"{per_class[c]:.3f}" for c in CLASS_NAMES]
+    return f"| {label} | {shares['all']:.3f} | {shares['class_mean']:.3f} | " + " | ".join([*cells, *more]) + " |"
 
 
 def _markdown(results: dict) -> str:
@@ -276,11 +281,7 @@ def _markdown(results: dict) -> str:
         "| method | all | class mean | " + " | ".join(CLASS_NAMES) + " |",
         "|---|---|---|" + "---|" * len(CLASS_NAMES),
     ]
-    for method in methods:
-        per_class = flagged[method]["per_class"]
-        cells = ["n/a" if per_class[c] is None else f"{per_class[c]:.3f}" for c in CLASS_NAMES]
-        shares = flagged[method]
-        lines.append(f"| {method} | {shares['all']:.3f} | {shares['class_mean']:.3f} | " + " | ".join(cells) + " |")
+    lines += [_shares_row(method, flagged[method]) for method in methods]
     if "class_weights" in results:
         lines += [
             "",
@@ -290,16 +291,11 @@ def _markdown(results: dict) -> str:
             "|---|---|---|" + "---|" * len(CLASS_NAMES) + "---|",
         ]
         for weights, refit in results["class_weights"].items():
-            shares, far = refit["in_distribution"], refit["sets"].get("far_all")
-            cells = ["n/a" if shares["per_class"][c] is None else f"{shares['per_class'][c]:.3f}" for c in CLASS_NAMES]
+            far = refit["sets"].get("far_all")
             far_cell = (
                 "n/a" if far is None else f"{far['auroc']:.3f} / {far['fpr_at_95_tpr']:.3f} / {far['flagged']:.3f}"
             )
-            lines.append(
-                f"| {weights} | {shares['all']:.3f} | {shares['class_mean']:.3f} | "
-                + " | ".join(cells)
-                + f" | {far_cell} |"
-            )
+            lines.append(_shares_row(weights, refit["in_distribution"], far_cell))
     return "\n".join(lines)
 
 
