@@ -4,6 +4,7 @@ Each does one job that MONAI's stock handlers don't: keep the best model across 
 per-epoch history on disk, and turn a finished evaluation or inference into files people use.
 """
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -23,6 +24,7 @@ from monai.handlers import from_engine
 from monai.utils import CommonKeys as Keys
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
 
 from bundle import calibration, ood
 from bundle.atomic import atomic_write
@@ -155,7 +157,8 @@ class ValidationLogits:
     ``FeatureCollector`` is attached, pooled features, for the calibration and guard fits.
 
     ``fit()`` gathers them across ranks (a collective call under DDP: every rank must make it) and
-    returns ``bundle.calibration.fit`` of them, and ``bundle.ood.fit`` of them (None without features).
+    returns ``bundle.calibration.fit`` of them, and ``bundle.ood.fit`` of them (None without features),
+    with the guard's statistics from ``reference`` (training features and labels) when given.
     """
 
     def __init__(
@@ -182,36 +185,71 @@ class ValidationLogits:
         if features is not None:
             self._features.append(features.float())
 
-    def fit(self) -> tuple[Calibration, ood.GuardFit | None]:
+    def fit(
+        self, reference: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[Calibration, ood.GuardFit | None]:
         logits, labels = torch.cat(self._logits), torch.cat(self._labels)
         features = torch.cat(self._features) if self._features else None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed():
             logits, labels = evenly_divisible_all_gather(logits), evenly_divisible_all_gather(labels)
             features = None if features is None else evenly_divisible_all_gather(features)
         labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0].long()  # one-hot after postprocessing
         guard = (
             None
             if features is None
-            else ood.fit(logits, features, labels, self.ood_target_share, self.ood_class_weights)
+            else ood.fit(logits, features, labels, self.ood_target_share, self.ood_class_weights, reference)
         )
         return calibration.fit(logits, labels, logits.shape[1]), guard
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def split_outputs(evaluator: Engine, loader, split: str, progress: bool = False) -> tuple[torch.Tensor, ...]:
+    """The logits (N, C), pooled features (N, F) and class indices (N,) of every image ``loader`` gives, through
+    ``evaluator``'s network and inferer in its precision (validation's test-time views: the logits and features
+    the guard serves), on the CPU and gathered across ranks (a collective call under DDP)."""
+    network, device = evaluator.network, evaluator.state.device
+    tap, was_training = ood.FeatureTap(network), network.training
+    logits, features, labels = [], [], []
+    network.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=f"out-of-distribution guard: {split} features", disable=not progress):
+                with torch.autocast("cuda", **evaluator.amp_kwargs) if evaluator.amp else contextlib.nullcontext():
+                    logits.append(evaluator.inferer(batch["image"].to(device), network).float().cpu())
+                features.append(tap.take(len(logits[-1])))
+                labels.append(batch["label"].cpu().long())
+    finally:
+        tap.close()
+        network.train(was_training)
+    outputs = tuple(torch.cat(rows) for rows in (logits, features, labels))
+    return tuple(evenly_divisible_all_gather(rows) for rows in outputs) if _distributed() else outputs
 
 
 class FeatureCollector:
     """Keeps what the out-of-distribution guard reads in the engine's output: the pooled features of each
     batch (``bundle.ood.FeatureTap`` on the engine's network) under ``features`` and the network's logits
     under ``logits`` (before the postprocessing turns ``pred`` into probabilities), for the guard's fit,
-    report and batch answers. Attach it to an evaluator."""
+    report and batch answers. Attach it to an evaluator. The tap lives for one run of the engine, so a
+    forward pass of the same network elsewhere (``split_outputs``) is not collected here."""
 
     def attach(self, engine: Engine) -> None:
         self.tap: ood.FeatureTap | None = None
-        # MONAI attaches handlers before the evaluator holds its network: tap it when the first run starts
+        # MONAI attaches handlers before the evaluator holds its network: tap it when each run starts
         engine.add_event_handler(Events.STARTED, self._tap)
         engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._untap)
 
     def _tap(self, engine: Engine) -> None:
-        if self.tap is None:
-            self.tap = ood.FeatureTap(engine.network)
+        self._untap(engine)  # left by a run that raised
+        self.tap = ood.FeatureTap(engine.network)
+
+    def _untap(self, engine: Engine) -> None:
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
 
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output
@@ -226,6 +264,8 @@ class CalibrationFitter:
     is kept. Weights without a sidecar, or with one from before sidecars recorded the weights'
     fingerprint, are refused unless ``allow_missing_sidecar``: then they get a full one recording
     ``image_size``, the class order and the fingerprint, and every loader accepts them from then on.
+    With a ``reference_loader`` (the training split, ``ood_statistics: training``) the guard's
+    statistics come from its images' features, its thresholds from validation's.
     """
 
     def __init__(
@@ -236,19 +276,24 @@ class CalibrationFitter:
         allow_missing_sidecar: bool | str = False,
         ood_target_share: float = ood.TARGET_SHARE,
         ood_class_weights: str = ood.CLASS_WEIGHTS[0],
+        reference_loader=None,
     ) -> None:
         self.ckpt_path = ckpt_path
         self.image_size = [int(side) for side in image_size]
         self.enabled = enabled
         self.allow_missing_sidecar = as_bool(allow_missing_sidecar, "allow_missing_sidecar")
         self.validation = ValidationLogits(ood_target_share, ood_class_weights)
+        self.reference_loader = reference_loader
 
     def attach(self, engine: Engine) -> None:
         self.validation.attach(engine)
         engine.add_event_handler(Events.COMPLETED, self._store)
 
     def _store(self, engine: Engine) -> None:
-        fitted, guard = self.validation.fit()
+        reference = None
+        if self.reference_loader is not None:
+            _, *reference = split_outputs(engine, self.reference_loader, "training", self.enabled)
+        fitted, guard = self.validation.fit(reference)
         if not self.enabled:
             return
         weights = load_weights(self.ckpt_path)
@@ -275,6 +320,79 @@ class CalibrationFitter:
             _refer_summary(fitted),
             _guard_summary(guard),
             sidecar_path(self.ckpt_path),
+        )
+
+
+class TrainingSplitGuard:
+    """With ``statistics`` "training" (config key ``ood_statistics``), refits the out-of-distribution guard of
+    the saved best model once training completes: its statistics from the training split's features
+    (``reference_loader``: the training images without augmentation), its thresholds from the validation
+    images' scores under them (``bundle.ood.fit``'s ``reference``). The temperature and the rest of the
+    sidecar stay.
+
+    Training fits the guard on validation alone whenever it saves a better model: a pass over the training
+    split at each of those would cost about five validations. This pass is made once, with the best weights
+    (read by the main rank, sent to the others) in ``validator``'s network, whose own weights it puts back
+    afterwards. Attach it to the trainer after the handlers that save.
+    """
+
+    def __init__(
+        self,
+        statistics: str,
+        validator: Engine,
+        reference_loader,
+        ckpt_path: str,
+        ood_target_share: float = ood.TARGET_SHARE,
+        ood_class_weights: str = ood.CLASS_WEIGHTS[0],
+        enabled: bool = True,
+    ) -> None:
+        self.statistics = ood.check_statistics(statistics)
+        self.validator = validator
+        self.reference_loader = reference_loader
+        self.ckpt_path = ckpt_path
+        self.ood_target_share = ood.check_target_share(ood_target_share)
+        self.ood_class_weights = ood.check_class_weights(ood_class_weights)
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        if self.statistics == "training":
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def _best_weights(self) -> dict | None:
+        best = [load_weights(self.ckpt_path) if self.enabled and Path(self.ckpt_path).is_file() else None]
+        if _distributed():
+            torch.distributed.broadcast_object_list(best, src=0)
+        return best[0]
+
+    def __call__(self, engine: Engine) -> None:
+        best = self._best_weights()
+        if best is None:
+            logger.warning(
+                "no %s to refit the out-of-distribution guard of: left as validation fitted it", self.ckpt_path
+            )
+            return
+        network = _unwrapped(self.validator.network)
+        current = {key: value.detach().clone() for key, value in network.state_dict().items()}
+        network.load_state_dict(best)
+        try:
+            logits, features, labels = split_outputs(
+                self.validator, self.validator.data_loader, "validation", self.enabled
+            )
+            _, *reference = split_outputs(self.validator, self.reference_loader, "training", self.enabled)
+        finally:
+            network.load_state_dict(current)
+        guard = ood.fit(logits, features, labels, self.ood_target_share, self.ood_class_weights, reference)
+        if not self.enabled:
+            return
+        record = verified_sidecar(self.ckpt_path, best)
+        record["ood"] = ood.store(self.ckpt_path, guard, record[FINGERPRINT])
+        write_sidecar(self.ckpt_path, record)
+        ood.remove_stale(self.ckpt_path)
+        logger.info(
+            "refitted the guard of %s on the training split's %d images%s",
+            self.ckpt_path,
+            guard.record["n_statistics_images"],
+            _guard_summary(guard),
         )
 
 

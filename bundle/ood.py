@@ -18,12 +18,16 @@ score is above a threshold that keeps ``target_share`` (95%) of the validation i
 The features are what the network's last linear layer reads (``FeatureTap``), averaged over the
 test-time views exactly as the logits are, so they are the features of the logits served.
 
-**The fit** (``fit``) reads only the validation split, when the calibration is fitted (by training
-whenever it saves a better model, or by configs/calibrate.json). Its thresholds come from scores the
-statistics did not see: out-of-fold for ``mahalanobis`` (``FOLDS`` folds), leave-one-out for ``knn``.
-Statistics fitted on the very images they then score would put the threshold too low and flag more
-than 5% of new in-distribution images. The statistics (class means, shrunk precision matrix, the
-normalised validation features) are too big for the JSON sidecar: they go to a file beside the weights,
+**The fit** (``fit``) reads only in-distribution data, when the calibration is fitted (by training
+whenever it saves a better model, or by configs/calibrate.json). Its thresholds come from validation
+scores the statistics did not see. The statistics (``STATISTICS``) come from the validation split
+itself, with out-of-fold scores for ``mahalanobis`` (``FOLDS`` folds) and leave-one-out for ``knn``
+(statistics fitted on the very images they then score would put the threshold too low and flag more
+than 5% of new in-distribution images), or from the training split's features, about five times as
+many images (``reference``): a better estimated covariance that hides fewer rare lesions
+(docs/RESULTS.md), at the cost of one pass over the training split, made once training completes.
+The statistics (class means, shrunk precision matrix, the normalised validation or training features of the
+kNN bank, ``KNN_BANK`` at most) are too big for the JSON sidecar: they go to a file beside the weights,
 named by its content hash (``model.ood-<hash>.pt``), which the sidecar's ``ood`` block names with its
 sha256 and the weights' fingerprint. A guard file of other weights, or not the one the sidecar names,
 is refused (``Guard.from_sidecar``); a new fit writes a new file before the sidecar names it, so a kill
@@ -54,7 +58,11 @@ OFF = "none"
 TARGET_SHARE = 0.95
 # how the classes weigh in the Mahalanobis covariance: each equally, or by their image counts
 CLASS_WEIGHTS = ("equal", "count")
+# which split the Mahalanobis and kNN statistics are fitted on (the thresholds always on validation)
+STATISTICS = ("validation", "training")
 KNN_K = 10
+# the kNN bank's rows at most, a seeded subsample of the training split's (about 4 MiB in the guard file)
+KNN_BANK = 1024
 FOLDS = 5
 GUARD_GLOB = "*.ood-*.pt"
 
@@ -71,6 +79,13 @@ def check_class_weights(weights: str) -> str:
     if weights not in CLASS_WEIGHTS:
         raise ValueError(f"config key 'ood_class_weights' must be one of {list(CLASS_WEIGHTS)}, got {weights!r}")
     return weights
+
+
+def check_statistics(split: str) -> str:
+    """``split`` if it is one of ``STATISTICS``, else an error naming the config key."""
+    if split not in STATISTICS:
+        raise ValueError(f"config key 'ood_statistics' must be one of {list(STATISTICS)}, got {split!r}")
+    return split
 
 
 def check_target_share(share: float) -> float:
@@ -238,19 +253,27 @@ def fit(
     labels: torch.Tensor,
     target_share: float = TARGET_SHARE,
     class_weights: str = CLASS_WEIGHTS[0],
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GuardFit:
-    """Fit every method on validation ``logits`` (N, C), ``features`` (N, F) and integer ``labels`` (N,)."""
+    """Fit every method on validation ``logits`` (N, C), ``features`` (N, F) and integer ``labels`` (N,); with
+    ``reference`` (training features (M, F), labels (M,)) the statistics come from those, and the thresholds
+    from the validation images' scores under them."""
     target_share, class_weights = check_target_share(target_share), check_class_weights(class_weights)
     labels = labels.long().reshape(-1)
     num_classes = logits.shape[1]
-    gaussian = _gaussian(features, labels, num_classes, class_weights)
-    bank = _normalised(features).float()
-    held_out = {
-        "mahalanobis": _out_of_fold_mahalanobis(features, labels, num_classes, class_weights),
-        "knn": _knn(features, bank, KNN_K, exclude_self=True),
-        "energy": _logit_score("energy", logits),
-        "msp": _logit_score("msp", logits),
-    }
+    if reference is None:
+        gaussian = _gaussian(features, labels, num_classes, class_weights)
+        bank = _normalised(features).float()
+        held_out = {
+            "mahalanobis": _out_of_fold_mahalanobis(features, labels, num_classes, class_weights),
+            "knn": _knn(features, bank, KNN_K, exclude_self=True),
+        }
+    else:
+        reference_features, reference_labels = reference[0], reference[1].long().reshape(-1)
+        gaussian = _gaussian(reference_features, reference_labels, num_classes, class_weights)
+        bank = _normalised(_subsample(reference_features, KNN_BANK)).float()
+        held_out = {"mahalanobis": _mahalanobis(features, gaussian), "knn": _knn(features, bank, KNN_K)}
+    held_out |= {"energy": _logit_score("energy", logits), "msp": _logit_score("msp", logits)}
     thresholds = {method: threshold_for(scores, target_share) for method, scores in held_out.items()}
     flagged = {
         method: _flagged_shares(scores.numpy() > thresholds[method], labels.numpy(), num_classes)
@@ -258,8 +281,11 @@ def fit(
     }
     record = {
         "n_images": len(labels),
+        # fits from before this key fitted the statistics on validation
+        "statistics_split": STATISTICS[reference is not None],
+        "n_statistics_images": len(labels) if reference is None else len(reference_labels),
         "knn_k": KNN_K,
-        "folds": FOLDS,
+        "folds": FOLDS if reference is None else None,
         "ledoit_wolf_shrinkage": gaussian["shrinkage"],
         # fits from before this key weighted the classes by image count
         "covariance_class_weights": class_weights,
@@ -267,6 +293,13 @@ def fit(
     }
     statistics = {"class_means": gaussian["class_means"], "precision": gaussian["precision"], "bank": bank}
     return GuardFit(thresholds, statistics, target_share, record)
+
+
+def _subsample(rows: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most ``limit`` of ``rows``, drawn without replacement by a fixed seed (the same fit every time)."""
+    if len(rows) <= limit:
+        return rows
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:limit].sort().values]
 
 
 def _flagged_shares(flagged: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

@@ -3,7 +3,7 @@
     python scripts/evaluate_ood.py --dataset_dir D --datalist data/datalist.json \
         [--bundle_root .] [--weights models/model.pt] [--folders '{"mine": "path/to/folder"}'] \
         [--sets_dir ood_sets] [--builtin true] [--output eval/ood.json] [--latency_batches 20] \
-        [--refit_class_weights true]
+        [--refit true]
 
 Every image goes through the served path (``bundle.predictor.Predictor``: the bundle's preprocessing,
 inferer and one forward pass) as JPEG bytes or as its file's bytes. For every method of ``bundle.ood`` and
@@ -21,10 +21,11 @@ the test split:
 all and per class. Images serving refuses (too small, unreadable) never reach the guard: they are left out
 and counted per set under ``refused``.
 
-With ``refit_class_weights`` it also refits the Mahalanobis guard on the validation split's features with
-each of ``bundle.ood.CLASS_WEIGHTS`` (the config key ``ood_class_weights``) and reports, under
-``class_weights``, each fit's threshold, test images flagged and sets, as above: one command compares the
-weightings on any model without retraining or touching its sidecar.
+With ``refit`` it also refits the Mahalanobis guard with its statistics on each split of
+``bundle.ood.STATISTICS`` (config key ``ood_statistics``) and each class weighting of
+``bundle.ood.CLASS_WEIGHTS`` (``ood_class_weights``), its threshold always on validation, and reports, under
+``refits`` (named ``<split>/<weighting>``), each fit's threshold, test images flagged and sets, as above:
+one command compares the fits on any model without retraining or touching its sidecar.
 
 Then what the guard costs a served batch: ``Predictor.predict`` on batches of 8 test images, with the guard and
 without it (its hook removed, no score), one after the other per batch so that both see the same machine; it
@@ -86,16 +87,28 @@ def _forward(predictor: Predictor, images: list[bytes], name: str) -> tuple[torc
     return torch.cat(logits), torch.cat(features), len(refused)
 
 
+def _split(predictor: Predictor, datalist: str, dataset_dir: str, split: str) -> tuple[torch.Tensor, ...]:
+    """The served logits and features of a datalist split's images, and their labels."""
+    items = load_datalist(datalist, split, dataset_dir)
+    logits, features, refused = _forward(predictor, [Path(item["image"]).read_bytes() for item in items], split)
+    if refused:
+        raise ValueError(f"serving refuses {refused} of the {split} split's images: the refit needs every one")
+    return logits, features, torch.tensor([int(item["label"]) for item in items])
+
+
 def _refits(predictor: Predictor, datalist: str, dataset_dir: str, target_share: float) -> dict[str, ood.Guard]:
-    """The Mahalanobis guard fitted on the validation split with each class weighting."""
-    items = load_datalist(datalist, "validation", dataset_dir)
-    logits, features, _ = _forward(predictor, [Path(item["image"]).read_bytes() for item in items], "validation")
-    labels = torch.tensor([int(item["label"]) for item in items])
+    """The Mahalanobis guard fitted with its statistics on each split and each class weighting, named
+    ``<split>/<weighting>``; the thresholds from the validation split."""
+    logits, features, labels = _split(predictor, datalist, dataset_dir, "validation")
+    training = _split(predictor, datalist, dataset_dir, "training")
     refits = {}
-    for weights in ood.CLASS_WEIGHTS:
-        fitted = ood.fit(logits, features, labels, target_share, weights)
-        statistics = fitted.statistics | ood.whitening(fitted.statistics)
-        refits[weights] = ood.Guard("mahalanobis", fitted.thresholds["mahalanobis"], statistics, target_share)
+    for split in ood.STATISTICS:
+        reference = None if split == "validation" else (training[1], training[2])
+        for weights in ood.CLASS_WEIGHTS:
+            fitted = ood.fit(logits, features, labels, target_share, weights, reference)
+            statistics = fitted.statistics | ood.whitening(fitted.statistics)
+            guard = ood.Guard("mahalanobis", fitted.thresholds["mahalanobis"], statistics, target_share)
+            refits[f"{split}/{weights}"] = guard
     return refits
 
 
@@ -167,10 +180,10 @@ def evaluate(
     output: str | None = None,
     device: str | None = None,
     latency_batches: int = 20,
-    refit_class_weights: bool | str = False,
+    refit: bool | str = False,
 ) -> None:
     builtin = as_bool(builtin, "--builtin")  # fire hands "--builtin false" over as text
-    refit_class_weights = as_bool(refit_class_weights, "--refit_class_weights")
+    refit = as_bool(refit, "--refit")
     predictor = Predictor(bundle_root, weights, device=device)
     block, statistics = ood.load_fit(predictor.weights)
     thresholds = block["thresholds"]
@@ -179,8 +192,8 @@ def evaluate(
     test_images = [Path(item["image"]).read_bytes() for item in items]
     test_logits, test_features, _ = _forward(predictor, test_images, split)
     test = ood.all_scores(test_logits, test_features, statistics)
-    refits = _refits(predictor, datalist, dataset_dir, block["target_share"]) if refit_class_weights else {}
-    refit_test = {weights: guard.scores(None, test_features) for weights, guard in refits.items()}
+    refits = _refits(predictor, datalist, dataset_dir, block["target_share"]) if refit else {}
+    refit_test = {fit_name: guard.scores(None, test_features) for fit_name, guard in refits.items()}
 
     sets: dict[str, list[bytes]] = {}
     if builtin:
@@ -206,13 +219,15 @@ def evaluate(
         "refused": {},
     }
     if refits:
-        results["class_weights"] = {
-            weights: {
+        results["refits"] = {
+            fit_name: {
                 "threshold": guard.threshold,
-                "in_distribution": ood.flagged_shares(refit_test[weights] > guard.threshold, labels, list(CLASS_NAMES)),
+                "in_distribution": ood.flagged_shares(
+                    refit_test[fit_name] > guard.threshold, labels, list(CLASS_NAMES)
+                ),
                 "sets": {},
             }
-            for weights, guard in refits.items()
+            for fit_name, guard in refits.items()
         }
     # the scores of each set's images: per method, then per refitted class weighting
     far: dict[str, list[np.ndarray]] = {key: [] for key in (*ood.METHODS, *refits)}
@@ -224,10 +239,10 @@ def evaluate(
         results["sets"][name] = {
             method: _against(test[method], shifted[method], thresholds[method]) for method in ood.METHODS
         }
-        for weights, guard in refits.items():
-            shifted[weights] = guard.scores(None, features)
-            results["class_weights"][weights]["sets"][name] = _against(
-                refit_test[weights], shifted[weights], guard.threshold
+        for fit_name, guard in refits.items():
+            shifted[fit_name] = guard.scores(None, features)
+            results["refits"][fit_name]["sets"][name] = _against(
+                refit_test[fit_name], shifted[fit_name], guard.threshold
             )
         for key in far if name.startswith("far_") else ():
             far[key].append(shifted[key])
@@ -235,9 +250,9 @@ def evaluate(
         results["sets"]["far_all"] = {
             method: _against(test[method], np.concatenate(far[method]), thresholds[method]) for method in ood.METHODS
         }
-        for weights, guard in refits.items():
-            pooled = _against(refit_test[weights], np.concatenate(far[weights]), guard.threshold)
-            results["class_weights"][weights]["sets"]["far_all"] = pooled
+        for fit_name, guard in refits.items():
+            pooled = _against(refit_test[fit_name], np.concatenate(far[fit_name]), guard.threshold)
+            results["refits"][fit_name]["sets"]["far_all"] = pooled
     if latency_batches and predictor.guard is not None:
         results["latency"] = _guard_cost(predictor, test_images, latency_batches)
     print(_markdown(results))
@@ -282,20 +297,23 @@ def _markdown(results: dict) -> str:
         "|---|---|---|" + "---|" * len(CLASS_NAMES),
     ]
     lines += [_shares_row(method, flagged[method]) for method in methods]
-    if "class_weights" in results:
+    if "refits" in results:
         lines += [
             "",
-            "Mahalanobis refitted on validation with each class weighting (config key ood_class_weights):",
+            "Mahalanobis refitted with its statistics on each split and each class weighting (config keys "
+            "ood_statistics, ood_class_weights), the threshold on validation:",
             "",
-            "| class weights | all | class mean | " + " | ".join(CLASS_NAMES) + " | far_all AUROC / FPR@95 / flagged |",
+            "| statistics / class weights | all | class mean | "
+            + " | ".join(CLASS_NAMES)
+            + " | far_all AUROC / FPR@95 / flagged |",
             "|---|---|---|" + "---|" * len(CLASS_NAMES) + "---|",
         ]
-        for weights, refit in results["class_weights"].items():
-            far = refit["sets"].get("far_all")
+        for name, fitted in results["refits"].items():
+            far = fitted["sets"].get("far_all")
             far_cell = (
                 "n/a" if far is None else f"{far['auroc']:.3f} / {far['fpr_at_95_tpr']:.3f} / {far['flagged']:.3f}"
             )
-            lines.append(_shares_row(weights, refit["in_distribution"], far_cell))
+            lines.append(_shares_row(name, fitted["in_distribution"], far_cell))
     return "\n".join(lines)
 
 

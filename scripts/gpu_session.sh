@@ -12,7 +12,7 @@
 # 4. the out-of-distribution guard (scripts/evaluate_ood.py) on the first finished recipe's weights: its test
 #    split against the near sets and the far sets, those in OOD_SETS (default .gpu/ood_sets, written where
 #    scikit-image is installed by `python scripts/ood_sets.py --output_dir .gpu/ood_sets`) replacing the
-#    built-in ones, the guard refitted with each class weighting (--refit_class_weights), and the guard's
+#    built-in ones, the guard refitted with each statistics split and class weighting (--refit), and the guard's
 #    share of a served batch's latency.
 # The next session's runs are prepared in scripts/recipes/levers_128.json (each lever alone over three seeds,
 # and the recipe without cuDNN autotuning):
@@ -61,9 +61,9 @@ sets_dir=${OOD_SETS:-.gpu/ood_sets}
 sets_arg=()
 [ -f "$sets_dir/sets.json" ] && sets_arg=(--sets_dir "$sets_dir")
 if [ -n "$first_run" ]; then
-    timeout "${OOD_TIMEOUT:-90}" python3 scripts/evaluate_ood.py --dataset_dir "$dataset_dir" \
+    timeout "${OOD_TIMEOUT:-120}" python3 scripts/evaluate_ood.py --dataset_dir "$dataset_dir" \
         --datalist "$work/recipes/datalist.json" --weights "$work/recipes/$first_run/models/model.pt" \
-        "${sets_arg[@]}" --latency_batches 30 --refit_class_weights true --output "$out/ood.json" 2>&1 \
+        "${sets_arg[@]}" --latency_batches 30 --refit true --output "$out/ood.json" 2>&1 \
         | tee "$out/ood.log"
 else
     echo "no recipe run finished: the out-of-distribution guard is not measured" | tee "$out/ood.log"

@@ -129,9 +129,12 @@ def released_weights_section(sidecar: dict, models: dict[str, Path]) -> str:
     guard = sidecar.get("ood")
     if guard:
         thresholds = ", ".join(f"{method} {value:.4g}" for method, value in guard["thresholds"].items())
+        # fits from before the key had their statistics on validation
+        statistics = guard.get("fit", {}).get("statistics_split", "validation")
         lines.append(
-            f"- **Out-of-distribution guard** fitted on the validation split to pass {guard['target_share']:.0%} "
-            f"of it: thresholds {thresholds} (statistics in models/{guard['file']})."
+            f"- **Out-of-distribution guard**: statistics fitted on the {statistics} split, thresholds on the "
+            f"validation split to pass {guard['target_share']:.0%} of it: {thresholds} (statistics in "
+            f"models/{guard['file']})."
         )
     lines.append(f"- **Files:** {', '.join(f'models/{name}' for name in models)} (sha256 in large_files.yml).")
     return "\n".join(lines)

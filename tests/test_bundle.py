@@ -130,9 +130,12 @@ def test_training_stores_the_calibration_fitted_on_validation(trained):
     assert fit["balanced_accuracy_rule"] >= fit["balanced_accuracy_argmax"], "tau 0 (the argmax) is on the grid"
     assert sidecar["calibration"]["refer_threshold"] == fit["triage"]["threshold"] is not None
     assert fit["triage"]["sensitivity"] >= 0.95, "the refer threshold catches 95% of validation malignant lesions"
-    # the out-of-distribution guard, fitted on the validation split alone, in a file the sidecar names
+    # the out-of-distribution guard, in a file the sidecar names: its thresholds fitted on the validation split,
+    # its statistics on the training split once training completed (ood_statistics: training, the default)
     guard = sidecar["ood"]
     assert guard["fit"]["n_images"] == fit["n_images"] and guard["target_share"] == 0.95
+    assert guard["fit"]["statistics_split"] == "training"
+    assert guard["fit"]["n_statistics_images"] == len(read_json(trained["datalist"])["training"])
     assert set(guard["thresholds"]) == set(ood.METHODS)
     assert (trained["bundle_root"] / "models" / guard["file"]).is_file()
     assert [p.name for p in (trained["bundle_root"] / "models").glob(ood.GUARD_GLOB)] == [guard["file"]]
@@ -299,6 +302,25 @@ def test_calibrate_json_refits_a_models_calibration_in_place(trained, tmp_path):
     assert refitted["calibration"]["refer_threshold"] == pytest.approx(
         stored["calibration"]["refer_threshold"], rel=0.1
     )
-    # the guard is refit with it, from the same validation images, into a file of its own beside the weights
+    # the guard is refit with it, thresholds on the same validation images, statistics on the training split as
+    # training's own refit, into a file of its own beside the weights
     assert refitted["ood"]["fit"]["n_images"] == refitted["calibration"]["fit"]["n_images"]
+    assert refitted["ood"]["fit"]["statistics_split"] == "training"
+    for method, threshold in stored["ood"]["thresholds"].items():
+        assert refitted["ood"]["thresholds"][method] == pytest.approx(threshold, rel=1e-4), method
     assert [path.name for path in models.glob(ood.GUARD_GLOB)] == [refitted["ood"]["file"]]
+    # with its statistics on validation (out-of-fold thresholds) it reads no training image
+    run_bundle(
+        "['configs/train.json','configs/calibrate.json']",
+        bundle_root=tmp_path,
+        dataset_dir=trained["dataset_dir"],
+        datalist=trained["datalist"],
+        cache_dir=tmp_path / "validation_only",
+        ood_statistics="validation",
+        **FAST,
+    )
+    on_validation = read_json(models / "model.json")["ood"]
+    assert on_validation["fit"]["statistics_split"] == "validation" and on_validation["fit"]["folds"] == ood.FOLDS
+    assert on_validation["thresholds"]["energy"] == pytest.approx(stored["ood"]["thresholds"]["energy"], rel=1e-4)
+    assert [path.name.split("-")[0] for path in (tmp_path / "validation_only").glob("*.npy")] == ["validation"]
+    assert [path.name for path in models.glob(ood.GUARD_GLOB)] == [on_validation["file"]]

@@ -79,6 +79,34 @@ def test_a_rare_class_that_varies_where_the_common_ones_do_not_is_not_hidden_by_
     assert shares["equal"] <= 0.4 and shares["count"] >= 0.55
 
 
+def test_statistics_from_the_training_split_come_from_it_alone_and_thresholds_from_validation():
+    """``ood_statistics: training``: class means, covariance and kNN bank from the (larger) training split's
+    features, the thresholds from the validation scores under them; new in-distribution images keep the
+    target share and far ones are flagged as before."""
+    reference_features, reference_labels, _ = _clusters(5000, seed=5)
+    features, labels, logits = _clusters(1400, seed=0)
+    fitted = ood.fit(logits, features, labels, reference=(reference_features, reference_labels))
+    own = ood.fit(logits, features, labels)
+    assert fitted.record["statistics_split"] == "training" and own.record["statistics_split"] == "validation"
+    assert fitted.record["n_statistics_images"] == 5000 and fitted.record["n_images"] == 1400
+    means = torch.stack([reference_features[reference_labels == c].mean(0) for c in range(CLASSES)])
+    torch.testing.assert_close(fitted.statistics["class_means"], means)
+    assert len(fitted.statistics["bank"]) == ood.KNN_BANK and len(own.statistics["bank"]) == 1400
+    bank_rows = torch.nn.functional.normalize(reference_features.double(), dim=-1).float()
+    assert all((bank_rows == row).all(dim=1).any() for row in fitted.statistics["bank"][:20])
+    # the energy and softmax thresholds read the validation logits alone, whatever the statistics
+    assert {m: fitted.thresholds[m] for m in ("energy", "msp")} == {m: own.thresholds[m] for m in ("energy", "msp")}
+    new_features, _, new_logits = _clusters(4000, seed=1)
+    far_features, _, far_logits = _clusters(500, seed=2, shift=8.0)
+    for method in ood.FEATURE_METHODS:
+        new = ood.scores(method, new_logits, new_features, fitted.statistics).numpy()
+        assert 0.02 <= (new > fitted.thresholds[method]).mean() <= 0.08, method
+        far = ood.scores(method, far_logits, far_features, fitted.statistics).numpy()
+        assert (far > fitted.thresholds[method]).all(), method
+    with pytest.raises(ValueError, match="ood_statistics"):
+        ood.check_statistics("test")
+
+
 def test_evaluation_names_the_classes_the_guard_flags_far_more_than_its_target():
     labels = np.array([0] * 100 + [1] * 20 + [2] * 5)
     flagged = np.zeros(len(labels), bool)
@@ -280,21 +308,23 @@ def test_the_measurement_scores_every_set_and_method_against_the_test_split(guar
     assert results["sets"]["mine"]["mahalanobis"] == {"n": 1, "auroc": 1.0, "fpr_at_95_tpr": 0.0, "flagged": 1.0}
     assert results["sets"]["far_medical"] == results["sets"]["mine"]
     assert results["latency"]["ratio"] > 0 and "RESULT guard_latency_ratio=" in printed
-    # one's own folders alone, as the command line spells it, and the guard refitted with each class weighting
+    # one's own folders alone, as the command line spells it, and the guard refitted with each statistics split
+    # and class weighting
     printed = script(
         "evaluate_ood.py",
         *("--bundle_root", guarded, "--dataset_dir", synthetic_dir, "--datalist", datalist),
         *("--folders", json.dumps({"mine": str(mine)}), "--builtin", "false", "--latency_batches", 0),
-        *("--output", output, "--refit_class_weights", "true"),
+        *("--output", output, "--refit", "true"),
     )
     refitted = json.loads(output.read_text())
-    assert set(refitted["sets"]) == {"mine"} and set(refitted["class_weights"]) == set(ood.CLASS_WEIGHTS)
-    for weights, refit in refitted["class_weights"].items():
-        assert refit["sets"] == {"mine": {"n": 1, "auroc": 1.0, "fpr_at_95_tpr": 0.0, "flagged": 1.0}}, weights
+    fits = {f"{split}/{weights}" for split in ood.STATISTICS for weights in ood.CLASS_WEIGHTS}
+    assert set(refitted["sets"]) == {"mine"} and set(refitted["refits"]) == fits
+    for name, refit in refitted["refits"].items():
+        assert refit["sets"] == {"mine": {"n": 1, "auroc": 1.0, "fpr_at_95_tpr": 0.0, "flagged": 1.0}}, name
         shares = refit["in_distribution"]
         present = [share for share in shares["per_class"].values() if share is not None]
         assert set(shares["per_class"]) == set(CLASS_NAMES) and shares["class_mean"] == pytest.approx(np.mean(present))
-    assert "refitted on validation with each class weighting" in printed
+    assert "refitted with its statistics on each split and each class weighting" in printed
 
     # the same built-in sets, written as files for other tools
     written = tmp_path / "sets"
