@@ -211,9 +211,11 @@ def split_outputs(evaluator: Engine, loader, split: str, progress: bool = False)
     ``evaluator``'s network and inferer in its precision (validation's test-time views: the logits and features
     the guard serves), on the CPU and gathered across ranks (a collective call under DDP)."""
     network, device = evaluator.network, evaluator.state.device
-    tap, was_training = ood.FeatureTap(network), network.training
+    tap, was_training, autotuned = ood.FeatureTap(network), network.training, torch.backends.cudnn.benchmark
     logits, features, labels = [], [], []
     network.eval()
+    # one pass at a batch shape validation never had: cuDNN's default algorithms, not an autotuning of every layer
+    torch.backends.cudnn.benchmark = False
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc=f"out-of-distribution guard: {split} features", disable=not progress):
@@ -224,6 +226,7 @@ def split_outputs(evaluator: Engine, loader, split: str, progress: bool = False)
     finally:
         tap.close()
         network.train(was_training)
+        torch.backends.cudnn.benchmark = autotuned
     outputs = tuple(torch.cat(rows) for rows in (logits, features, labels))
     return tuple(evenly_divisible_all_gather(rows) for rows in outputs) if _distributed() else outputs
 
