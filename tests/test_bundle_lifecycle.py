@@ -143,6 +143,10 @@ def test_the_per_sample_chain_still_trains(dataset, tmp_path):
     run_bundle(TRAIN_CHAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **dict(FAST, num_workers=2))
     assert (tmp_path / "models" / "model.pt").exists()
     assert not list((tmp_path / "cache").glob("*.npy"))
+    # the guard's statistics from the chain's own pass over the training images, without augmentation
+    guard = read_json(tmp_path / "models" / "model.json")["ood"]["fit"]
+    n_training = len(read_json(dataset["datalist"])["training"])
+    assert guard["statistics_split"] == "training" and guard["n_statistics_images"] == n_training
 
 
 def test_a_second_run_reuses_the_cache_even_memory_mapped(dataset, tmp_path):
@@ -172,6 +176,10 @@ def test_two_process_ddp_on_cpu_with_gloo(dataset, tmp_path):
     assert len(shards) == 2 and sum(shards) >= n_training and max(shards) <= n_training // 2 + 1, (
         "each rank caches only its own shard"
     )
+    # the guard's statistics gathered from both ranks' shards, its thresholds from both validation shards
+    guard = read_json(tmp_path / "models" / "model.json")["ood"]["fit"]
+    assert guard["statistics_split"] == "training" and guard["n_statistics_images"] == sum(shards)
+    assert guard["n_images"] == len(read_json(dataset["datalist"])["validation"])
     # the DDP-trained model evaluates with the single-process config
     run_bundle(EVALUATE, bundle_root=tmp_path, **dataset, **FAST)
     assert read_json(tmp_path / "eval" / "metrics.json")["n_images"] == len(read_json(dataset["datalist"])["testing"])
