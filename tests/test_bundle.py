@@ -150,6 +150,7 @@ def test_evaluation_reports_the_share_of_test_images_the_guard_flags(evaluated, 
     assert report["method"] == method and report["threshold"] == sidecar["ood"]["thresholds"][method]
     assert set(report["flagged_share"]["per_class"]) == set(CLASS_NAMES)
     assert set(report["flagged_share_by_method"]) == set(ood.METHODS)
+    assert report["statistics_split"] == sidecar["ood"]["fit"]["statistics_split"] == "training"
     per_class, limit = report["flagged_share"]["per_class"], ood.OVERFLAG_FACTOR * (1 - report["target_share"])
     assert set(report["overflagged_classes"]) == {name for name, share in per_class.items() if share and share > limit}
     assert 0 <= report["flagged_share"]["all"] <= 1 and (evaluated / "ood_scores.png").stat().st_size > 0
