@@ -953,8 +953,7 @@ class EvaluationReport(PredictionWriter):
         }
         if self.ckpt_path and features is not None:
             block, statistics = ood.load_fit(self.ckpt_path)
-            # fits from before the key had their statistics on validation
-            report["statistics_split"] = block.get("fit", {}).get("statistics_split", ood.STATISTICS[0])
+            report["statistics_split"] = ood.statistics_split(block)
             every = ood.all_scores(torch.as_tensor(logits), torch.as_tensor(features), statistics)
             report["flagged_share_by_method"] = {
                 method: ood.flagged_shares(every[method] > block["thresholds"][method], labels, self.class_names)

@@ -88,6 +88,11 @@ def check_statistics(split: str) -> str:
     return split
 
 
+def statistics_split(block: dict) -> str:
+    """The split a sidecar's ``ood`` block has its statistics from (fits from before the key: validation)."""
+    return (block.get("fit") or {}).get("statistics_split", STATISTICS[0])
+
+
 def check_target_share(share: float) -> float:
     share = float(share)
     if not 0.5 <= share < 1.0:

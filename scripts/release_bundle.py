@@ -38,6 +38,7 @@ from pathlib import Path
 
 import fire
 
+from bundle import ood
 from bundle.atomic import atomic_write
 from bundle.predictor import INFERENCE_CONFIG, bundle_files
 from bundle.sidecar import read_sidecar
@@ -129,8 +130,7 @@ def released_weights_section(sidecar: dict, models: dict[str, Path]) -> str:
     guard = sidecar.get("ood")
     if guard:
         thresholds = ", ".join(f"{method} {value:.4g}" for method, value in guard["thresholds"].items())
-        # fits from before the key had their statistics on validation
-        statistics = guard.get("fit", {}).get("statistics_split", "validation")
+        statistics = ood.statistics_split(guard)
         lines.append(
             f"- **Out-of-distribution guard**: statistics fitted on the {statistics} split, thresholds on the "
             f"validation split to pass {guard['target_share']:.0%} of it: {thresholds} (statistics in "
