@@ -20,7 +20,8 @@
 # Prepared here, in folders git ignores (.git/info/exclude) so that the device tool carries them (`carry`:
 # [".whl", ".gpu"], about 50 MB of its 64 MiB): `pip download --no-deps -d .whl monai pytorch-ignite fire
 # termcolor`, a copy of the dataset in .gpu/ham10000-200x150 (40 MB) and the far sets in .gpu/ood_sets (6 MB).
-# GPU_CHECK_ARGS adds arguments to gpu_check.py (--require_cuda False rehearses the session on a CPU).
+# GPU_CHECK_ARGS adds arguments to gpu_check.py (--require_cuda False rehearses the session on a CPU, as
+# tests/test_gpu_check.py does); WORK_DIR (default /tmp/gpu_check) holds the runs.
 # Results in OUT_DIR: gpu.txt, pytest.log, pip_freeze.txt and importtime.log (what a cold start imports),
 # gpu_check.json and .log, ood.json and .log, runs.tgz (every run's histories, sidecars, metrics, plots and logs,
 # finished or cut). gpu_check.py saves after each part, so a step cut by CHECK_TIMEOUT leaves the earlier ones.
@@ -37,8 +38,8 @@ if [ -d "${WHEELS_DIR:-.whl}" ]; then
         "${WHEELS_DIR:-.whl}"/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-work=/tmp/gpu_check
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+work=${WORK_DIR:-/tmp/gpu_check}
 # the cold start's first 17 s are imports (docs/PERFORMANCE.md): what this environment makes MONAI import, and
 # the cost of each module, taken beside the graph tests (the machine's other cores are idle then)
 python3 -m pip freeze > "$out/pip_freeze.txt" 2>/dev/null &

@@ -5,9 +5,12 @@ import collections
 import gzip
 import json
 import math
+import os
 import subprocess
 import sys
+import tarfile
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -180,3 +183,39 @@ def test_require_cuda_false_from_the_command_line_runs_on_a_cpu(synthetic_dir, t
     command += ["--require_cuda", "false", "--epochs", "0", "--speed_sizes", "[]", "--recipes", "{}"]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     assert json.loads((tmp_path / "gpu_check.json").read_text())["device_name"] == "cpu"
+
+
+def test_the_gpu_session_script_runs_end_to_end_on_a_cpu(synthetic_dir, tmp_path):
+    """scripts/gpu_session.sh, the one command a lent GPU runs unattended, rehearsed on a CPU: its glue (the
+    arguments it hands each script, the first run it finds for the guard, the archive it brings back) fails
+    only where a failure costs a GPU session."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    recipe = {"tiny_s0": {"image_size": [32, 32], "batch_size": 32, "max_epochs": 1, "num_workers": 0, "seed": 0}}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3: this interpreter
+        "WORK_DIR": str(work),
+        "WHEELS_DIR": str(tmp_path / "no_wheels"),
+        "OOD_SETS": str(tmp_path / "no_sets"),
+        "EPOCHS": "0",
+        "SPEED_SIZES": "[]",
+        "SEEDS": "None",
+        "GPU_CHECK_ARGS": "--require_cuda false --num_workers 0",
+    }
+    command = ["bash", "scripts/gpu_session.sh", str(synthetic_dir), str(out), json.dumps(recipe)]
+    session = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert session.returncode == 0 and session.stdout.rstrip().endswith("gpu_session done"), session.stdout
+
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [row["name"] for row in report["recipes"]] == ["tiny_s0"]
+    assert report["recipes"][0]["image_size"] == [32, 32] and report["recipes"][0]["epochs"] == 1
+    # the guard measured on that run's weights, refitted with each statistics split and class weighting
+    guard = json.loads((out / "ood.json").read_text())
+    assert guard["weights"] == str(work / "recipes" / "tiny_s0" / "models" / "model.pt")
+    assert len(guard["refits"]) == 4 and {"far_all", "near_blurred"} <= set(guard["sets"])
+    assert guard["latency"]["ratio"] > 0
+    with tarfile.open(out / "runs.tgz") as archive:
+        names = set(archive.getnames())
+    assert {"./gpu_check.json", "./recipes/tiny_s0/models/model.json", "./recipes/tiny_s0/eval/metrics.json"} <= names
+    assert not any("/cache/" in name for name in names)
+    assert "passed" in (out / "pytest.log").read_text() or "skipped" in (out / "pytest.log").read_text()
