@@ -185,6 +185,11 @@ class ValidationLogits:
         if features is not None:
             self._features.append(features.float())
 
+    @property
+    def has_features(self) -> bool:
+        """Whether the run collected features (a ``FeatureCollector`` was attached): a guard can be fitted."""
+        return bool(self._features)
+
     def fit(
         self, reference: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[Calibration, ood.GuardFit | None]:
@@ -236,7 +241,9 @@ class FeatureCollector:
     batch (``bundle.ood.FeatureTap`` on the engine's network) under ``features`` and the network's logits
     under ``logits`` (before the postprocessing turns ``pred`` into probabilities), for the guard's fit,
     report and batch answers. Attach it to an evaluator. The tap lives for one run of the engine, so a
-    forward pass of the same network elsewhere (``split_outputs``) is not collected here."""
+    forward pass of the same network elsewhere (``split_outputs``) is not collected here, provided this handler
+    comes before the handler making that pass at the end of the run (ignite calls an event's handlers in the
+    order they were attached: configs/calibrate.json lists it before ``CalibrationFitter``)."""
 
     def attach(self, engine: Engine) -> None:
         self.tap: ood.FeatureTap | None = None
@@ -294,7 +301,7 @@ class CalibrationFitter:
 
     def _store(self, engine: Engine) -> None:
         reference = None
-        if self.reference_loader is not None:
+        if self.reference_loader is not None and self.validation.has_features:  # no features: no guard to fit
             _, *reference = split_outputs(engine, self.reference_loader, "training", self.enabled)
         fitted, guard = self.validation.fit(reference)
         if not self.enabled:
@@ -336,7 +343,9 @@ class TrainingSplitGuard:
     Training fits the guard on validation alone whenever it saves a better model: a pass over the training
     split at each of those would cost about five validations. This pass is made once, with the best weights
     (read by the main rank, sent to the others) in ``validator``'s network, whose own weights it puts back
-    afterwards. Attach it to the trainer after the handlers that save.
+    afterwards. Attach it to the trainer after the handlers that save. Under DDP each rank passes its own
+    training shard and the features are gathered; the shards' padding (``even_divisible``: up to world size - 1
+    images repeated) is among the statistics' images, a negligible weight in ~7,000.
     """
 
     def __init__(
@@ -362,17 +371,25 @@ class TrainingSplitGuard:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def _best_weights(self) -> dict | None:
-        best = [load_weights(self.ckpt_path) if self.enabled and Path(self.ckpt_path).is_file() else None]
+        """The saved weights as the main rank reads them, on every rank; an error reading them is raised on
+        every rank too, so that no rank waits for the others in a collective call that never comes."""
+        best: list = [None]
+        error = None
+        if self.enabled and Path(self.ckpt_path).is_file():
+            try:
+                best = [load_weights(self.ckpt_path)]
+            except Exception as caught:
+                error, best = caught, [f"{type(caught).__name__}: {caught}"]  # text: any error crosses ranks
         if _distributed():
             torch.distributed.broadcast_object_list(best, src=0)
+        if isinstance(best[0], str):
+            raise RuntimeError(f"the guard's refit on the training split cannot read the weights: {best[0]}") from error
         return best[0]
 
     def __call__(self, engine: Engine) -> None:
         best = self._best_weights()
         if best is None:
-            logger.warning(
-                "no %s to refit the out-of-distribution guard of: left as validation fitted it", self.ckpt_path
-            )
+            logger.warning("no %s: the out-of-distribution guard is not refitted on the training split", self.ckpt_path)
             return
         network = _unwrapped(self.validator.network)
         current = {key: value.detach().clone() for key, value in network.state_dict().items()}

@@ -8,10 +8,10 @@ score is above a threshold that keeps ``target_share`` (95%) of the validation i
 
 - ``mahalanobis``: the smallest Mahalanobis distance of the pooled penultimate features to a class
   mean, with one shared covariance (Lee et al., 2018), each class weighted equally in it, shrunk towards
-  a multiple of the identity by the Ledoit-Wolf formula, since ~1,500 validation images estimate a
-  1,024-dimensional covariance;
+  a multiple of the identity by the Ledoit-Wolf formula, since a few thousand images (~7,000 training or
+  ~1,500 validation images) estimate a 1,024-dimensional covariance;
 - ``knn``: one minus the cosine similarity of the normalised features to their ``KNN_K``-th nearest
-  validation image (Sun et al., 2022);
+  image of a bank (a subsample of the training images, or the validation images) (Sun et al., 2022);
 - ``energy``: the negative log-sum-exp of the logits (Liu et al., 2020);
 - ``msp``: minus the maximum softmax probability (Hendrycks and Gimpel, 2017).
 
@@ -26,8 +26,8 @@ itself, with out-of-fold scores for ``mahalanobis`` (``FOLDS`` folds) and leave-
 than 5% of new in-distribution images), or from the training split's features, about five times as
 many images (``reference``): a better estimated covariance that hides fewer rare lesions
 (docs/RESULTS.md), at the cost of one pass over the training split, made once training completes.
-The statistics (class means, shrunk precision matrix, the normalised validation or training features of the
-kNN bank, ``KNN_BANK`` at most) are too big for the JSON sidecar: they go to a file beside the weights,
+The statistics (class means, shrunk precision matrix, and the kNN bank: the normalised validation features,
+or ``KNN_BANK`` training features at most) are too big for the JSON sidecar: they go to a file beside the weights,
 named by its content hash (``model.ood-<hash>.pt``), which the sidecar's ``ood`` block names with its
 sha256 and the weights' fingerprint. A guard file of other weights, or not the one the sidecar names,
 is refused (``Guard.from_sidecar``); a new fit writes a new file before the sidecar names it, so a kill

@@ -63,15 +63,16 @@ BATCH = 64
 LATENCY_BATCH = 8  # the archive's default server batch
 
 
-def _forward(predictor: Predictor, images: list[bytes], name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The logits and pooled features of each image, and how many images serving refuses (e.g. too small to
-    classify): those never reach the guard, so they are left out."""
+def _forward(predictor: Predictor, images: list[bytes | Path], name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The logits and pooled features of each image (its bytes, or a file read when its batch comes: a training
+    split at full resolution is gigabytes), and how many images serving refuses (e.g. too small to classify):
+    those never reach the guard, so they are left out."""
     logits, features, refused = [], [], []
     for start in tqdm(range(0, len(images), BATCH), desc=name, unit="batch", leave=False):
         batch = []
-        for data in images[start : start + BATCH]:
+        for image in images[start : start + BATCH]:
             try:
-                batch.append(predictor.preprocess(data))
+                batch.append(predictor.preprocess(image.read_bytes() if isinstance(image, Path) else image))
             except Exception as error:
                 refused.append(str(error))
         if batch:
@@ -90,7 +91,7 @@ def _forward(predictor: Predictor, images: list[bytes], name: str) -> tuple[torc
 def _split(predictor: Predictor, datalist: str, dataset_dir: str, split: str) -> tuple[torch.Tensor, ...]:
     """The served logits and features of a datalist split's images, and their labels."""
     items = load_datalist(datalist, split, dataset_dir)
-    logits, features, refused = _forward(predictor, [Path(item["image"]).read_bytes() for item in items], split)
+    logits, features, refused = _forward(predictor, [Path(item["image"]) for item in items], split)
     if refused:
         raise ValueError(f"serving refuses {refused} of the {split} split's images: the refit needs every one")
     return logits, features, torch.tensor([int(item["label"]) for item in items])

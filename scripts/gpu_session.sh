@@ -25,6 +25,8 @@
 # Results in OUT_DIR: gpu.txt, pytest.log, pip_freeze.txt and importtime.log (what a cold start imports),
 # gpu_check.json and .log, ood.json and .log, runs.tgz (every run's histories, sidecars, metrics, plots and logs,
 # finished or cut). gpu_check.py saves after each part, so a step cut by CHECK_TIMEOUT leaves the earlier ones.
+# Time limits: the whole script SESSION_S (580 s), gpu_check.py CHECK_TIMEOUT (430 s), the guard OOD_TIMEOUT (120 s);
+# a step gets what is left of SESSION_S when that is less.
 set -uo pipefail
 dataset_dir=$1
 out=$2
@@ -32,6 +34,15 @@ recipes=${3:-'{"ham128": {"config": ["configs/train_ham10000.json"]}}'}
 [ -f "$recipes" ] && recipes=$(cat "$recipes")
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
+# the device tool ends a command at 600 s: each step's limit is cut to what is left of SESSION_S, keeping back
+# the time of the steps after it, so that the guard's measurement and the archive always get their turn
+deadline=$((SECONDS + ${SESSION_S:-580}))
+within() {  # within LIMIT KEEP: the smaller of LIMIT and the seconds left after keeping KEEP back (at least 1)
+    local left=$((deadline - SECONDS - $2))
+    left=$((left < $1 ? left : $1))
+    echo $((left < 1 ? 1 : left))
+}
+ood_limit=${OOD_TIMEOUT:-120}
 export PYTHONUNBUFFERED=1
 if [ -d "${WHEELS_DIR:-.whl}" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -50,7 +61,7 @@ if [ "${PIPESTATUS[0]}" != 0 ]; then
     echo "CUDA graph tests failed: every training runs the eager step"
     overrides='{"cuda_graphs": false}'
 fi
-timeout "${CHECK_TIMEOUT:-430}" python3 scripts/gpu_check.py --dataset_dir "$dataset_dir" --work_dir "$work" \
+timeout "$(within "${CHECK_TIMEOUT:-430}" $((ood_limit + 15)))" python3 scripts/gpu_check.py --dataset_dir "$dataset_dir" --work_dir "$work" \
     --epochs "${EPOCHS:-30}" --evaluate False --speed_sizes "${SPEED_SIZES:-[64,128,224]}" \
     --speed_steps "${SPEED_STEPS:-30}" --recipes "$recipes" --seeds "${SEEDS:-[0,1,2]}" \
     --parallel "${PARALLEL:-4}" --train_overrides "$overrides" --recipe_timeout_s "${RECIPE_TIMEOUT:-400}" \
@@ -62,7 +73,7 @@ sets_dir=${OOD_SETS:-.gpu/ood_sets}
 sets_arg=()
 [ -f "$sets_dir/sets.json" ] && sets_arg=(--sets_dir "$sets_dir")
 if [ -n "$first_run" ]; then
-    timeout "${OOD_TIMEOUT:-120}" python3 scripts/evaluate_ood.py --dataset_dir "$dataset_dir" \
+    timeout "$(within "$ood_limit" 10)" python3 scripts/evaluate_ood.py --dataset_dir "$dataset_dir" \
         --datalist "$work/recipes/datalist.json" --weights "$work/recipes/$first_run/models/model.pt" \
         "${sets_arg[@]}" --latency_batches 30 --refit true --output "$out/ood.json" 2>&1 \
         | tee "$out/ood.log"

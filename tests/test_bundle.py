@@ -310,12 +310,15 @@ def test_calibrate_json_refits_a_models_calibration_in_place(trained, tmp_path):
     for method, threshold in stored["ood"]["thresholds"].items():
         assert refitted["ood"]["thresholds"][method] == pytest.approx(threshold, rel=1e-4), method
     assert [path.name for path in models.glob(ood.GUARD_GLOB)] == [refitted["ood"]["file"]]
-    # with its statistics on validation (out-of-fold thresholds) it reads no training image
+    # with its statistics on validation (out-of-fold thresholds) it reads no training image: a datalist of the
+    # validation split alone will do
+    validation_only = tmp_path / "validation_only.json"
+    validation_only.write_text(json.dumps({"validation": read_json(trained["datalist"])["validation"]}))
     run_bundle(
         "['configs/train.json','configs/calibrate.json']",
         bundle_root=tmp_path,
         dataset_dir=trained["dataset_dir"],
-        datalist=trained["datalist"],
+        datalist=validation_only,
         cache_dir=tmp_path / "validation_only",
         ood_statistics="validation",
         **FAST,

@@ -1,5 +1,6 @@
 """The bundle's ignite handlers, on real engines with no data pipeline."""
 
+import datetime
 import json
 import math
 import subprocess
@@ -13,6 +14,7 @@ from bundle import sidecar
 from bundle.calibration import Calibration
 from bundle.handlers import (
     BestModelSaver,
+    TrainingSplitGuard,
     as_bool,
     atomic_write,
     check_resume,
@@ -226,3 +228,26 @@ def test_validation_decollated_or_not_scores_the_same_and_says_what_it_saves(syn
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["images"] > 0 and 0 <= report["val_auc"] <= 1
     assert report["on_vs_off"] == pytest.approx(report["s_decollate_on"] / report["s_decollate_off"])
+
+
+def _refit_reads_unreadable_weights(rank: int, init_file: str, ckpt_path: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        guard = TrainingSplitGuard(
+            "training", validator=None, reference_loader=None, ckpt_path=ckpt_path, enabled=rank == 0
+        )
+        with pytest.raises(RuntimeError, match="cannot read the weights: SidecarError"):
+            guard._best_weights()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_unreadable_best_weights_stop_every_rank_of_the_guards_refit(tmp_path):
+    """Only the main rank reads the saved weights for the guard's training-split refit; when it cannot, every rank
+    raises at once rather than the others waiting in the broadcast until the process group's timeout."""
+    ckpt_path = tmp_path / "model.pt"
+    ckpt_path.write_bytes(b"not a checkpoint")
+    args = (str(tmp_path / "init"), str(ckpt_path))
+    torch.multiprocessing.start_processes(_refit_reads_unreadable_weights, args, nprocs=2, start_method="spawn")
