@@ -766,12 +766,12 @@ class PredictionWriter:
         features: np.ndarray | None = None,
     ) -> None:
         predicted = self.calibration.decide(probabilities)
-        self._write_csv(images, probabilities, predicted, self._guard_scores(probabilities, logits, features))
+        self._write_csv(images, probabilities, predicted, self._guard_scores(logits, features))
 
     def _guard_scores(
-        self, probabilities: np.ndarray, logits: np.ndarray | None, features: np.ndarray | None
-    ) -> np.ndarray | None:
-        """The guard's score of every image (None without a guard)."""
+        self, logits: np.ndarray | None, features: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The guard's score and threshold of every image (None without a guard)."""
         if self.guard is None:
             return None
         if logits is None or (self.guard.needs_features and features is None):
@@ -779,15 +779,21 @@ class PredictionWriter:
                 f"the out-of-distribution guard ({self.guard.method}) needs each image's logits and pooled features: "
                 "attach bundle.handlers.FeatureCollector to the evaluator"
             )
-        return self.guard.scores(torch.as_tensor(logits), None if features is None else torch.as_tensor(features))
+        logits = torch.as_tensor(logits)
+        scores = self.guard.scores(logits, None if features is None else torch.as_tensor(features))
+        return scores, self.guard.thresholds(logits)
 
     def _write_csv(
-        self, images: list[str], probabilities: np.ndarray, predicted: np.ndarray, ood_scores: np.ndarray | None
+        self,
+        images: list[str],
+        probabilities: np.ndarray,
+        predicted: np.ndarray,
+        guard: tuple[np.ndarray, np.ndarray] | None,
     ) -> None:
         malignant = calibration.malignant_probability(probabilities)
         refer = self.calibration.refer(malignant)
         rule = self.calibration.decision_rule
-        flagged = None if ood_scores is None else ood_scores > self.guard.threshold
+        flagged = None if guard is None else guard[0] > guard[1]
 
         def write_csv(tmp):
             with open(tmp, "w", newline="") as f:
@@ -804,6 +810,7 @@ class PredictionWriter:
                         "refer",
                         "out_of_distribution",
                         "ood_score",
+                        "ood_threshold",
                     ]
                 )
                 for i, (image, p, top) in enumerate(zip(images, probabilities, predicted, strict=True)):
@@ -816,12 +823,12 @@ class PredictionWriter:
                         f"{malignant[i]:.6f}",
                         "" if refer is None else str(bool(refer[i])).lower(),
                     ]
-                    guard = ["", ""]
+                    ood_cells = ["", "", ""]
                     if flagged is not None:
-                        guard = [str(bool(flagged[i])).lower(), f"{ood_scores[i]:.6g}"]
+                        ood_cells = [str(bool(flagged[i])).lower(), f"{guard[0][i]:.6g}", f"{guard[1][i]:.6g}"]
                         if flagged[i] and not self.ood_probabilities:
                             answer = [""] * len(answer)  # no diagnosis, as served
-                    out.writerow([image, *answer, *guard])
+                    out.writerow([image, *answer, *ood_cells])
 
         atomic_write(self.output_dir / self.filename, write_csv)
         flagged_note = "" if flagged is None else f" ({int(flagged.sum())} out of distribution)"
@@ -871,8 +878,8 @@ class EvaluationReport(PredictionWriter):
         if labels is None:
             raise ValueError("evaluation needs labelled images: the datalist items have no 'label'")
         predicted = self.calibration.decide(probabilities)
-        ood_scores = self._guard_scores(probabilities, logits, features)
-        self._write_csv(images, probabilities, predicted, ood_scores)
+        guard = self._guard_scores(logits, features)
+        self._write_csv(images, probabilities, predicted, guard)
         report = classification_report(probabilities, labels, self.class_names, predicted=predicted)
         argmax = probabilities.argmax(1)
         report["accuracy_argmax"] = float((argmax == labels).mean())
@@ -894,10 +901,10 @@ class EvaluationReport(PredictionWriter):
                 "nll_after": negative_log_likelihood(probabilities, labels),
                 "fitted_on_validation": self.calibration.fit,
             }
-        if ood_scores is not None:
-            report["ood"] = self._guard_report(ood_scores, labels, logits, features)
+        if guard is not None:
+            report["ood"] = self._guard_report(*guard, labels, logits, features)
             path = self.output_dir / "ood_scores.png"
-            plots.plot_ood_scores(ood_scores, labels, self.class_names, report["ood"], path)
+            plots.plot_ood_scores(guard[0], labels, self.class_names, report["ood"], path)
         atomic_write(self.output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
         plots.plot_roc_curves(
             probabilities,
@@ -945,11 +952,17 @@ class EvaluationReport(PredictionWriter):
         )
 
     def _guard_report(
-        self, scores: np.ndarray, labels: np.ndarray, logits: np.ndarray, features: np.ndarray | None
+        self,
+        scores: np.ndarray,
+        thresholds: np.ndarray,
+        labels: np.ndarray,
+        logits: np.ndarray,
+        features: np.ndarray | None,
     ) -> dict:
-        """The served guard on these in-distribution images: its threshold, the share flagged (in all and per
-        class) and the score's quantiles; with ``ckpt_path`` and the features, the share each method would flag."""
-        flagged = scores > self.guard.threshold
+        """The served guard on these in-distribution images: its thresholds, the share flagged (in all and per
+        class) and the score's quantiles; with ``ckpt_path`` and the features, the share each method would flag
+        (with the served kind of threshold)."""
+        flagged = scores > thresholds
         overflagged = ood.overflagged(flagged, labels, self.class_names, self.guard.target_share)
         if overflagged:
             logger.warning(
@@ -959,9 +972,11 @@ class EvaluationReport(PredictionWriter):
                 ", ".join(f"{v['share']:.0%} of the {v['n']} {name} images" for name, v in overflagged.items()),
                 100 * (1 - self.guard.target_share),
             )
+        by_class = self.guard.class_thresholds
         report = {
             "method": self.guard.method,
             "threshold": self.guard.threshold,
+            "class_thresholds": None if by_class is None else dict(zip(self.class_names, by_class, strict=True)),
             "target_share": self.guard.target_share,
             "flagged_share": ood.flagged_shares(flagged, labels, self.class_names),
             "overflagged_classes": overflagged,
@@ -971,9 +986,11 @@ class EvaluationReport(PredictionWriter):
         if self.ckpt_path and features is not None:
             block, statistics = ood.load_fit(self.ckpt_path)
             report["statistics_split"] = ood.statistics_split(block)
-            every = ood.all_scores(torch.as_tensor(logits), torch.as_tensor(features), statistics)
+            logits = torch.as_tensor(logits)
+            every = ood.all_scores(logits, torch.as_tensor(features), statistics)
+            served = ood.served_thresholds(block, by_class is not None, logits)
             report["flagged_share_by_method"] = {
-                method: ood.flagged_shares(every[method] > block["thresholds"][method], labels, self.class_names)
+                method: ood.flagged_shares(every[method] > served[method], labels, self.class_names)
                 for method in ood.METHODS
             }
         return report

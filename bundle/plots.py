@@ -166,13 +166,23 @@ def plot_ood_scores(
         [f"{class_names[c]}\nn={int((labels == c).sum())}\n{shares[class_names[c]]:.1%} flagged" for c in present],
         fontsize=8,
     )
+    by_class = report.get("class_thresholds")
     ax.axhline(
         report["threshold"],
         color="tab:red",
         linestyle="--",
-        label=f"threshold ({report['method']}, keeps {report['target_share']:.0%} of validation): "
-        f"{report['flagged_share']['all']:.1%} of these images flagged",
+        label=f"{'one ' if by_class else ''}threshold ({report['method']}, keeps {report['target_share']:.0%} of "
+        f"validation){'' if by_class else ': ' + format(report['flagged_share']['all'], '.1%') + ' of these flagged'}",
     )
+    if by_class:  # an image's threshold is that of its most probable class, drawn over the box of that class
+        ax.hlines(
+            [by_class[class_names[c]] for c in present],
+            [x + 0.6 for x in range(len(present))],
+            [x + 1.4 for x in range(len(present))],
+            color="tab:red",
+            label="class thresholds (an image gets that of its most probable class): "
+            f"{report['flagged_share']['all']:.1%} of these flagged",
+        )
     ax.set(ylabel=f"{report['method']} score (higher: less like training)", title="Out-of-distribution score")
     ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)

@@ -3,19 +3,22 @@
     python scripts/evaluate_ood.py --dataset_dir D --datalist data/datalist.json \
         [--bundle_root .] [--weights models/model.pt] [--folders '{"mine": "path/to/folder"}'] \
         [--sets_dir ood_sets] [--builtin true] [--output eval/ood.json] [--latency_batches 20] \
-        [--refit true]
+        [--refit true] [--thresholds class]
 
 Every image goes through the served path (``bundle.predictor.Predictor``: the bundle's preprocessing,
-inferer and one forward pass) as JPEG bytes or as its file's bytes. For every method of ``bundle.ood`` and
+inferer and one forward pass) as JPEG bytes or as its file's bytes. Each image is judged by its margin, its
+score minus its threshold (with ``thresholds`` "class", inference.json's ``ood_thresholds`` default, the
+threshold of its most probable class; with "global" the one threshold, when the margin ranks as the score
+does), so that the figures are those of the guard as served. For every method of ``bundle.ood`` and
 every set (with ``builtin`` the far and near sets of ``scripts/ood_sets.py``; then the sets of ``sets_dir``, a folder
 ``scripts/ood_sets.py --output_dir`` wrote, e.g. where scikit-image was installed; then the ``folders`` given; each
 replaces a set of the same name before it) it reports, with the out-of-distribution images as positives against
 the test split:
 
-- ``auroc``: the ROC AUC of the score;
-- ``fpr_at_95_tpr``: the share of the set's images scoring at or under the score that keeps 95% of the test
+- ``auroc``: the ROC AUC of the margin;
+- ``fpr_at_95_tpr``: the share of the set's images with a margin at or under the one that keeps 95% of the test
   split (the images a guard tuned on test would still let through);
-- ``flagged``: the share the served guard flags, at its threshold fitted on validation;
+- ``flagged``: the share the served guard flags (a margin above 0), at its thresholds fitted on validation;
 
 ``far_all`` pools every far set (``far_*``). Per method it also reports the share of test images flagged, in
 all and per class. Images serving refuses (too small, unreadable) never reach the guard: they are left out
@@ -97,9 +100,11 @@ def _split(predictor: Predictor, datalist: str, dataset_dir: str, split: str) ->
     return logits, features, torch.tensor([int(item["label"]) for item in items])
 
 
-def _refits(predictor: Predictor, datalist: str, dataset_dir: str, target_share: float) -> dict[str, ood.Guard]:
+def _refits(
+    predictor: Predictor, datalist: str, dataset_dir: str, target_share: float, by_class: bool
+) -> dict[str, ood.Guard]:
     """The Mahalanobis guard fitted with its statistics on each split and each class weighting, named
-    ``<split>/<weighting>``; the thresholds from the validation split."""
+    ``<split>/<weighting>``; the thresholds from the validation split (each class's with ``by_class``)."""
     logits, features, labels = _split(predictor, datalist, dataset_dir, "validation")
     training = _split(predictor, datalist, dataset_dir, "training")
     refits = {}
@@ -108,7 +113,10 @@ def _refits(predictor: Predictor, datalist: str, dataset_dir: str, target_share:
         for weights in ood.CLASS_WEIGHTS:
             fitted = ood.fit(logits, features, labels, target_share, weights, reference)
             statistics = fitted.statistics | ood.whitening(fitted.statistics)
-            guard = ood.Guard("mahalanobis", fitted.thresholds["mahalanobis"], statistics, target_share)
+            class_thresholds = tuple(fitted.class_thresholds["mahalanobis"]) if by_class else None
+            guard = ood.Guard(
+                "mahalanobis", fitted.thresholds["mahalanobis"], statistics, target_share, class_thresholds
+            )
             refits[f"{split}/{weights}"] = guard
     return refits
 
@@ -158,14 +166,15 @@ def _written_sets(sets_dir: str | None) -> dict[str, str]:
     return {name: str(Path(sets_dir) / name) for name in json.loads(listing.read_text())}
 
 
-def _against(test: np.ndarray, shifted: np.ndarray, threshold: float) -> dict:
+def _against(test: np.ndarray, shifted: np.ndarray) -> dict:
+    """A set's margins (score minus threshold) against the test split's."""
     kept = np.quantile(test, 0.95, method="higher")
     positives = np.r_[np.zeros(len(test), bool), np.ones(len(shifted), bool)]
     return {
         "n": int(len(shifted)),
         "auroc": binary_auc(np.r_[test, shifted], positives),
         "fpr_at_95_tpr": float((shifted <= kept).mean()),
-        "flagged": float((shifted > threshold).mean()),
+        "flagged": float((shifted > 0).mean()),
     }
 
 
@@ -182,19 +191,32 @@ def evaluate(
     device: str | None = None,
     latency_batches: int = 20,
     refit: bool | str = False,
+    thresholds: str = ood.THRESHOLDS[0],
 ) -> None:
     builtin = as_bool(builtin, "--builtin")  # fire hands "--builtin false" over as text
     refit = as_bool(refit, "--refit")
+    by_class = ood.check_thresholds(thresholds) == "class"
     predictor = Predictor(bundle_root, weights, device=device)
     block, statistics = ood.load_fit(predictor.weights)
-    thresholds = block["thresholds"]
+    if by_class and not block.get("class_thresholds"):
+        raise ValueError(
+            f"the guard of {predictor.weights} was fitted before class thresholds: refit its calibration "
+            "(configs/calibrate.json) or measure it with --thresholds global"
+        )
+
+    def margins(logits: torch.Tensor, features: torch.Tensor) -> dict[str, np.ndarray]:
+        """Every method's score minus the image's threshold, as served; then each refit's."""
+        scores = ood.all_scores(logits, features, statistics)
+        served = ood.served_thresholds(block, by_class, logits)
+        refitted = {name: guard.scores(None, features) - guard.thresholds(logits) for name, guard in refits.items()}
+        return {method: scores[method] - served[method] for method in ood.METHODS} | refitted
+
     items = load_datalist(datalist, split, dataset_dir)
     labels = np.array([int(item["label"]) for item in items])
     test_images = [Path(item["image"]).read_bytes() for item in items]
     test_logits, test_features, _ = _forward(predictor, test_images, split)
-    test = ood.all_scores(test_logits, test_features, statistics)
-    refits = _refits(predictor, datalist, dataset_dir, block["target_share"]) if refit else {}
-    refit_test = {fit_name: guard.scores(None, test_features) for fit_name, guard in refits.items()}
+    refits = _refits(predictor, datalist, dataset_dir, block["target_share"], by_class) if refit else {}
+    test = margins(test_logits, test_features)
 
     sets: dict[str, list[bytes]] = {}
     if builtin:
@@ -206,14 +228,15 @@ def evaluate(
         "weights": str(predictor.weights),
         "image_size": predictor.image_size,
         "served_method": predictor.guard.method if predictor.guard else None,
-        "thresholds": thresholds,
+        "thresholds_kind": thresholds,
+        "thresholds": block["thresholds"],
+        "class_thresholds": block.get("class_thresholds") if by_class else None,
         "target_share": block["target_share"],
         "in_distribution": {
             "split": split,
             "n": len(items),
             "flagged_share": {
-                method: ood.flagged_shares(test[method] > thresholds[method], labels, list(CLASS_NAMES))
-                for method in ood.METHODS
+                method: ood.flagged_shares(test[method] > 0, labels, list(CLASS_NAMES)) for method in ood.METHODS
             },
         },
         "sets": {},
@@ -223,37 +246,30 @@ def evaluate(
         results["refits"] = {
             fit_name: {
                 "threshold": guard.threshold,
-                "in_distribution": ood.flagged_shares(
-                    refit_test[fit_name] > guard.threshold, labels, list(CLASS_NAMES)
-                ),
+                "class_thresholds": guard.class_thresholds,
+                "in_distribution": ood.flagged_shares(test[fit_name] > 0, labels, list(CLASS_NAMES)),
                 "sets": {},
             }
             for fit_name, guard in refits.items()
         }
-    # the scores of each set's images: per method, then per refitted class weighting
+    # the margins of each set's images: per method, then per refit
     far: dict[str, list[np.ndarray]] = {key: [] for key in (*ood.METHODS, *refits)}
     for name, images in sets.items():
         logits, features, refused = _forward(predictor, images, name)
-        shifted = ood.all_scores(logits, features, statistics)
+        shifted = margins(logits, features)
         if refused:
             results["refused"][name] = refused
-        results["sets"][name] = {
-            method: _against(test[method], shifted[method], thresholds[method]) for method in ood.METHODS
-        }
-        for fit_name, guard in refits.items():
-            shifted[fit_name] = guard.scores(None, features)
-            results["refits"][fit_name]["sets"][name] = _against(
-                refit_test[fit_name], shifted[fit_name], guard.threshold
-            )
+        results["sets"][name] = {method: _against(test[method], shifted[method]) for method in ood.METHODS}
+        for fit_name in refits:
+            results["refits"][fit_name]["sets"][name] = _against(test[fit_name], shifted[fit_name])
         for key in far if name.startswith("far_") else ():
             far[key].append(shifted[key])
     if far[ood.METHODS[0]]:  # the issue's goal is on the far sets together
         results["sets"]["far_all"] = {
-            method: _against(test[method], np.concatenate(far[method]), thresholds[method]) for method in ood.METHODS
+            method: _against(test[method], np.concatenate(far[method])) for method in ood.METHODS
         }
-        for fit_name, guard in refits.items():
-            pooled = _against(refit_test[fit_name], np.concatenate(far[fit_name]), guard.threshold)
-            results["refits"][fit_name]["sets"]["far_all"] = pooled
+        for fit_name in refits:
+            results["refits"][fit_name]["sets"]["far_all"] = _against(test[fit_name], np.concatenate(far[fit_name]))
     if latency_batches and predictor.guard is not None:
         results["latency"] = _guard_cost(predictor, test_images, latency_batches)
     print(_markdown(results))
@@ -289,10 +305,11 @@ def _markdown(results: dict) -> str:
             cells.append(f"{auroc} / {r['fpr_at_95_tpr']:.3f} / {r['flagged']:.3f}")
         lines.append(f"| {name} | {next(iter(by_method.values()))['n']} | " + " | ".join(cells) + " |")
     flagged = results["in_distribution"]["flagged_share"]
+    kind = "each image its most probable class's" if results["thresholds_kind"] == "class" else "one for all"
     lines += [
         "",
         f"In-distribution ({results['in_distribution']['split']}, n={results['in_distribution']['n']}) flagged "
-        "at the validation threshold:",
+        f"at the validation thresholds ({kind}):",
         "",
         "| method | all | class mean | " + " | ".join(CLASS_NAMES) + " |",
         "|---|---|---|" + "---|" * len(CLASS_NAMES),

@@ -40,6 +40,7 @@ import fire
 
 from bundle import ood
 from bundle.atomic import atomic_write
+from bundle.labels import CLASS_NAMES
 from bundle.predictor import INFERENCE_CONFIG, bundle_files
 from bundle.sidecar import read_sidecar
 from handler.shipped import PACKAGE, config_modules, import_closure
@@ -131,9 +132,17 @@ def released_weights_section(sidecar: dict, models: dict[str, Path]) -> str:
     if guard:
         thresholds = ", ".join(f"{method} {value:.4g}" for method, value in guard["thresholds"].items())
         statistics = ood.statistics_split(guard)
+        by_class = (guard.get("class_thresholds") or {}).get("mahalanobis")
+        raised = (
+            ""
+            if by_class is None
+            else "; each class's own, served by default (the image's most probable class), passes that share of "
+            "the validation images called that class: mahalanobis "
+            + ", ".join(f"{name} {value:.4g}" for name, value in zip(CLASS_NAMES, by_class, strict=True))
+        )
         lines.append(
             f"- **Out-of-distribution guard**: statistics fitted on the {statistics} split, thresholds on the "
-            f"validation split to pass {guard['target_share']:.0%} of it: {thresholds} (statistics in "
+            f"validation split to pass {guard['target_share']:.0%} of it: {thresholds}{raised} (statistics in "
             f"models/{guard['file']})."
         )
     lines.append(f"- **Files:** {', '.join(f'models/{name}' for name in models)} (sha256 in large_files.yml).")

@@ -107,6 +107,60 @@ def test_statistics_from_the_training_split_come_from_it_alone_and_thresholds_fr
         ood.check_statistics("test")
 
 
+def test_each_class_threshold_keeps_its_share_of_the_images_called_that_class_and_is_never_below_the_one():
+    """A class whose images score higher (a rare class that varies more) gets a threshold of its own that keeps
+    95% of the validation images the network calls it; a class that scores lower keeps the one threshold (so no
+    class is flagged more than before), and a class called too few images too."""
+    rng = np.random.default_rng(0)
+    predicted = np.repeat([0, 1, 2], [400, 60, ood.CLASS_THRESHOLD_MIN_IMAGES - 1])
+    scores = np.r_[rng.normal(0, 1, 400), rng.normal(3, 1, 60), rng.normal(9, 1, ood.CLASS_THRESHOLD_MIN_IMAGES - 1)]
+    threshold = ood.threshold_for(scores, 0.95)
+    low = ood.class_thresholds_for(-scores, predicted, ood.threshold_for(-scores, 0.95), 0.95, 4)
+    by_class = ood.class_thresholds_for(scores, predicted, threshold, 0.95, 4)
+    assert by_class[1] == ood.threshold_for(scores[predicted == 1], 0.95) > threshold
+    assert (scores[predicted == 1] <= by_class[1]).mean() >= 0.95 > (scores[predicted == 1] <= threshold).mean()
+    assert by_class[0] == threshold and by_class[3] == threshold, "lower-scoring and absent classes keep the one"
+    assert by_class[2] == threshold, "a class called fewer than CLASS_THRESHOLD_MIN_IMAGES keeps the one"
+    assert low[0] >= ood.threshold_for(-scores, 0.95)
+
+
+def test_the_fit_stores_class_thresholds_and_each_image_is_judged_by_its_most_probable_class(tmp_path):
+    """The fit's class thresholds go to the sidecar beside the one threshold; the served guard judges an image by
+    the threshold of the class its logits make most probable ("class", the default), or by the one ("global").
+    A fit from before class thresholds serves the one."""
+    features, labels, logits = _clusters(700, seed=0)
+    features[labels == 6] *= 1.5  # one class spreads further: its own threshold rises above the one
+    fitted = ood.fit(logits, features, labels)
+    for method in ood.METHODS:
+        assert len(fitted.class_thresholds[method]) == CLASSES
+        assert min(fitted.class_thresholds[method]) == fitted.thresholds[method]
+    assert fitted.class_thresholds["mahalanobis"][6] > fitted.thresholds["mahalanobis"]
+    by_class = fitted.record["validation_flagged_share_class_thresholds"]["mahalanobis"]
+    assert by_class["all"] <= fitted.record["validation_flagged_share"]["mahalanobis"]["all"]
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights")
+    record = {"image_size": [32, 32], FINGERPRINT: "sha256:" + "1" * 64}
+    write_sidecar(weights, {**record, "ood": ood.store(weights, fitted, record[FINGERPRINT])})
+    served = ood.Guard.from_sidecar(weights, "mahalanobis")
+    assert served.class_thresholds == tuple(fitted.class_thresholds["mahalanobis"])
+    assert ood.Guard.from_sidecar(weights, "mahalanobis", "global").class_thresholds is None
+    # two images with the same score, one called class 6 and one class 0: only the second is flagged
+    called = torch.zeros(2, CLASSES)
+    called[0, 6] = called[1, 0] = 1.0
+    between = (fitted.thresholds["mahalanobis"] + fitted.class_thresholds["mahalanobis"][6]) / 2
+    results = [ood.OODResult(between, t, "mahalanobis", by_class=True) for t in served.thresholds(called)]
+    assert [result.flagged for result in results] == [False, True]
+    assert "most probable class" in results[1].reason
+    with pytest.raises(ValueError, match="ood_thresholds"):
+        ood.Guard.from_sidecar(weights, "mahalanobis", "per_class")
+
+    block = read_sidecar(weights)["ood"]
+    del block["class_thresholds"]
+    write_sidecar(weights, {**record, "ood": block})
+    assert ood.Guard.from_sidecar(weights, "mahalanobis").class_thresholds is None
+
+
 def test_evaluation_names_the_classes_the_guard_flags_far_more_than_its_target():
     labels = np.array([0] * 100 + [1] * 20 + [2] * 5)
     flagged = np.zeros(len(labels), bool)
@@ -182,6 +236,10 @@ def test_a_flagged_image_gets_no_diagnosis_in_the_same_batch_as_a_lesion(guarded
     answer = flagged.to_json()
     assert set(answer) == FLAGGED_FIELDS and answer["class"] is None and answer["out_of_distribution"] is True
     assert answer["ood_score"] > answer["ood_threshold"] and "not answered" in answer["reason"]
+    # each answer's threshold is that of its most probable class (inference.json's ood_thresholds "class")
+    guard = ood.Guard.from_sidecar(guarded / "models" / "model.pt", "mahalanobis")
+    served = answered.to_json()
+    assert served["ood_threshold"] == guard.class_thresholds[CLASS_NAMES.index(served["most_probable_class"])]
     # for research use, the probabilities can still come with the flag
     parser_key = Predictor(guarded, device="cpu")
     parser_key.ood_probabilities = True

@@ -130,6 +130,8 @@ def test_the_model_card_describes_the_released_weights(downloaded):
     assert f"{METADATA['name']} (bundle `{downloaded.name}`, version {METADATA['version']})" in card
     assert "Trained at 32x32 pixels" in card.replace("**", "")
     assert sidecar["ood"]["file"] in card and "## Model card" in card and METADATA["data_license"] in card
+    vasc = sidecar["ood"]["class_thresholds"]["mahalanobis"][-1]
+    assert f"vasc {vasc:.4g}" in card, "each class's served threshold"
 
 
 def test_the_bundle_imports_its_own_code_and_nothing_of_the_repository(downloaded, clean_python):
