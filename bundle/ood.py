@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from bundle.atomic import atomic_write
+from bundle.labels import CLASS_NAMES
 from bundle.sidecar import FINGERPRINT, SidecarError, read_sidecar, sidecar_path
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ FOLDS = 5
 GUARD_GLOB = "*.ood-*.pt"
 # how an image's threshold is chosen (config key ``ood_thresholds``): that of its most probable class, or one for all
 THRESHOLDS = ("class", "global")
-# a class the network calls fewer validation images than this keeps the one threshold: a quantile of fewer is noise
-CLASS_THRESHOLD_MIN_IMAGES = 10
+# a class the network calls fewer validation images than this keeps the one threshold: the 95% quantile of fewer
+# than 20 scores is their maximum, which one odd image would set
+CLASS_THRESHOLD_MIN_IMAGES = 20
 
 
 def check_method(method: str) -> str:
@@ -470,8 +472,8 @@ class OODResult:
     @property
     def reason(self) -> str:
         kept = (
-            f"the threshold of its most probable class, which at least {self.target_share:.0%} of the validation "
-            "lesion images the model calls that class stay under"
+            "the threshold for the class it finds most probable, never below the one that "
+            f"{self.target_share:.0%} of the validation lesion images stay under"
             if self.by_class
             else f"which {self.target_share:.0%} of the validation lesion images stay under"
         )
@@ -544,7 +546,9 @@ class Guard:
             path, digest = guard_path(weights, block["file"]), block["sha256"]
             by_class = (block.get("class_thresholds") or {}).get(method) if thresholds == "class" else None
             by_class = None if by_class is None else tuple(float(t) for t in by_class)
-        except (KeyError, TypeError, ValueError) as error:
+            if by_class is not None and len(by_class) != len(CLASS_NAMES):
+                raise ValueError(f"{len(by_class)} class thresholds for {len(CLASS_NAMES)} classes")
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise SidecarError(
                 f"{sidecar_path(weights)}: 'ood' must hold 'file', 'sha256', 'target_share' and 'thresholds' with "
                 f"the method {method!r} (and 'class_thresholds' a list per method, where present): "

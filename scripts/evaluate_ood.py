@@ -7,9 +7,9 @@
 
 Every image goes through the served path (``bundle.predictor.Predictor``: the bundle's preprocessing,
 inferer and one forward pass) as JPEG bytes or as its file's bytes. Each image is judged by its margin, its
-score minus its threshold (with ``thresholds`` "class", inference.json's ``ood_thresholds`` default, the
-threshold of its most probable class; with "global" the one threshold, when the margin ranks as the score
-does), so that the figures are those of the guard as served. For every method of ``bundle.ood`` and
+score minus its threshold (with ``thresholds`` "class" the threshold of its most probable class; with "global"
+the one threshold, when the margin ranks as the score does; by default as the bundle's inference.json serves
+them), so that the figures are those of the guard as served. For every method of ``bundle.ood`` and
 every set (with ``builtin`` the far and near sets of ``scripts/ood_sets.py``; then the sets of ``sets_dir``, a folder
 ``scripts/ood_sets.py --output_dir`` wrote, e.g. where scikit-image was installed; then the ``folders`` given; each
 replaces a set of the same name before it) it reports, with the out-of-distribution images as positives against
@@ -191,12 +191,15 @@ def evaluate(
     device: str | None = None,
     latency_batches: int = 20,
     refit: bool | str = False,
-    thresholds: str = ood.THRESHOLDS[0],
+    thresholds: str | None = None,
 ) -> None:
     builtin = as_bool(builtin, "--builtin")  # fire hands "--builtin false" over as text
     refit = as_bool(refit, "--refit")
-    by_class = ood.check_thresholds(thresholds) == "class"
     predictor = Predictor(bundle_root, weights, device=device)
+    if thresholds is None:  # as the bundle serves them (inference.json's ood_thresholds)
+        served = predictor.guard is None or predictor.guard.class_thresholds is not None
+        thresholds = ood.THRESHOLDS[0] if served else "global"
+    by_class = ood.check_thresholds(thresholds) == "class"
     block, statistics = ood.load_fit(predictor.weights)
     if by_class and not block.get("class_thresholds"):
         raise ValueError(

@@ -136,8 +136,8 @@ def released_weights_section(sidecar: dict, models: dict[str, Path]) -> str:
         raised = (
             ""
             if by_class is None
-            else "; each class's own, served by default (the image's most probable class), passes that share of "
-            "the validation images called that class: mahalanobis "
+            else "; each class's own (an image gets its most probable class's with inference.json's "
+            "`ood_thresholds` 'class', the default), raised where that class's validation images need it: mahalanobis "
             + ", ".join(f"{name} {value:.4g}" for name, value in zip(CLASS_NAMES, by_class, strict=True))
         )
         lines.append(

@@ -151,11 +151,15 @@ def test_the_fit_stores_class_thresholds_and_each_image_is_judged_by_its_most_pr
     between = (fitted.thresholds["mahalanobis"] + fitted.class_thresholds["mahalanobis"][6]) / 2
     results = [ood.OODResult(between, t, "mahalanobis", by_class=True) for t in served.thresholds(called)]
     assert [result.flagged for result in results] == [False, True]
-    assert "most probable class" in results[1].reason
+    assert "the class it finds most probable" in results[1].reason
     with pytest.raises(ValueError, match="ood_thresholds"):
         ood.Guard.from_sidecar(weights, "mahalanobis", "per_class")
 
     block = read_sidecar(weights)["ood"]
+    block["class_thresholds"]["mahalanobis"] = block["class_thresholds"]["mahalanobis"][:-1]
+    write_sidecar(weights, {**record, "ood": block})
+    with pytest.raises(SidecarError, match="6 class thresholds for 7 classes"):
+        ood.Guard.from_sidecar(weights, "mahalanobis")
     del block["class_thresholds"]
     write_sidecar(weights, {**record, "ood": block})
     assert ood.Guard.from_sidecar(weights, "mahalanobis").class_thresholds is None
