@@ -349,7 +349,9 @@ def fit(
     }
     flagged_by_class = {
         method: _flagged_shares(
-            scores.numpy() > image_thresholds(0.0, by_class[method], logits), labels.numpy(), num_classes
+            scores.numpy() > image_thresholds(thresholds[method], by_class[method], logits),
+            labels.numpy(),
+            num_classes,
         )
         for method, scores in held_out.items()
     }

@@ -167,12 +167,10 @@ def plot_ood_scores(
         fontsize=8,
     )
     by_class = report.get("class_thresholds")
+    one = f"threshold ({report['method']}, keeps {report['target_share']:.0%} of validation)"
+    flagged = f"{report['flagged_share']['all']:.1%} of these flagged"
     ax.axhline(
-        report["threshold"],
-        color="tab:red",
-        linestyle="--",
-        label=f"{'one ' if by_class else ''}threshold ({report['method']}, keeps {report['target_share']:.0%} of "
-        f"validation){'' if by_class else ': ' + format(report['flagged_share']['all'], '.1%') + ' of these flagged'}",
+        report["threshold"], color="tab:red", linestyle="--", label=f"one {one}" if by_class else f"{one}: {flagged}"
     )
     if by_class:  # an image's threshold is that of its most probable class, drawn over the box of that class
         ax.hlines(
@@ -180,8 +178,7 @@ def plot_ood_scores(
             [x + 0.6 for x in range(len(present))],
             [x + 1.4 for x in range(len(present))],
             color="tab:red",
-            label="class thresholds (an image gets that of its most probable class): "
-            f"{report['flagged_share']['all']:.1%} of these flagged",
+            label=f"class thresholds (an image gets that of its most probable class): {flagged}",
         )
     ax.set(ylabel=f"{report['method']} score (higher: less like training)", title="Out-of-distribution score")
     ax.legend(loc="upper left", fontsize=8)

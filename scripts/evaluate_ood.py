@@ -206,6 +206,7 @@ def evaluate(
             f"the guard of {predictor.weights} was fitted before class thresholds: refit its calibration "
             "(configs/calibrate.json) or measure it with --thresholds global"
         )
+    refits = _refits(predictor, datalist, dataset_dir, block["target_share"], by_class) if refit else {}
 
     def margins(logits: torch.Tensor, features: torch.Tensor) -> dict[str, np.ndarray]:
         """Every method's score minus the image's threshold, as served; then each refit's."""
@@ -218,7 +219,6 @@ def evaluate(
     labels = np.array([int(item["label"]) for item in items])
     test_images = [Path(item["image"]).read_bytes() for item in items]
     test_logits, test_features, _ = _forward(predictor, test_images, split)
-    refits = _refits(predictor, datalist, dataset_dir, block["target_share"], by_class) if refit else {}
     test = margins(test_logits, test_features)
 
     sets: dict[str, list[bytes]] = {}
