@@ -397,9 +397,14 @@ def _run_torchserve(command: list[str], run_dir: Path, env: dict) -> None:
 
 
 def _environment(run_dir: Path) -> dict:
-    """Logs and temporary files (and so TorchServe's pid file) inside the run folder."""
+    """Logs and temporary files (and so TorchServe's pid file) inside the run folder, and a PYTHONPATH without
+    the folder this control was imported from (/opt/program in the container): TorchServe's workers inherit it,
+    and a ``bundle`` there would shadow the one the archive ships with its handler."""
+    own_root = Path(__file__).resolve().parents[1]
+    inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     return dict(
         os.environ,
+        PYTHONPATH=os.pathsep.join(path for path in inherited if path and Path(path).resolve() != own_root),
         LOG_LOCATION=str(run_dir / "logs"),
         METRICS_LOCATION=str(run_dir / "logs"),
         TMPDIR=str(run_dir / "tmp"),

@@ -1,7 +1,14 @@
 """The bring-your-own container (docker/), without Docker: its Dockerfile's COPY lines laid out under a
 temporary root, then its `serve` command run as SageMaker runs it, answering /ping and /invocations from
-the real TorchServe on loopback. Skipped without Java or TorchServe, except under CI=true."""
+the real TorchServe on loopback. Skipped without Java or TorchServe, except under CI=true.
 
+The commands run in the image's Python environment as far as this machine can give it: this venv's
+packages less every distribution docker/requirements.txt does not install, and less the checkout's own
+packages, which the venv installs (editable) and the image does not (``image_python_env``). Without that,
+an import the image lacks passes every run here.
+"""
+
+import importlib.metadata
 import os
 import re
 import shutil
@@ -9,9 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
+from pathlib import Path
 
 import pytest
 import requests
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from bundle.synthetic import generate
 from tests.bundle_runs import REPO
@@ -28,10 +39,87 @@ def image_root(root, mar):
     for source, target in copies:
         origin = mar if source == "dist/skin_lesion.mar" else REPO / source
         assert origin.is_file(), f"docker/Dockerfile copies {source}, which does not exist"
+        assert not left_out_of_the_context(source), f"docker/Dockerfile copies {source}, which .dockerignore leaves out"
         destination = root / target.lstrip("/")
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(origin, destination)
     return root
+
+
+def left_out_of_the_context(source: str) -> bool:
+    """Whether .dockerignore's patterns (no negations) match ``source`` or a folder above it."""
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    parts = Path(source).parts
+    return any(
+        fnmatch("/".join(parts[:depth]), pattern)
+        or (pattern.startswith("**/") and fnmatch(parts[depth - 1], pattern.removeprefix("**/")))
+        for pattern in patterns
+        if pattern and not pattern.startswith("#")
+        for depth in range(1, len(parts) + 1)
+    )
+
+
+def installed_by(requirements: Path) -> set[str]:
+    """The distributions ``pip install -r requirements`` installs: its lines and, transitively, what they
+    require (extras and environment markers honoured, read from this venv's metadata)."""
+    lines = (line.split("#")[0].strip() for line in requirements.read_text().splitlines())
+    todo, seen, names = [Requirement(line) for line in lines if line], set(), set()
+    while todo:
+        requirement = todo.pop()
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        names.add(key[0])
+        try:
+            requires = importlib.metadata.distribution(requirement.name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here either, so nothing here can import it
+        for line in requires:
+            needed = Requirement(line)
+            extras = requirement.extras or {""}
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
+                todo.append(needed)
+    return names
+
+
+# imported at the start of every Python process given ``image_python_env``'s PYTHONPATH
+IMAGE_SITECUSTOMIZE = """\
+import importlib.abc
+import sys
+
+NOT_IN_THE_IMAGE = frozenset({absent})
+
+
+class NotInTheImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in NOT_IN_THE_IMAGE:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not installed in the image)", name=name)
+        return None
+
+
+# the checkout's editable install, which the image does not have: its packages come from the image's files
+editable = [f for f in sys.meta_path if getattr(f, "__module__", "").startswith("__editable__")]
+sys.meta_path[:] = [NotInTheImage()] + [f for f in sys.meta_path if f not in editable]
+"""
+
+
+def image_python_env(directory: Path) -> dict:
+    """Environment variables that give a Python process (and TorchServe's workers, which inherit them) the
+    image's packages only: a ``sitecustomize`` that makes every top-level module of a distribution
+    docker/requirements.txt does not install, and the checkout's editable packages, unimportable."""
+    distributions_of = importlib.metadata.packages_distributions()
+    installed = installed_by(REPO / "docker" / "requirements.txt")
+    checkout = {canonicalize_name(name) for name in distributions_of["bundle"]}  # hidden by the sitecustomize
+    absent = {
+        module
+        for module, distributions in distributions_of.items()
+        if module not in sys.stdlib_module_names
+        and not any(canonicalize_name(name) in installed | checkout for name in distributions)
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(IMAGE_SITECUSTOMIZE.format(absent=sorted(absent)))
+    return {"PYTHONPATH": str(directory)}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +136,7 @@ def serve_env(root, model_dir, run_dir, python=sys.executable) -> dict:
         SM_MODEL_DIR=str(model_dir),
         SERVE_RUN_DIR=str(run_dir),
         PYTHON=python,
+        **image_python_env(run_dir.parent / "image_python"),
     )
     env.pop("SKIN_LESION_MAR", None)
     return env

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from handler import MODEL_NAME, control
 from tests.bundle_runs import REPO
 from tests.serving import JPEG, SERVED_FIELDS, bundle_with_random_weights
-from tests.test_byoc import image_root
+from tests.test_byoc import image_python_env, image_root
 from tests.test_kserve_v2 import KSERVE_MOUNT, kserve_sdk
 from tests.test_serve_security import _listening
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
@@ -225,6 +225,7 @@ def test_the_deployments_command_serves_without_a_key_and_stops_on_sigterm(mar, 
     command += ["--grpc_management_port", grpc_management]
     env = {variable["name"]: on_this_machine(variable["value"]) for variable in container["env"]}
     env |= {"HOME": str(tmp_path), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    env["PYTHONPATH"] += ":" + image_python_env(tmp_path / "image_python")["PYTHONPATH"]  # the image's packages only
     front = container["command"][container["command"].index("--authenticated_by") + 1]
     process = subprocess.Popen(
         [str(argument) for argument in command],
