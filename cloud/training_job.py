@@ -27,17 +27,10 @@ TRAIN = "configs/train.json"
 TRAIN_DDP = "['configs/train.json','configs/multi_gpu_train.json']"
 EVALUATE = "['configs/train.json','configs/evaluate.json']"
 # What evaluation and training leave that belongs in SM_OUTPUT_DATA_DIR (SageMaker uploads it as output.tar.gz):
-# under the work folder, and under the checkpoint folder.
-OUTPUTS = (
-    "eval/metrics.json",
-    "eval/predictions.csv",
-    "eval/roc_curves.png",
-    "eval/confusion_matrix.png",
-    "eval/reliability.png",
-    "eval/malignant_roc.png",
-    "eval/training_curves.png",
-    "datalist.json",
-)
+# every file of the evaluation's output folder (metrics, predictions, plots), the datalist, and from the
+# checkpoint folder the history and the sidecar.
+EVAL_DIR = "eval"
+OUTPUTS = ("datalist.json",)
 CHECKPOINT_OUTPUTS = ("history.json", "model.json")
 # How much of a failed bundle run's stderr is kept to find its cause (a MONAI traceback runs to ~8 kB).
 STDERR_TAIL = 256 * 1024
@@ -238,7 +231,8 @@ def write_results(work_dir: Path, ckpt_dir: Path, container: Container) -> None:
 
     write_directory(model_files(REPO, ckpt_dir / "model.pt"), container.model_dir)
     container.output_data_dir.mkdir(parents=True, exist_ok=True)
-    found = [work_dir / name for name in OUTPUTS] + [ckpt_dir / name for name in CHECKPOINT_OUTPUTS]
+    evaluated = sorted((work_dir / EVAL_DIR).glob("*"))
+    found = evaluated + [work_dir / name for name in OUTPUTS] + [ckpt_dir / name for name in CHECKPOINT_OUTPUTS]
     for path in found:
         if path.is_file():
             shutil.copyfile(path, container.output_data_dir / path.name)

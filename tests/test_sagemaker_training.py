@@ -222,7 +222,8 @@ def test_one_host_job_runs_through_the_sdk_torchrun_driver_and_leaves_a_complete
     opt_ml, output = one_host_container
     assert "torchrun --nnodes=1 --nproc_per_node=1" in output and "sagemaker_entry.py --epochs 1" in output
     assert_complete_model_dir(opt_ml / "model")
-    for name in ("metrics.json", "roc_curves.png", "confusion_matrix.png", "training_curves.png", "history.json"):
+    plots = ("roc_curves.png", "confusion_matrix.png", "reliability.png", "training_curves.png", "ood_scores.png")
+    for name in ("metrics.json", "predictions.csv", *plots, "history.json"):
         assert (opt_ml / "output" / "data" / name).is_file(), name
     assert "auc_macro" in json.loads((opt_ml / "output" / "data" / "metrics.json").read_text())
 
