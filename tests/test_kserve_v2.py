@@ -35,6 +35,7 @@ from tests.serving import (
     store_guard,
     store_triage_calibration,
 )
+from tests.test_byoc import image_python_env
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
 
 INFERENCE_SERVICE = REPO / "deploy" / "kubernetes" / "kserve" / "inferenceservice.yaml"
@@ -114,6 +115,7 @@ def server(store, tmp_path_factory):
         "TS_MANAGEMENT_ADDRESS": f"unix:{socket}",
         "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
         "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
+        **image_python_env(run_dir / "image_python"),  # the image's packages only, as in the cluster
     }
     with open(run_dir / "torchserve.out", "wb") as out:
         process = subprocess.Popen(command, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
