@@ -109,8 +109,14 @@ def start_server(
     if authenticated_by is not None and not str(authenticated_by).strip():
         raise ServeError("--authenticated_by needs the name of the front that authenticates every request")
     keyless = sagemaker or authenticated_by is not None
-    if not mar.is_file():
-        raise ServeError(f"model archive {mar} not found: build it with scripts/package_mar.py")
+    # a SageMaker model directory (package_sagemaker.py's layout, what a training job writes) is served in place,
+    # as AWS's toolkit serves it: its handler and bundle modules are under code/
+    model_directory = (mar / "MAR-INF" / "MANIFEST.json").is_file()
+    if not (mar.is_file() or model_directory):
+        raise ServeError(
+            f"model archive {mar} not found: build it with scripts/package_mar.py (or give a model directory "
+            "laid out by scripts/package_sagemaker.py)"
+        )
     torchserve = _torchserve_executable()
     if _server_pid(run_dir) is not None:
         raise ServeError(f"a TorchServe from {run_dir} is already running: scripts/serve.py stop --run_dir {run_dir}")
@@ -131,6 +137,8 @@ def start_server(
     }
     if metrics_port is not None:
         env |= {"TS_ENABLE_METRICS_API": "true", "TS_METRICS_ADDRESS": f"http://{metrics_host}:{metrics_port}"}
+    if model_directory:
+        env["PYTHONPATH"] = os.pathsep.join(path for path in (str(mar / "code"), env["PYTHONPATH"]) if path)
     if token_expiration_min is not None:
         env["TS_TOKEN_EXPIRATION_TIME_MIN"] = str(
             token_expiration_min

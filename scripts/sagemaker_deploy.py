@@ -13,7 +13,8 @@
 ``dist/model.tar.gz`` from ``scripts/package_sagemaker.py`` (uploaded to ``--bucket`` first). Without
 ``--image`` it runs on AWS's PyTorch inference container (``code/inference.py`` in the archive); with
 ``--image`` on that image instead, e.g. the bring-your-own container built from ``docker/Dockerfile``
-(which serves the ``.mar`` baked into it, or one found in the archive). ``--autoscale MIN,MAX`` registers
+(which serves the archive's model: a ``.mar`` in it, or the archive itself in place; the ``.mar`` baked into the
+image only for a model without an archive). ``--autoscale MIN,MAX`` registers
 the endpoint's variant with Application Auto Scaling and tracks ``--invocations_per_instance``
 (SageMakerVariantInvocationsPerInstance); it waits for the endpoint, as registering needs it in service.
 ``transform`` sends each object under ``--input`` (one image each) to the model and writes one JSON

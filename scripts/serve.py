@@ -41,6 +41,9 @@ def start(
 ) -> None:
     """Start TorchServe with the archive ``mar``, wait until the model answers, print the URLs.
 
+    ``mar``: a ``.mar`` (scripts/package_mar.py), or a model directory as scripts/package_sagemaker.py lays it out
+    (a training job's model, an extracted model.tar.gz), served in place.
+
     Every port must be free, the gRPC ones too (TorchServe always opens them, on loopback).
     ``foreground`` then blocks until the server ends (a container's main process); SIGTERM stops it.
     ``metrics_port``: serve TorchServe's metrics API there (off by default), on ``metrics_host`` (loopback;

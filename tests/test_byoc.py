@@ -8,6 +8,7 @@ packages, which the venv installs (editable) and the image does not (``image_pyt
 an import the image lacks passes every run here.
 """
 
+import contextlib
 import importlib.metadata
 import os
 import re
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -24,9 +26,10 @@ import requests
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from bundle.predictor import Predictor
 from bundle.synthetic import generate
 from tests.bundle_runs import REPO
-from tests.serving import JPEG, SERVED_FIELDS, bundle_with_random_weights
+from tests.serving import JPEG, SERVED_FIELDS, bundle_with_random_weights, sagemaker_model_dir
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
 
 COPY = re.compile(r"^COPY\s+(?P<source>\S+)\s+(?P<target>/\S+)\s*$", re.MULTILINE)
@@ -157,54 +160,109 @@ def test_without_a_mar_in_the_model_archive_the_baked_in_one_is_served(mar, tmp_
     assert f"start --sagemaker --foreground --mar {baked} --run_dir {tmp_path / 'run'}" in result.stdout
 
 
+@contextlib.contextmanager
+def running_container(root: Path, model_dir: Path, work: Path):
+    """The image's ``serve`` command run as SageMaker runs it, with ``model_dir`` as /opt/ml/model; yields the
+    inference URL once the model answers, then stops it with SIGTERM (a container's end) and checks it exited 0
+    and stopped listening."""
+    inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
+    log_path = work / "container.log"
+    with log_path.open("w") as log:
+        container = subprocess.Popen(
+            [
+                str(root / "usr" / "local" / "bin" / "serve"),
+                "serve",
+                "--inference_port",
+                str(inference),
+                "--management_port",
+                str(management),
+                "--metrics_port",
+                str(metrics),
+                "--grpc_inference_port",
+                str(grpc_inference),
+                "--grpc_management_port",
+                str(grpc_management),
+                "--timeout_s",
+                "240",
+            ],
+            env=serve_env(root, model_dir, work / "run"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    url = f"http://127.0.0.1:{inference}"
+    try:
+        deadline = time.monotonic() + 240
+        while "serving skin_lesion" not in log_path.read_text():
+            assert container.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the container did not become ready"
+            time.sleep(0.5)
+        yield url
+    finally:
+        container.send_signal(signal.SIGTERM)
+        code = container.wait(timeout=120)
+    assert code == 0, log_path.read_text()[-4000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/ping", timeout=5)
+
+
+def _lesion_image(work: Path) -> bytes:
+    images = generate(work / "data", n_images=42, image_size=(64, 48), seed=2) / "images"
+    return sorted(images.glob("*.jpg"))[0].read_bytes()
+
+
 def test_the_container_command_serves_ping_and_invocations_and_stops_on_sigterm(mar, tmp_path):
     root = image_root(tmp_path / "image", mar)
     model_dir = tmp_path / "opt_ml_model"
     model_dir.mkdir()
     shutil.copy(mar, model_dir / "skin_lesion.mar")  # as extracted from the endpoint's model.tar.gz
-    inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
-    log = (tmp_path / "container.log").open("w")
-    container = subprocess.Popen(
-        [
-            str(root / "usr" / "local" / "bin" / "serve"),
-            "serve",
-            "--inference_port",
-            str(inference),
-            "--management_port",
-            str(management),
-            "--metrics_port",
-            str(metrics),
-            "--grpc_inference_port",
-            str(grpc_inference),
-            "--grpc_management_port",
-            str(grpc_management),
-            "--timeout_s",
-            "240",
-        ],
-        env=serve_env(root, model_dir, tmp_path / "run"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{inference}"
-    try:
-        deadline = time.monotonic() + 240
-        while "serving skin_lesion" not in (tmp_path / "container.log").read_text():
-            assert container.poll() is None, (tmp_path / "container.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the container did not become ready"
-            time.sleep(0.5)
+    with running_container(root, model_dir, tmp_path) as url:
         assert f"serving {model_dir / 'skin_lesion.mar'}" in (tmp_path / "container.log").read_text()
         assert requests.get(f"{url}/ping", timeout=30).status_code == 200
-        images = generate(tmp_path / "data", n_images=42, image_size=(64, 48), seed=2) / "images"
-        image = sorted(images.glob("*.jpg"))[0]
         response = requests.post(
-            f"{url}/invocations", data=image.read_bytes(), headers={"Content-Type": JPEG}, timeout=120
+            f"{url}/invocations", data=_lesion_image(tmp_path), headers={"Content-Type": JPEG}, timeout=120
         )
         assert response.status_code == 200, response.text
         assert set(response.json()) == SERVED_FIELDS
-    finally:
-        container.send_signal(signal.SIGTERM)
-        code = container.wait(timeout=120)
-    assert code == 0, (tmp_path / "container.log").read_text()[-4000:]
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"{url}/ping", timeout=5)
+
+
+def test_a_sagemaker_model_directory_is_served_in_place_not_the_model_baked_into_the_image(mar, tmp_path):
+    """What `sagemaker_deploy.py deploy --model <a training job's model.tar.gz> --image <this image>` runs:
+    /opt/ml/model holds package_sagemaker.py's layout, no .mar, and its own weights must answer."""
+    root = image_root(tmp_path / "image", mar)  # baked in: random weights of seed 0
+    other = bundle_with_random_weights(tmp_path / "other", seed=1, trained_image_size=[48, 48])
+    model_dir = sagemaker_model_dir(other, tmp_path)
+    image = _lesion_image(tmp_path)
+    expected = Predictor(other, device="cpu").predict([image])[0].probabilities
+    with running_container(root, model_dir, tmp_path) as url:
+        assert f"serving {model_dir}\n" in (tmp_path / "container.log").read_text()
+        response = requests.post(f"{url}/invocations", data=image, headers={"Content-Type": JPEG}, timeout=120)
+        assert response.status_code == 200, response.text
+    served = response.json()["probabilities"]
+    assert served == pytest.approx(expected, abs=1e-4)
+    baked = Predictor(other, weights=_baked_weights(mar, tmp_path), device="cpu").predict([image])[0].probabilities
+    assert served != pytest.approx(baked, abs=1e-3), "the baked-in model answered"
+
+
+def _baked_weights(mar: Path, work: Path) -> Path:
+    """The weights inside ``mar`` (a zip), extracted with their sidecar."""
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(work / "baked")
+    (weights,) = (work / "baked").glob("model.pt")
+    return weights
+
+
+def test_a_model_archive_with_neither_a_mar_nor_a_model_directory_is_refused(mar, tmp_path):
+    root = image_root(tmp_path / "image", mar)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.pth").write_bytes(b"weights for another server")
+    result = subprocess.run(
+        [str(root / "usr" / "local" / "bin" / "serve"), "serve"],
+        capture_output=True,
+        text=True,
+        env=serve_env(root, model_dir, tmp_path / "run", python="echo"),
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"{model_dir} holds neither a .mar nor a model directory" in result.stderr
