@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # The SageMaker SDK and AWS's inference toolkit (~1.2 GB): for `make test` and the SageMaker scripts only.
 INSTALLED_SAGEMAKER := $(VENV)/.installed-sagemaker
+# What the SageMaker model archive's code/requirements.txt installs in AWS's inference container, for the
+# toolkit tests to install as that container does (tests/aws_local.py).
+INFERENCE_WHEELS := $(VENV)/inference-wheels
 # The KServe SDK in a venv of its own (it pins psutil and pandas below .venv's): the KServe tests' client.
 VENV_KSERVE := .venv-kserve
 INSTALLED_KSERVE := $(VENV_KSERVE)/.installed
@@ -32,8 +35,9 @@ $(INSTALLED): requirements.txt pyproject.toml
 
 venv-sagemaker: $(INSTALLED_SAGEMAKER)
 
-$(INSTALLED_SAGEMAKER): $(INSTALLED) requirements-sagemaker.txt
+$(INSTALLED_SAGEMAKER): $(INSTALLED) requirements-sagemaker.txt cloud/inference_requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements-sagemaker.txt
+	$(VENV)/bin/pip download --quiet --no-deps --dest $(INFERENCE_WHEELS) -r cloud/inference_requirements.txt
 	touch $@
 
 venv-kserve: $(INSTALLED_KSERVE)

@@ -35,8 +35,8 @@ from handler import ARCHIVED_HANDLER
 from handler.shipped import serving_files
 
 REPO = Path(__file__).resolve().parents[1]
-# What the container's Python lacks; torch and Pillow come with the PyTorch image.
-CONTAINER_REQUIREMENTS = "monai==1.6.1\n"
+# What the container's Python lacks (torch and Pillow come with the PyTorch image), and why that MONAI: in the file.
+CONTAINER_REQUIREMENTS = (Path(__file__).with_name("inference_requirements.txt")).read_text()
 # The toolkit registers the model as "model", version "1.0"; its SAGEMAKER_TS_* settings (batch size,
 # workers, timeouts) are keyed by that name and version, so the manifest must say "1.0" too. No
 # configFile: a model-config.yaml's batch size would override SAGEMAKER_TS_BATCH_SIZE.

@@ -22,6 +22,7 @@ import pytest
 REGION, ACCOUNT = "eu-west-1", "123456789012"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/skin-lesion-sagemaker"
 BUCKET = "skin-lesion-test"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def require(module: str):
@@ -280,7 +281,8 @@ def inference_toolkit(model_dir: Path, scratch: Path):
     import requests
 
     require("sagemaker_pytorch_serving_container")
-    base, cwd = scratch / "base", scratch / "cwd"
+    wheels = inference_wheels()
+    base, cwd, site = scratch / "base", scratch / "cwd", scratch / "site"
     shutil.copytree(model_dir, base / "model")  # the container extracts model.tar.gz to <base>/model
     cwd.mkdir()
     port, metrics, grpc_inference, grpc_management = (free_port() for _ in range(4))
@@ -292,7 +294,13 @@ def inference_toolkit(model_dir: Path, scratch: Path):
         TS_GRPC_INFERENCE_PORT=str(grpc_inference),
         TS_GRPC_MANAGEMENT_PORT=str(grpc_management),
         LOG_LOCATION=str(scratch / "logs"),
-        PIP_NO_INDEX="1",  # it pip-installs code/requirements.txt, here already satisfied
+        # it pip-installs code/requirements.txt at start, as the container does: from the wheels make downloaded,
+        # into a folder its workers import first (the container's torch and numpy are this venv's)
+        PIP_NO_INDEX="1",
+        PIP_FIND_LINKS=str(wheels),
+        PIP_TARGET=str(site),
+        PIP_NO_DEPS="1",
+        PYTHONPATH=str(site),
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     )
     log = scratch / "toolkit.log"
@@ -316,10 +324,49 @@ def inference_toolkit(model_dir: Path, scratch: Path):
             except requests.ConnectionError:
                 pass
             time.sleep(1)
+        assert installed_distributions(site) >= pinned_requirements(), "code/requirements.txt was not installed"
         yield url
     finally:
         server.send_signal(signal.SIGTERM)  # it passes SIGTERM on to TorchServe
         server.wait(timeout=120)
+
+
+def pinned_requirements() -> set[tuple[str, str]]:
+    """(name, version) of each ``name==version`` line of cloud/inference_requirements.txt."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = (line.split("#")[0].strip() for line in (REPO / "cloud" / "inference_requirements.txt").open())
+    pinned = set()
+    for requirement in (Requirement(line) for line in lines if line):
+        (specifier,) = requirement.specifier
+        assert specifier.operator == "==", f"cloud/inference_requirements.txt: pin {requirement} exactly"
+        pinned.add((canonicalize_name(requirement.name), specifier.version))
+    return pinned
+
+
+def installed_distributions(site: Path) -> set[tuple[str, str]]:
+    """(name, version) of every distribution pip installed into ``site``."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    return {
+        (canonicalize_name(dist.metadata["Name"]), dist.version)
+        for dist in importlib.metadata.distributions(path=[str(site)])
+    }
+
+
+def inference_wheels() -> Path:
+    """The wheels of cloud/inference_requirements.txt (the archive's code/requirements.txt), which `make
+    venv-sagemaker` downloads: skip without them locally, fail under CI=true."""
+    wheels = REPO / ".venv" / "inference-wheels"
+    if not any(wheels.glob("*.whl")):
+        message = f"no wheels in {wheels}: make venv-sagemaker downloads cloud/inference_requirements.txt's"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return wheels
 
 
 class SageMakerRuntimeFront:

@@ -7,6 +7,7 @@ Skipped without Java or the toolkit, except under CI=true, where that is a failu
 
 import base64
 import concurrent.futures
+import email
 import json
 import os
 import re
@@ -14,13 +15,14 @@ import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 
 import pytest
 import requests
 from PIL import Image
 
 from bundle.synthetic import generate
-from tests.aws_local import inference_toolkit, require
+from tests.aws_local import inference_toolkit, inference_wheels, pinned_requirements, require
 from tests.bundle_runs import REPO
 from tests.serving import (
     FLAGGED_FIELDS,
@@ -204,3 +206,27 @@ def test_the_predict_client_prints_each_refusal_cleanly(container, good, tmp_pat
     assert lines[0].startswith(f"{tmp_path / 'lesion.jpg'}: class: ")
     assert lines[1] == f"{tmp_path / 'broken.png'}: refused: not an image: expected JPEG or PNG bytes"
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_what_code_requirements_installs_keeps_the_inference_images_torch():
+    """The toolkit pip-installs code/requirements.txt at every start: each pinned wheel's own requirements must
+    accept the torch and Python of AWS's inference image, or pip replaces its torch (a multi-GB download) or fails."""
+    from packaging.requirements import Requirement
+
+    from cloud.aws import INFERENCE_FRAMEWORK
+
+    torch_version, python = INFERENCE_FRAMEWORK
+    environment = {"python_version": f"{python[2]}.{python[3:]}", "extra": ""}
+    wheels = sorted(inference_wheels().glob("*.whl"))
+    assert {wheel.name.split("-")[0].lower() for wheel in wheels} >= {name for name, _ in pinned_requirements()}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            (metadata,) = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
+            message = email.message_from_bytes(archive.read(metadata))
+        needs = [Requirement(line) for line in message.get_all("Requires-Dist") or []]
+        for need in needs:
+            if need.name == "torch" and (need.marker is None or need.marker.evaluate(environment)):
+                assert need.specifier.contains(f"{torch_version}.0"), f"{wheel.name} needs torch {need.specifier}"
+        requires_python = message.get("Requires-Python")
+        if requires_python:
+            assert Requirement(f"python{requires_python}").specifier.contains(environment["python_version"])
