@@ -4,12 +4,11 @@ the real TorchServe on loopback. Skipped without Java or TorchServe, except unde
 
 The commands run in the image's Python environment as far as this machine can give it: this venv's
 packages less every distribution docker/requirements.txt does not install, and less the checkout's own
-packages, which the venv installs (editable) and the image does not (``image_python_env``). Without that,
-an import the image lacks passes every run here.
+packages, which the venv installs (editable) and the image does not (``image_python_env``, through
+tests/environments.py). Without that, an import the image lacks passes every run here.
 """
 
 import contextlib
-import importlib.metadata
 import os
 import re
 import shutil
@@ -23,12 +22,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from bundle.predictor import Predictor
 from bundle.synthetic import generate
 from tests.bundle_runs import REPO
+from tests.environments import only_these_packages
 from tests.serving import JPEG, SERVED_FIELDS, bundle_with_random_weights, sagemaker_model_dir
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
 
@@ -62,67 +60,10 @@ def left_out_of_the_context(source: str) -> bool:
     )
 
 
-def installed_by(requirements: Path) -> set[str]:
-    """The distributions ``pip install -r requirements`` installs: its lines and, transitively, what they
-    require (extras and environment markers honoured, read from this venv's metadata)."""
-    lines = (line.split("#")[0].strip() for line in requirements.read_text().splitlines())
-    todo, seen, names = [Requirement(line) for line in lines if line], set(), set()
-    while todo:
-        requirement = todo.pop()
-        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
-        if key in seen:
-            continue
-        seen.add(key)
-        names.add(key[0])
-        try:
-            requires = importlib.metadata.distribution(requirement.name).requires or []
-        except importlib.metadata.PackageNotFoundError:
-            continue  # not installed here either, so nothing here can import it
-        for line in requires:
-            needed = Requirement(line)
-            extras = requirement.extras or {""}
-            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
-                todo.append(needed)
-    return names
-
-
-# imported at the start of every Python process given ``image_python_env``'s PYTHONPATH
-IMAGE_SITECUSTOMIZE = """\
-import importlib.abc
-import sys
-
-NOT_IN_THE_IMAGE = frozenset({absent})
-
-
-class NotInTheImage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in NOT_IN_THE_IMAGE:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (not installed in the image)", name=name)
-        return None
-
-
-# the checkout's editable install, which the image does not have: its packages come from the image's files
-editable = [f for f in sys.meta_path if getattr(f, "__module__", "").startswith("__editable__")]
-sys.meta_path[:] = [NotInTheImage()] + [f for f in sys.meta_path if f not in editable]
-"""
-
-
 def image_python_env(directory: Path) -> dict:
-    """Environment variables that give a Python process (and TorchServe's workers, which inherit them) the
-    image's packages only: a ``sitecustomize`` that makes every top-level module of a distribution
-    docker/requirements.txt does not install, and the checkout's editable packages, unimportable."""
-    distributions_of = importlib.metadata.packages_distributions()
-    installed = installed_by(REPO / "docker" / "requirements.txt")
-    checkout = {canonicalize_name(name) for name in distributions_of["bundle"]}  # hidden by the sitecustomize
-    absent = {
-        module
-        for module, distributions in distributions_of.items()
-        if module not in sys.stdlib_module_names
-        and not any(canonicalize_name(name) in installed | checkout for name in distributions)
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "sitecustomize.py").write_text(IMAGE_SITECUSTOMIZE.format(absent=sorted(absent)))
-    return {"PYTHONPATH": str(directory)}
+    """Environment variables giving a Python process (and TorchServe's workers, which inherit them) the image's
+    packages only: docker/requirements.txt's, without the checkout's editable packages."""
+    return only_these_packages((REPO / "docker" / "requirements.txt").read_text().splitlines(), directory)
 
 
 @pytest.fixture(scope="module")

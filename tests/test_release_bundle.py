@@ -6,6 +6,7 @@ dependencies: not the editable install of this project, not the checkout).
 
 import ast
 import csv
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -13,6 +14,7 @@ import re
 import site
 import subprocess
 import sys
+import tempfile
 import venv
 import zipfile
 from pathlib import Path
@@ -28,6 +30,7 @@ from bundle.labels import CLASS_NAMES
 from bundle.ood import guard_file
 from bundle.sidecar import read_sidecar
 from tests.bundle_runs import INFERENCE, REPO, bundle_env, read_json, run_bundle
+from tests.environments import only_these_packages
 from tests.serving import bundle_with_random_weights, out_of_distribution_image, store_guard
 
 # Smaller than inference.json's default: the release must carry the weights' own size into its configs.
@@ -82,8 +85,13 @@ def clean_python(tmp_path_factory) -> Path:
     return python
 
 
+@functools.cache
 def clean_env() -> dict:
-    return {key: value for key, value in bundle_env().items() if key != "PYTHONPATH"}
+    """The bundle's environment with only the packages the release declares importable (metadata.json: MONAI,
+    torch and required_packages_version; pip's dependencies of those), as in a user's fresh install of them."""
+    declared = [f"monai=={METADATA['monai_version']}", "torch", "numpy", *METADATA["required_packages_version"]]
+    only_declared = only_these_packages(declared, Path(tempfile.mkdtemp(prefix="release-packages-")))
+    return {key: value for key, value in bundle_env().items() if key != "PYTHONPATH"} | only_declared
 
 
 @pytest.fixture(scope="module")
