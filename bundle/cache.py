@@ -134,7 +134,7 @@ def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
-    import psutil  # a TorchServe dependency, so always installed with the bundle
+    import psutil  # declared wherever the bundle trains: requirements.txt, metadata.json, a training job's
 
     return psutil.virtual_memory().available
 

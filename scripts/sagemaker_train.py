@@ -49,8 +49,9 @@ SOURCE = {
     "handler": "handler",
     ENTRY_SCRIPT: "scripts/sagemaker_entry.py",
 }
-# Installed by the SDK's driver in the training container, whose image brings torch.
-CONTAINER_REQUIREMENTS = "monai[fire,pillow,ignite,tqdm,tensorboard]==1.6.1\nmatplotlib\n"
+# Installed by the SDK's driver in the training container, whose image brings torch (psutil: the image cache sizes
+# itself to the free memory on a CPU).
+CONTAINER_REQUIREMENTS = "monai[fire,pillow,ignite,tqdm,tensorboard]==1.6.1\nmatplotlib\npsutil\n"
 CHANNEL = "training"
 # SageMaker's own defaults for the container's folders that it syncs with S3 while the job runs.
 CHECKPOINT_PATH = "/opt/ml/checkpoints"
