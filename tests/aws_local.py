@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import json
 import os
 import re
@@ -18,6 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
+
+from tests.environments import requirements_of
 
 REGION, ACCOUNT = "eu-west-1", "123456789012"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/skin-lesion-sagemaker"
@@ -333,12 +337,8 @@ def inference_toolkit(model_dir: Path, scratch: Path):
 
 def pinned_requirements() -> set[tuple[str, str]]:
     """(name, version) of each ``name==version`` line of cloud/inference_requirements.txt."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    lines = (line.split("#")[0].strip() for line in (REPO / "cloud" / "inference_requirements.txt").open())
     pinned = set()
-    for requirement in (Requirement(line) for line in lines if line):
+    for requirement in requirements_of((REPO / "cloud" / "inference_requirements.txt").open()):
         (specifier,) = requirement.specifier
         assert specifier.operator == "==", f"cloud/inference_requirements.txt: pin {requirement} exactly"
         pinned.add((canonicalize_name(requirement.name), specifier.version))
@@ -347,10 +347,6 @@ def pinned_requirements() -> set[tuple[str, str]]:
 
 def installed_distributions(site: Path) -> set[tuple[str, str]]:
     """(name, version) of every distribution pip installed into ``site``."""
-    import importlib.metadata
-
-    from packaging.utils import canonicalize_name
-
     return {
         (canonicalize_name(dist.metadata["Name"]), dist.version)
         for dist in importlib.metadata.distributions(path=[str(site)])

@@ -16,11 +16,15 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 
+def requirements_of(lines: Iterable[str]) -> list[Requirement]:
+    """The requirements of a requirements file's ``lines`` (comments and blank lines left out)."""
+    return [Requirement(line) for line in (line.split("#")[0].strip() for line in lines) if line]
+
+
 def installed_by(requirements: Iterable[str]) -> set[str]:
     """The distributions ``pip install`` of the ``requirements`` lines installs: them and, transitively, what they
     require (extras and environment markers honoured, read from this venv's metadata)."""
-    lines = (line.split("#")[0].strip() for line in requirements)
-    todo, seen, names = [Requirement(line) for line in lines if line], set(), set()
+    todo, seen, names = requirements_of(requirements), set(), set()
     while todo:
         requirement = todo.pop()
         key = (canonicalize_name(requirement.name), frozenset(requirement.extras))

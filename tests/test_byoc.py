@@ -28,7 +28,7 @@ from bundle.synthetic import generate
 from tests.bundle_runs import REPO
 from tests.environments import only_these_packages
 from tests.serving import JPEG, SERVED_FIELDS, bundle_with_random_weights, sagemaker_model_dir
-from tests.test_torchserve import _free_ports, _package, _require_torchserve
+from tests.test_torchserve import _free_ports, _package, _port_flags, _require_torchserve
 
 COPY = re.compile(r"^COPY\s+(?P<source>\S+)\s+(?P<target>/\S+)\s*$", re.MULTILINE)
 
@@ -113,16 +113,13 @@ def running_container(root: Path, model_dir: Path, work: Path):
             [
                 str(root / "usr" / "local" / "bin" / "serve"),
                 "serve",
-                "--inference_port",
-                str(inference),
-                "--management_port",
-                str(management),
-                "--metrics_port",
-                str(metrics),
-                "--grpc_inference_port",
-                str(grpc_inference),
-                "--grpc_management_port",
-                str(grpc_management),
+                *_port_flags(
+                    inference=inference,
+                    management=management,
+                    metrics=metrics,
+                    grpc_inference=grpc_inference,
+                    grpc_management=grpc_management,
+                ),
                 "--timeout_s",
                 "240",
             ],

@@ -18,7 +18,7 @@ from bundle.synthetic import generate
 from handler import control
 from tests.bundle_runs import REPO
 from tests.serving import JPEG, bundle_with_random_weights
-from tests.test_torchserve import _free_ports, _package, _require_torchserve
+from tests.test_torchserve import _free_ports, _package, _port_flags, _require_torchserve
 
 EXPIRY_MIN = 1  # the shortest whole-minute expiry: the test waits it out once
 
@@ -48,14 +48,12 @@ def _start(archive, run_dir, *extra) -> dict:
             str(archive),
             "--run_dir",
             str(run_dir),
-            "--inference_port",
-            str(inference),
-            "--management_port",
-            str(management),
-            "--grpc_inference_port",
-            str(grpc_inference),
-            "--grpc_management_port",
-            str(grpc_management),
+            *_port_flags(
+                inference=inference,
+                management=management,
+                grpc_inference=grpc_inference,
+                grpc_management=grpc_management,
+            ),
             "--timeout_s",
             "240",
             *extra,

@@ -104,28 +104,21 @@ def _serve(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+def _port_flags(**ports: int) -> list[str]:
+    """``serve.py start``'s flag for each port given: ``inference=8080`` -> ``--inference_port 8080``."""
+    return [flag for name, port in ports.items() for flag in (f"--{name}_port", str(port))]
+
+
 def _start_args(mar: Path, run_dir: Path, *extra) -> list:
     inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
-    return [
-        "start",
-        "--mar",
-        mar,
-        "--run_dir",
-        run_dir,
-        "--inference_port",
-        inference,
-        "--management_port",
-        management,
-        "--metrics_port",
-        metrics,
-        "--grpc_inference_port",
-        grpc_inference,
-        "--grpc_management_port",
-        grpc_management,
-        "--timeout_s",
-        240,
-        *extra,
-    ]
+    ports = _port_flags(
+        inference=inference,
+        management=management,
+        metrics=metrics,
+        grpc_inference=grpc_inference,
+        grpc_management=grpc_management,
+    )
+    return ["start", "--mar", mar, "--run_dir", run_dir, *ports, "--timeout_s", 240, *extra]
 
 
 @pytest.fixture(scope="module")
