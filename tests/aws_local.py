@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from packaging.utils import canonicalize_name
 
@@ -271,12 +272,20 @@ def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
     )
 
 
+def _is_torchserve(process: psutil.Process) -> bool:
+    try:
+        return "org.pytorch.serve.ModelServer" in process.cmdline()
+    except psutil.Error:  # gone, or not ours to read
+        return False
+
+
 @contextlib.contextmanager
 def inference_toolkit(model_dir: Path, scratch: Path):
     """AWS's PyTorch inference toolkit (the PyTorch inference container's server: TorchServe with its own
     handler calling code/inference.py) serving ``model_dir`` on loopback, without Docker; yields its URL.
 
-    It writes /etc/sagemaker-ts.properties and refuses to start while another TorchServe runs here.
+    It writes /etc/sagemaker-ts.properties. The toolkit gives up 10 s after its start when it finds another
+    TorchServe running, so this refuses to start it then.
     """
     import shutil
     import signal
@@ -285,6 +294,8 @@ def inference_toolkit(model_dir: Path, scratch: Path):
     import requests
 
     require("sagemaker_pytorch_serving_container")
+    leftovers = [process.pid for process in psutil.process_iter() if _is_torchserve(process)]
+    assert not leftovers, f"TorchServe already runs here (pids {leftovers}): an earlier test left it running"
     wheels = inference_wheels()
     base, cwd, site = scratch / "base", scratch / "cwd", scratch / "site"
     shutil.copytree(model_dir, base / "model")  # the container extracts model.tar.gz to <base>/model
@@ -317,19 +328,34 @@ def inference_toolkit(model_dir: Path, scratch: Path):
         stdin=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
+
+    def logs() -> str:
+        return "\n".join(
+            f"--- {path.name}:\n" + path.read_text(errors="replace")[-3000:]
+            for path in (log, scratch / "logs" / "ts_log.log", scratch / "logs" / "model_log.log")
+            if path.exists()
+        )
+
     try:
+        # /ping answers once the frontend listens, before the workers have loaded; wait for a ready
+        # worker (management API, on the same port) so that a test's first request does not race the load
         deadline = time.monotonic() + 240
         while True:
-            assert server.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, f"no answer to /ping:\n{log.read_text()[-4000:]}"
+            assert server.poll() is None, logs()
+            assert time.monotonic() < deadline, f"no ready worker after 240 s:\n{logs()}"
             try:
                 if requests.get(f"{url}/ping", timeout=5).status_code == 200:
-                    break
+                    (model,) = requests.get(f"{url}/models/model", timeout=5).json()
+                    if any(worker["status"] == "READY" for worker in model["workers"]):
+                        break
             except requests.ConnectionError:
                 pass
             time.sleep(1)
         assert installed_distributions(site) >= pinned_requirements(), "code/requirements.txt was not installed"
-        yield url
+        try:
+            yield url
+        except requests.RequestException as error:  # the server's side of a failed request
+            raise AssertionError(f"{error!r}\n{logs()}") from error
     finally:
         server.send_signal(signal.SIGTERM)  # it passes SIGTERM on to TorchServe
         server.wait(timeout=120)
