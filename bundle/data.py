@@ -7,6 +7,7 @@ seen in another image, so an image-level split would put the same lesion in trai
 from __future__ import annotations
 
 import csv
+import filecmp
 import hashlib
 import json
 import logging
@@ -57,7 +58,9 @@ def read_ham10000(dataset_dir: str | os.PathLike) -> list[dict]:
 
     ``image`` is the POSIX path relative to ``dataset_dir``; ``label`` indexes ``CLASS_NAMES``.
     Accepts the official layout (metadata CSV + ``HAM10000_images_part_{1,2}/``), the flat one
-    (metadata CSV + ``images/``) and the ISIC 2018 Task 3 one-hot ground-truth CSV.
+    (metadata CSV + ``images/``) and the ISIC 2018 Task 3 one-hot ground-truth CSV; file and folder
+    names in any case, and the whole layout one folder down when ``dataset_dir`` holds nothing else
+    (an archive unpacked into a folder of its own, as a SageMaker channel of an uploaded folder may be).
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
@@ -76,8 +79,8 @@ def read_ham10000(dataset_dir: str | os.PathLike) -> list[dict]:
         rows_ok, problems = _parse_ham_rows(csv_path, header, rows)
         image_dirs = HAM_IMAGE_DIRS
     problems += _duplicate_problems(csv_path, rows_ok)
-    records, missing_problem = _attach_image_paths(dataset_dir, image_dirs, rows_ok)
-    problems += missing_problem
+    records, image_problems = _attach_image_paths(dataset_dir, csv_path.parent, image_dirs, rows_ok)
+    problems += image_problems
     if problems:
         raise DatasetError(f"cannot read dataset {dataset_dir}:\n  " + "\n  ".join(problems))
     return records
@@ -85,17 +88,42 @@ def read_ham10000(dataset_dir: str | os.PathLike) -> list[dict]:
 
 def _find_metadata_csv(dataset_dir: Path) -> tuple[Path, bool]:
     """Return the metadata CSV and whether it is in the ISIC one-hot format."""
-    if (dataset_dir / HAM_METADATA_CSV).is_file():
-        return dataset_dir / HAM_METADATA_CSV, False
-    if (dataset_dir / ISIC_GROUND_TRUTH_CSV).is_file():
-        return dataset_dir / ISIC_GROUND_TRUTH_CSV, True
-    for candidate in sorted(dataset_dir.glob("*.csv")):
+    found = _metadata_csv_in(dataset_dir)
+    if found is None:
+        entries = _visible_entries(dataset_dir)
+        if len(entries) == 1 and entries[0].is_dir():  # the layout one folder down
+            found = _metadata_csv_in(entries[0])
+    if found is None:
+        raise DatasetError(
+            f"no metadata CSV in {dataset_dir}: looked for {HAM_METADATA_CSV}, {ISIC_GROUND_TRUTH_CSV}, "
+            f"or any *.csv with the header {','.join(ISIC_COLUMNS)} (in any case, and in its one subfolder "
+            "when it holds nothing else)"
+        )
+    return found
+
+
+def _metadata_csv_in(folder: Path) -> tuple[Path, bool] | None:
+    for name, is_isic in ((HAM_METADATA_CSV, False), (ISIC_GROUND_TRUTH_CSV, True)):
+        path = _named(folder, name)
+        if path is not None and path.is_file():
+            return path, is_isic
+    for candidate in sorted(folder.glob("*.csv")):
         if _read_header(candidate) == list(ISIC_COLUMNS):
             return candidate, True
-    raise DatasetError(
-        f"no metadata CSV in {dataset_dir}: looked for {HAM_METADATA_CSV}, {ISIC_GROUND_TRUTH_CSV}, "
-        f"or any *.csv with the header {','.join(ISIC_COLUMNS)}"
-    )
+    return None
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    """The folder's entries without hidden ones and archive tools' side folders (macOS ``__MACOSX``)."""
+    return sorted(entry for entry in folder.iterdir() if not entry.name.startswith((".", "__MACOSX")))
+
+
+def _named(folder: Path, name: str) -> Path | None:
+    """``folder / name`` as spelt, else the one entry whose name matches it in another case."""
+    if (folder / name).exists():
+        return folder / name
+    matches = [entry for entry in folder.iterdir() if entry.name.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _read_header(path: Path) -> list[str]:
@@ -182,41 +210,65 @@ def _duplicate_problems(csv_path: Path, rows: list[dict]) -> list[str]:
 
 
 def _attach_image_paths(
-    dataset_dir: Path, image_dirs: tuple[str, ...], rows: list[dict]
+    dataset_dir: Path, layout_root: Path, image_dirs: tuple[str, ...], rows: list[dict]
 ) -> tuple[list[dict], list[str]]:
-    """Find each row's image through one directory listing per candidate folder."""
-    index = _index_images(dataset_dir, image_dirs)
-    records, missing = [], []
+    """Find each row's image through one directory listing per candidate folder of ``layout_root``."""
+    index = _index_images(layout_root, image_dirs)
+    records, missing, ambiguous, outside = [], [], [], []
+    root = dataset_dir.resolve()
     for row in rows:
-        image = index.get(row["image_id"])
-        if image is None:
+        files = index.get(row["image_id"], [])
+        if not files:
             missing.append(row["image_id"])
-        else:
-            records.append(
-                {"image": image, "label": row["label"], "lesion_id": row["lesion_id"], "image_id": row["image_id"]}
-            )
-    if not missing:
-        return records, []
-    looked_in = ", ".join(f"{folder}/" for folder in image_dirs)
-    return [], [
-        f"{len(missing)} image(s) not found as <image_id>{{{','.join(IMAGE_SUFFIXES)}}} "
-        f"in {looked_in} under {dataset_dir}: {_first(missing)}"
-    ]
+            continue
+        if any(not filecmp.cmp(files[0], other, shallow=False) for other in files[1:]):
+            ambiguous.append(f"{row['image_id']} ({', '.join(_relative(file, dataset_dir) for file in files)})")
+            continue
+        if not files[0].resolve().is_relative_to(root):  # as preflight refuses it: say so before the split
+            outside.append(f"{_relative(files[0], dataset_dir)} -> {files[0].resolve()}")
+            continue
+        records.append(
+            {
+                "image": _relative(files[0], dataset_dir),
+                "label": row["label"],
+                "lesion_id": row["lesion_id"],
+                "image_id": row["image_id"],
+            }
+        )
+    problems = []
+    if missing:
+        looked_in = ", ".join(f"{folder}/" for folder in image_dirs)
+        problems.append(
+            f"{len(missing)} image(s) not found as <image_id>{{{','.join(IMAGE_SUFFIXES)}}} "
+            f"in {looked_in} under {layout_root}: {_first(missing)}"
+        )
+    if ambiguous:
+        problems.append(f"{len(ambiguous)} image id(s) with different files of that name: {_first(ambiguous)}")
+    if outside:
+        problems.append(
+            f"{len(outside)} image(s) are symlinks resolving outside dataset_dir {root}, which training "
+            f"refuses (copy them in instead): {_first(outside)}"
+        )
+    return (records, []) if not problems else ([], problems)
 
 
-def _index_images(dataset_dir: Path, image_dirs: tuple[str, ...]) -> dict[str, str]:
-    """Map image id (file stem) to POSIX path relative to ``dataset_dir``; earlier folders win."""
-    index: dict[str, str] = {}
+def _index_images(layout_root: Path, image_dirs: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Map image id (file stem) to its files, earlier folders first; folder names match in any case."""
+    index: dict[str, list[Path]] = {}
     for folder in image_dirs:
-        directory = dataset_dir / folder
-        if not directory.is_dir():
+        directory = _named(layout_root, folder)
+        if directory is None or not directory.is_dir():
             continue
         with os.scandir(directory) as entries:
             for entry in sorted(entries, key=lambda entry: entry.name):
                 stem, suffix = os.path.splitext(entry.name)
-                if suffix.lower() in IMAGE_SUFFIXES and stem not in index and entry.is_file():
-                    index[stem] = PurePosixPath(folder, entry.name).as_posix()
+                if suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                    index.setdefault(stem, []).append(directory / entry.name)
     return index
+
+
+def _relative(file: Path, dataset_dir: Path) -> str:
+    return file.relative_to(dataset_dir).as_posix()
 
 
 def _first(items: list[str], limit: int = MAX_LISTED) -> str:

@@ -51,6 +51,16 @@ def _copy_flat_layout(synthetic_dir: Path, target: Path, rows: list[dict] | None
     return target
 
 
+def _official_layout(synthetic_dir: Path, root: Path, part_name: str = "HAM10000_images_part_{}") -> list[dict]:
+    """The synthetic set in the official two-folder layout under ``root``; returns its metadata rows."""
+    rows = _metadata_rows(synthetic_dir)
+    for index, row in enumerate(rows):
+        part = root / part_name.format(1 + index % 2)
+        part.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synthetic_dir / "images" / f"{row['image_id']}.jpg", part)
+    return rows
+
+
 def _isic_rows(synthetic_dir: Path) -> list[dict]:
     """The synthetic metadata as ISIC 2018 Task 3 one-hot rows."""
     rows = []
@@ -130,11 +140,7 @@ def test_flat_layout(synthetic_dir):
 
 
 def test_official_layout_finds_images_in_both_parts(synthetic_dir, tmp_path):
-    rows = _metadata_rows(synthetic_dir)
-    for index, row in enumerate(rows):
-        part = tmp_path / f"HAM10000_images_part_{1 + index % 2}"
-        part.mkdir(exist_ok=True)
-        shutil.copy(synthetic_dir / "images" / f"{row['image_id']}.jpg", part)
+    rows = _official_layout(synthetic_dir, tmp_path)
     shutil.copy(synthetic_dir / "HAM10000_metadata.csv", tmp_path)
     records = read_ham10000(tmp_path)
     assert [record["image"] for record in records[:2]] == [
@@ -160,6 +166,63 @@ def test_isic_ground_truth_layout_warns_that_the_split_is_image_level(synthetic_
     assert all(record["lesion_id"] == record["image_id"] for record in records)
     assert [record["label"] for record in records] == [record["label"] for record in read_ham10000(synthetic_dir)]
     assert Path(tmp_path, records[0]["image"]).is_file()
+
+
+def test_a_layout_one_folder_down_in_any_case_is_found_and_its_paths_stay_relative_to_dataset_dir(
+    synthetic_dir, tmp_path
+):
+    """An uploaded folder as a SageMaker channel holds it: the layout one level down, beside an archive
+    tool's side folder and hidden files; a copy may spell the names in lower case."""
+    channel = tmp_path / "channel"
+    rows = _official_layout(synthetic_dir, channel / "HAM10000", "ham10000_images_part_{}")
+    shutil.copy(synthetic_dir / "HAM10000_metadata.csv", channel / "HAM10000" / "ham10000_metadata.csv")
+    (channel / "__MACOSX" / "HAM10000").mkdir(parents=True)
+    (channel / "__MACOSX" / "HAM10000" / "._ham10000_metadata.csv").write_bytes(b"\x00\x05")
+    (channel / ".DS_Store").write_bytes(b"\x00")
+    records = read_ham10000(channel)
+    assert [record["image"] for record in records[:2]] == [
+        f"HAM10000/ham10000_images_part_1/{rows[0]['image_id']}.jpg",
+        f"HAM10000/ham10000_images_part_2/{rows[1]['image_id']}.jpg",
+    ]
+    assert [record["label"] for record in records] == [record["label"] for record in read_ham10000(synthetic_dir)]
+    path = write_datalist(split_by_lesion(records, seed=0), tmp_path / "datalist.json", channel)
+    preflight(path, channel)
+    (channel / "another").mkdir()  # two candidate folders: which one is meant is not guessed
+    with pytest.raises(DatasetError, match=rf"no metadata CSV in {channel}: .* in its one subfolder"):
+        read_ham10000(channel)
+
+
+def test_the_exact_names_win_over_a_copy_in_another_case(synthetic_dir, tmp_path):
+    """Kaggle's HAM10000 download holds each image folder twice: HAM10000_images_part_1, ham10000_images_part_1."""
+    _official_layout(synthetic_dir, tmp_path)
+    _official_layout(synthetic_dir, tmp_path, "ham10000_images_part_{}")
+    shutil.copy(synthetic_dir / "HAM10000_metadata.csv", tmp_path)
+    assert all(record["image"].startswith("HAM10000_images_part_") for record in read_ham10000(tmp_path))
+
+
+def test_an_image_id_with_two_different_files_is_refused_and_two_identical_copies_are_one(synthetic_dir, tmp_path):
+    rows = _official_layout(synthetic_dir, tmp_path)
+    shutil.copy(synthetic_dir / "HAM10000_metadata.csv", tmp_path)
+    first, second = rows[0]["image_id"], rows[1]["image_id"]
+    shutil.copy(tmp_path / "HAM10000_images_part_1" / f"{first}.jpg", tmp_path / "HAM10000_images_part_2")
+    assert read_ham10000(tmp_path)[0]["image"] == f"HAM10000_images_part_1/{first}.jpg"
+    shutil.copy(synthetic_dir / "images" / f"{second}.jpg", tmp_path / "HAM10000_images_part_1" / f"{first}.jpeg")
+    with pytest.raises(DatasetError) as raised:
+        read_ham10000(tmp_path)
+    assert (
+        f"1 image id(s) with different files of that name: {first} (HAM10000_images_part_1/{first}.jpeg, "
+        f"HAM10000_images_part_1/{first}.jpg, HAM10000_images_part_2/{first}.jpg)" in str(raised.value)
+    )
+
+
+def test_images_symlinked_from_outside_are_refused_when_read_as_preflight_would_refuse_them(synthetic_dir, tmp_path):
+    dataset = tmp_path / "dataset"
+    (dataset / "images").mkdir(parents=True)
+    shutil.copy(synthetic_dir / "HAM10000_metadata.csv", dataset)
+    for image in sorted((synthetic_dir / "images").iterdir()):
+        (dataset / "images" / image.name).symlink_to(image)
+    with pytest.raises(DatasetError, match=r"210 image\(s\) are symlinks resolving outside dataset_dir .*copy them in"):
+        read_ham10000(dataset)
 
 
 def test_png_and_jpeg_suffixes_are_found(synthetic_dir, tmp_path):
