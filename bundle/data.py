@@ -115,7 +115,7 @@ def _metadata_csv_in(folder: Path) -> tuple[Path, bool] | None:
 
 def _visible_entries(folder: Path) -> list[Path]:
     """The folder's entries without hidden ones and archive tools' side folders (macOS ``__MACOSX``)."""
-    return sorted(entry for entry in folder.iterdir() if not entry.name.startswith((".", "__MACOSX")))
+    return sorted(entry for entry in folder.iterdir() if not _hidden(Path(entry.name)))
 
 
 def _named(folder: Path, name: str) -> Path | None:
@@ -470,16 +470,19 @@ def preflight(
         return
     problems += _decode_problems(to_decode)
     if problems:
-        shown = problems[:MAX_REPORTED]
-        if len(problems) > MAX_REPORTED:
-            shown.append(f"... and {len(problems) - MAX_REPORTED} more")
-        raise DatasetError(
-            f"preflight found {len(problems)} problem(s) in datalist {datalist} "
-            f"(dataset_dir {dataset_dir}):\n  " + "\n  ".join(shown)
+        raise _listing(
+            f"preflight found {len(problems)} problem(s) in datalist {datalist} (dataset_dir {dataset_dir})", problems
         )
     logger.info("preflight: %d images OK", len(to_decode))
     if memo is not None:
         atomic_write(memo, lambda tmp: Path(tmp).write_text(f"{len(to_decode)} images decoded\n"))
+
+
+def _listing(headline: str, problems: list[str]) -> DatasetError:
+    shown = problems[:MAX_REPORTED]
+    if len(problems) > MAX_REPORTED:
+        shown.append(f"... and {len(problems) - MAX_REPORTED} more")
+    return DatasetError(f"{headline}:\n  " + "\n  ".join(shown))
 
 
 def _decode_memo(memo_dir: str | os.PathLike, files: list[Path]) -> Path | None:
@@ -550,14 +553,28 @@ def inference_items(source: str | os.PathLike, dataset_dir: str | os.PathLike, s
     """The images to classify: every image under folder ``source``, or split ``split`` of datalist ``source``."""
     path = Path(source)
     if path.is_dir():
-        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = sorted(
+            file
+            for file in path.rglob("*")
+            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file() and not _hidden(file.relative_to(path))
+        )
         if not images:
             raise DatasetError(f"input folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
-        return [{"image": str(p)} for p in images]
+        problems = _decode_problems([(str(file.relative_to(path)), file) for file in images])
+        if problems:  # found before any work, so that a run does not end on them having classified nothing
+            raise _listing(
+                f"input folder {path}: {len(problems)} of {len(images)} images cannot be classified", problems
+            )
+        return [{"image": str(file)} for file in images]
     if path.suffix == ".json":
         preflight(path, dataset_dir, keys=[split], labels=False)  # the same checks as training and evaluation
         return load_datalist(path, split, dataset_dir)
     raise DatasetError(f"config key 'input' must be a folder of images or a datalist .json, got {path}")
+
+
+def _hidden(relative: Path) -> bool:
+    """Hidden files and folders, and what archive tools leave beside the files (macOS ``__MACOSX/``, ``._*``)."""
+    return any(part.startswith((".", "__MACOSX")) for part in relative.parts)
 
 
 def require_file(path: str | os.PathLike, key: str) -> None:

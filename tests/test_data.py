@@ -482,6 +482,28 @@ def test_inference_over_a_datalist_runs_the_preflight_without_needing_labels(dat
     assert f"testing[{len(unlabelled) + 1}] images/gone.jpg: file not found" in str(raised.value)
 
 
+def test_inference_over_a_folder_skips_hidden_files_and_names_every_unreadable_image_before_any_work(
+    synthetic_dir, tmp_path
+):
+    images = sorted((synthetic_dir / "images").glob("*.jpg"))[:3]
+    folder = tmp_path / "to_classify"
+    (folder / "clinic a").mkdir(parents=True)
+    (folder / "__MACOSX" / "clinic a").mkdir(parents=True)
+    for image in images:
+        shutil.copy(image, folder / "clinic a")
+        (folder / "__MACOSX" / "clinic a" / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble
+    (folder / ".thumbnail.jpg").write_bytes(b"\x00")
+    expected = [str(folder / "clinic a" / image.name) for image in images]
+    assert [item["image"] for item in inference_items(folder, synthetic_dir)] == expected
+    (folder / "clinic a" / "truncated.jpg").write_bytes(images[0].read_bytes()[:300])
+    (folder / "notes.png").write_text("not an image")
+    with pytest.raises(DatasetError) as raised:
+        inference_items(folder, synthetic_dir)
+    message = str(raised.value)
+    assert message.startswith(f"input folder {folder}: 2 of 5 images cannot be classified:")
+    assert "clinic a/truncated.jpg: cannot decode" in message and "notes.png: not an image file" in message
+
+
 # --- prepare_data.py ---------------------------------------------------------------------------
 
 
