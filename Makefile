@@ -18,7 +18,7 @@ INSTALLED_KSERVE := $(VENV_KSERVE)/.installed
 DATASET_DIR := $(if $(HAM10000_DIR),$(HAM10000_DIR),data/synthetic)
 DATALIST := data/datalist.json
 DEMO_EPOCHS ?= 5
-BUNDLE_RUN := $(PY) -m monai.bundle run --dataset_dir $(DATASET_DIR) --datalist $(DATALIST)
+BUNDLE_RUN := $(PY) -m monai.bundle run --dataset_dir "$(DATASET_DIR)" --datalist $(DATALIST)
 SERVE_RUN_DIR := runs/serve
 SERVE_DEMO_IMAGES ?= 3
 
@@ -52,7 +52,7 @@ data: venv
 ifndef HAM10000_DIR
 	$(PY) scripts/make_synthetic.py --output_dir data/synthetic
 endif
-	$(PY) scripts/prepare_data.py --dataset_dir $(DATASET_DIR) --output $(DATALIST)
+	$(PY) scripts/prepare_data.py --dataset_dir "$(DATASET_DIR)" --output $(DATALIST)
 
 train: data
 	$(BUNDLE_RUN) --config_file configs/train.json --max_epochs $(DEMO_EPOCHS) --resume false
@@ -73,8 +73,9 @@ release: venv
 
 serve-demo: package
 	$(PY) scripts/serve.py start --run_dir $(SERVE_RUN_DIR)
-	$(PY) scripts/predict.py $$(find $(DATASET_DIR) -name '*.jpg' | sort | head -n $(SERVE_DEMO_IMAGES)) \
-		--run_dir $(SERVE_RUN_DIR); status=$$?; $(PY) scripts/serve.py stop --run_dir $(SERVE_RUN_DIR); exit $$status
+	find -L "$(DATASET_DIR)/" -iname '*.jpg' ! -name '.*' ! -path '*/__MACOSX/*' -print0 | sort -z \
+		| head -z -n $(SERVE_DEMO_IMAGES) | xargs -0 $(PY) scripts/predict.py --run_dir $(SERVE_RUN_DIR); \
+		status=$$?; $(PY) scripts/serve.py stop --run_dir $(SERVE_RUN_DIR); exit $$status
 
 demo: train evaluate serve-demo
 

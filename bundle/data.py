@@ -553,13 +553,7 @@ def inference_items(source: str | os.PathLike, dataset_dir: str | os.PathLike, s
     """The images to classify: every image under folder ``source``, or split ``split`` of datalist ``source``."""
     path = Path(source)
     if path.is_dir():
-        images = sorted(
-            file
-            for file in path.rglob("*")
-            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file() and not _hidden(file.relative_to(path))
-        )
-        if not images:
-            raise DatasetError(f"input folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        images = image_files(path)
         problems = _decode_problems([(str(file.relative_to(path)), file) for file in images])
         if problems:  # found before any work, so that a run does not end on them having classified nothing
             raise _listing(
@@ -570,6 +564,19 @@ def inference_items(source: str | os.PathLike, dataset_dir: str | os.PathLike, s
         preflight(path, dataset_dir, keys=[split], labels=False)  # the same checks as training and evaluation
         return load_datalist(path, split, dataset_dir)
     raise DatasetError(f"config key 'input' must be a folder of images or a datalist .json, got {path}")
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder``, sorted, but hidden ones and those of archive tools' side folders."""
+    folder = Path(folder)
+    images = sorted(
+        file
+        for file in folder.rglob("*")
+        if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file() and not _hidden(file.relative_to(folder))
+    )
+    if not images:
+        raise DatasetError(f"folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    return images
 
 
 def _hidden(relative: Path) -> bool:

@@ -65,10 +65,11 @@ class Container:
             )
         channel = env.get(f"SM_CHANNEL_{CHANNEL.upper()}")
         hosts = json.loads(env.get("SM_HOSTS") or "[]")
+        # absolute: the bundle's runs start in the repository, whatever the folder this was started from
         return cls(
-            model_dir=Path(env["SM_MODEL_DIR"]),
-            output_data_dir=Path(env["SM_OUTPUT_DATA_DIR"]),
-            data_dir=Path(channel) if channel else None,
+            model_dir=Path(env["SM_MODEL_DIR"]).absolute(),
+            output_data_dir=Path(env["SM_OUTPUT_DATA_DIR"]).absolute(),
+            data_dir=Path(channel).absolute() if channel else None,
             host=env.get("SM_CURRENT_HOST", "local"),
             host_count=int(env.get("SM_HOST_COUNT") or len(hosts) or 1),
             num_gpus=int(env.get("SM_NUM_GPUS") or 0),
@@ -221,7 +222,7 @@ def checkpoint_dir(work_dir: Path, settings: dict) -> Path:
     from its checkpoint_last.pt, keeping its history and best model), else a scratch folder."""
     if not settings["checkpoint_dir"]:
         return work_dir / "models"
-    folder = Path(settings["checkpoint_dir"])
+    folder = Path(settings["checkpoint_dir"]).absolute()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import ood_sets  # noqa: E402
 
 from bundle import ood  # noqa: E402
-from bundle.data import IMAGE_SUFFIXES, load_datalist  # noqa: E402
+from bundle.data import IMAGE_SUFFIXES, load_datalist, preflight  # noqa: E402
 from bundle.flags import as_bool  # noqa: E402
 from bundle.labels import CLASS_NAMES  # noqa: E402
 from bundle.metrics import binary_auc  # noqa: E402
@@ -195,6 +195,8 @@ def evaluate(
 ) -> None:
     builtin = as_bool(builtin, "--builtin")  # fire hands "--builtin false" over as text
     refit = as_bool(refit, "--refit")
+    # every split it reads, checked before any work as the bundle's runs check theirs
+    preflight(datalist, dataset_dir, keys=[split, "training", "validation"] if refit else [split])
     predictor = Predictor(bundle_root, weights, device=device)
     if thresholds is None:  # as the bundle serves them (inference.json's ood_thresholds)
         served = predictor.guard is None or predictor.guard.class_thresholds is not None

@@ -27,7 +27,7 @@ import fire
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from bundle.data import load_datalist
+from bundle.data import load_datalist, preflight
 from bundle.imageio import MIN_SIDE
 
 # (file under the package's data folder, kind); missing files (another package version) are skipped
@@ -204,7 +204,10 @@ def jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def split_images(datalist: str, dataset_dir: str, split: str = "testing") -> list[Path]:
+def split_images(datalist: str, dataset_dir: str | None, split: str = "testing") -> list[Path]:
+    if dataset_dir is None:
+        raise ValueError(f"--datalist {datalist} names images relative to a dataset folder: pass --dataset_dir too")
+    preflight(datalist, dataset_dir, keys=[split], labels=False)
     return [Path(item["image"]) for item in load_datalist(datalist, split, dataset_dir)]
 
 

@@ -1,6 +1,6 @@
 """Classify images with a served bundle: TorchServe over REST, or a SageMaker endpoint.
 
-    python scripts/predict.py IMAGE [IMAGE ...]                      # the server `scripts/serve.py start` runs
+    python scripts/predict.py IMAGE_OR_FOLDER [...]                  # the server `scripts/serve.py start` runs
     python scripts/predict.py IMAGE --url http://host:8080 --key KEY # any TorchServe
     python scripts/predict.py IMAGE --endpoint NAME [--region eu-west-1]   # a SageMaker endpoint
     ... --json                                                       # raw responses, one JSON line per image
@@ -11,7 +11,8 @@ malignant probability: 95 percent, refer: yes``; the rule's class is followed by
 when they differ (``(balanced rule; most probable: melanocytic nevus)``), and ``refer: n/a`` when the
 served model has no refer threshold. An image the out-of-distribution guard flags prints ``IMAGE: no
 diagnosis: not answered: this image is unlike the dermoscopy images ...`` (a valid answer, not a refusal).
-Exits 1 when any image was refused, after printing each refusal's reason.
+A folder stands for every image under it (hidden files aside). Every name is checked before the first
+request. Exits 1 when any image was refused, after printing each refusal's reason.
 """
 
 import base64
@@ -22,6 +23,7 @@ from pathlib import Path
 import fire
 import requests
 
+from bundle.data import DatasetError, image_files
 from bundle.labels import CLASS_LABELS
 from handler import MODEL_NAME
 from handler.control import DEFAULT_RUN_DIR, ServeError, authorised_request, read_server
@@ -135,6 +137,17 @@ def predict(
 ) -> None:  # `json`: the flag is --json
     if not images:
         sys.exit("name at least one image")
+    files = []
+    for name in map(Path, images):  # all checked before the first request
+        if name.is_dir():
+            try:
+                files += image_files(name)
+            except DatasetError as error:
+                sys.exit(f"error: {error}")
+        elif name.is_file():
+            files.append(name)
+        else:
+            sys.exit(f"error: {name} is neither an image file nor a folder of images")
     try:
         send = (
             _sagemaker_sender(endpoint, region) if endpoint else _torchserve_sender(url, key, run_dir, model, timeout)
@@ -142,7 +155,7 @@ def predict(
     except ServeError as error:
         sys.exit(f"error: {error}")
     refused = 0
-    for image in map(Path, images):
+    for image in files:
         body, content_type = image.read_bytes(), _content_type(image)
         if as_json:
             body, content_type = _json_body(body), "application/json"

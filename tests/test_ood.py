@@ -1,6 +1,7 @@
 """The out-of-distribution guard (bundle.ood): scores, the validation fit, its storage beside the weights."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -411,3 +412,22 @@ def test_the_measurement_scores_every_set_and_method_against_the_test_split(guar
         text=True,
     )
     assert missing.returncode != 0 and f"--sets_dir: {tmp_path / 'sets.json'} is missing" in missing.stderr
+
+    # unreadable inputs are named before any work: a broken test image, a datalist without its dataset folder
+    content = json.loads(datalist.read_text())
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_dir, broken)
+    (broken / content["testing"][0]["image"]).write_bytes(b"not a jpeg")
+    refused = subprocess.run(
+        [sys.executable, REPO / "scripts" / "evaluate_ood.py", "--bundle_root", guarded, "--dataset_dir", broken]
+        + ["--datalist", datalist, "--builtin", "false", "--latency_batches", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and f"testing[0] {content['testing'][0]['image']}: " in refused.stderr
+    alone = subprocess.run(
+        [sys.executable, REPO / "scripts" / "ood_sets.py", "--output_dir", tmp_path / "x", "--datalist", datalist],
+        capture_output=True,
+        text=True,
+    )
+    assert alone.returncode != 0 and "names images relative to a dataset folder: pass --dataset_dir" in alone.stderr

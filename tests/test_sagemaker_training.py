@@ -336,3 +336,19 @@ def test_the_entry_script_refuses_bad_input_before_any_work(tmp_path, synthetic_
     assert expected in result.stderr
     assert expected in (tmp_path / "output" / "failure").read_text()  # SageMaker shows it as the FailureReason
     assert not (tmp_path / "model").exists()
+
+
+def test_the_containers_folders_are_absolute_whatever_folder_the_entry_starts_in(tmp_path, monkeypatch):
+    """The bundle's runs start in the repository: a relative channel or checkpoint folder set by hand must
+    still name the folder it named where the entry script was started."""
+    from cloud.training_job import Container, checkpoint_dir
+
+    monkeypatch.chdir(tmp_path)
+    env = {"SM_MODEL_DIR": "model", "SM_OUTPUT_DATA_DIR": "output/data", "SM_CHANNEL_TRAINING": "data"}
+    container = Container.from_env(env, [])
+    assert (container.model_dir, container.output_data_dir, container.data_dir) == (
+        tmp_path / "model",
+        tmp_path / "output" / "data",
+        tmp_path / "data",
+    )
+    assert checkpoint_dir(tmp_path / "work", {"checkpoint_dir": "checkpoints"}) == tmp_path / "checkpoints"

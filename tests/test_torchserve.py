@@ -577,3 +577,20 @@ def test_the_predict_client_prints_a_sentence_per_image_and_refusals(server, tmp
     )
     answer = json.loads(raw.stdout)
     assert raw.returncode == 0 and answer["status"] == 200 and answer["response"]["class"] in CLASS_NAMES
+    # a folder stands for its images; a name that is neither stops the client before its first request
+    folder = tmp_path / "folder"
+    (folder / "__MACOSX").mkdir(parents=True)
+    (folder / "__MACOSX" / "._lesion.jpg").write_bytes(b"\x00\x05")
+    (folder / "lesion.jpg").write_bytes(good.read_bytes())
+    listed = subprocess.run(
+        [*client[:2], str(folder), "--run_dir", str(server["run_dir"])], cwd=REPO, capture_output=True, text=True
+    )
+    assert listed.returncode == 0 and listed.stdout.startswith(f"{folder / 'lesion.jpg'}: class: "), listed.stderr
+    stopped = subprocess.run(
+        [*client[:3], str(tmp_path / "gone.jpg"), "--run_dir", str(server["run_dir"])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert stopped.returncode == 1 and not stopped.stdout
+    assert f"error: {tmp_path / 'gone.jpg'} is neither an image file nor a folder of images" in stopped.stderr
