@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -649,20 +650,22 @@ class TrainingHistory:
             rows = json.loads(self.path.read_text()) if self.path.exists() else []
             self.rows = [row for row in rows if row["epoch"] < engine.state.epoch]
         self._loss_sum, self._count, self._images = 0.0, 0, 0
+        self._started, self._trained_s = _device_clock(engine), None
 
     def _accumulate(self, engine: Engine) -> None:
         # summed on the loss's device and read once per epoch: reading it every step would wait for the GPU
         self._loss_sum = self._loss_sum + from_engine(["loss"], first=True)(engine.state.output).detach().float()
         self._count += 1
         self._images += len(engine.state.batch["image"])
+        if engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0:
+            # the epoch's last step, before its validation: the time of the training work itself, once the
+            # device has done it (ignite's epoch time is the host's, which runs up to several steps ahead)
+            self._trained_s = _device_clock(engine) - self._started
 
     def _record(self, engine: Engine) -> None:
         row = {"epoch": engine.state.epoch, "train_loss": float(self._loss_sum) / max(self._count, 1)}
-        # ignite's timings: the epoch's training iterations (queued on the device, read back by the loss
-        # above) and the validation run
-        train_s = engine.state.times.get(Events.EPOCH_COMPLETED.name)
-        if train_s:
-            row.update(train_s=train_s, train_img_per_s=self._images / train_s)
+        if self._trained_s:
+            row.update(train_s=self._trained_s, train_img_per_s=self._images / self._trained_s)
         device = engine.state.device
         if device is not None and torch.device(device).type == "cuda":  # what a run needs, to fit several on one GPU
             row["device_peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -675,6 +678,14 @@ class TrainingHistory:
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.rows, indent=1)))
         summary = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
         logger.info("epoch %d/%d: %s", engine.state.epoch, engine.state.max_epochs, summary)
+
+
+def _device_clock(engine: Engine) -> float:
+    """Seconds on a monotonic clock once the engine's device has finished the work queued so far."""
+    device = engine.state.device
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class PredictionWriter:

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from bundle import sidecar
 from bundle.calibration import Calibration
 from bundle.handlers import (
     BestModelSaver,
+    TrainingHistory,
     TrainingSplitGuard,
     as_bool,
     atomic_write,
@@ -251,3 +253,24 @@ def test_unreadable_best_weights_stop_every_rank_of_the_guards_refit(tmp_path):
     ckpt_path.write_bytes(b"not a checkpoint")
     args = (str(tmp_path / "init"), str(ckpt_path))
     torch.multiprocessing.start_processes(_refit_reads_unreadable_weights, args, nprocs=2, start_method="spawn")
+
+
+def test_the_history_times_training_once_the_device_has_done_it_and_waits_twice_an_epoch(tmp_path, monkeypatch):
+    """On a GPU the host queues steps ahead of the device: an epoch's training time is read after waiting for
+    it (at the epoch's start and at its last step, before validation), not from ignite's host-side clock."""
+    waits = []
+
+    def synchronize(device=None):  # stands for the device finishing 0.2 s of queued work
+        waits.append(device)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    batch = {"image": torch.zeros(4, 3, 8, 8)}
+    trainer = Engine(lambda engine, batch: [{"loss": torch.tensor(1.0)}])  # as the bundle's trainer_iteration
+    trainer.add_event_handler(Events.STARTED, lambda engine: setattr(engine.state, "device", torch.device("cuda:0")))
+    TrainingHistory(str(tmp_path / "history.json")).attach(trainer)
+    trainer.run([batch] * 3, max_epochs=2)
+    rows = json.loads((tmp_path / "history.json").read_text())
+    assert len(waits) == 4, "a wait per step would stall the device's queue"
+    for row in rows:
+        assert row["train_s"] >= 0.2 and row["train_img_per_s"] == pytest.approx(12 / row["train_s"])
