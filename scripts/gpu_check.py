@@ -346,6 +346,13 @@ def trainer_vs_model_only(
             return
         if phases[phase] == "trainer_eager" and isinstance(iteration, GraphedTrainerIteration):
             iteration.reason = "measuring the eager step"
+            # the graph's memory pool holds a whole step's activations: beside the eager step's own, at 224 px
+            # and batch 512 (~31 GiB each in bf16) they may not fit an H100 together. The gradients the graph
+            # wrote live in its pool too: set to None, the eager step allocates its own.
+            iteration.graphs.clear()
+            engine.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
         marks[phases[phase]] = time.perf_counter()
 
     trainer.state.epoch_length = warmup + 2 * steps
@@ -420,13 +427,29 @@ def first_step_s(log: Path) -> float | None:
     return float(found.group(1)) if found else None
 
 
+class StepFailed(RuntimeError):
+    """A command of the check exited with an error; its log's tail is the message."""
+
+
 def _run(command: list[str], log: Path) -> float:
     start = time.perf_counter()
     with open(log, "w") as out:
         result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode:
-        sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n{log.read_text()[-4000:]}")
+        raise StepFailed(f"failed ({result.returncode}): {' '.join(command)}\n{log.read_text()[-4000:]}")
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _recorded_failure(report: dict, part: str, save: Callable[[], None]):
+    """A failing part of the check goes into ``report["errors"][part]`` and the check goes on to the next part:
+    a GPU session is too scarce to end at its first failure."""
+    try:
+        yield
+    except Exception:  # StepFailed, or reading what the step should have written
+        report.setdefault("errors", {})[part] = traceback.format_exc(limit=-3)
+        print(f"{part} failed; the check goes on:\n{report['errors'][part]}", file=sys.stderr)
+        save()
 
 
 DEFAULT_RECIPES = {"ham128": {"config": ["configs/train_ham10000.json"]}}
@@ -512,21 +535,25 @@ def check(
         (work / "gpu_check.json").write_text(json.dumps(report, indent=1))
 
     report["first_step_s"] = {}
+    trained = False
     if epochs:
-        report["train_wall_s"] = _run(train, work / "train.log")  # cold: decodes into <work>/cache first
-        report["first_step_s"]["cold"] = first_step_s(work / "train.log")
-        report["history"] = json.loads((work / "models" / "history.json").read_text())
-        save()
-    if epochs and evaluate:
-        report["evaluate_wall_s"] = _run(
-            bundle_run
-            + ["['configs/train.json','configs/evaluate.json']", *common, *run_recipes._overrides(overrides)],
-            work / "evaluate.log",
-        )
-        report["metrics"] = json.loads((work / "eval" / "metrics.json").read_text())
-        if cuda:
-            report["cpu_vs_gpu_max_abs_logit_diff"], report["checkpoint_devices"] = _cpu_matches_gpu(work)
-        save()
+        with _recorded_failure(report, "train", save):
+            report["train_wall_s"] = _run(train, work / "train.log")  # cold: decodes into <work>/cache first
+            report["first_step_s"]["cold"] = first_step_s(work / "train.log")
+            report["history"] = json.loads((work / "models" / "history.json").read_text())
+            trained = True
+            save()
+    if trained and evaluate:
+        with _recorded_failure(report, "evaluate", save):
+            report["evaluate_wall_s"] = _run(
+                bundle_run
+                + ["['configs/train.json','configs/evaluate.json']", *common, *run_recipes._overrides(overrides)],
+                work / "evaluate.log",
+            )
+            report["metrics"] = json.loads((work / "eval" / "metrics.json").read_text())
+            if cuda:
+                report["cpu_vs_gpu_max_abs_logit_diff"], report["checkpoint_devices"] = _cpu_matches_gpu(work)
+            save()
     report["speed"], report["trainer_vs_model_only"], report["tta_batched_speedup"] = {}, {}, {}
     for size in speed_sizes:
         if cuda:
@@ -581,7 +608,8 @@ def check(
     if recipe_timeout_s:
         recipe_command += ["--timeout_s", str(recipe_timeout_s)]
     recipe_work.mkdir(parents=True, exist_ok=True)
-    report["recipes_wall_s"] = _run(recipe_command, work / "recipes.log")
+    with _recorded_failure(report, "recipes", save):  # the runs that finished are read below all the same
+        report["recipes_wall_s"] = _run(recipe_command, work / "recipes.log")
     rows = (
         [json.loads(line) for line in (recipe_work / "runs.jsonl").read_text().splitlines()]
         if (recipe_work / "runs.jsonl").is_file()
@@ -596,53 +624,26 @@ def check(
     save()
 
     if warm_rerun:
-        report["train_warm_cache_wall_s"] = _run(train, work / "train_warm.log")
-        save()
+        with _recorded_failure(report, "warm_rerun", save):
+            report["train_warm_cache_wall_s"] = _run(train, work / "train_warm.log")
+            save()
     if ddp:
-        report["ddp_nccl_1gpu_wall_s"] = _run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=1",
-                "-m",
-                "monai.bundle",
-                "run",
-                "--config_file",
-                "['configs/train.json','configs/multi_gpu_train.json']",
-                "--max_epochs",
-                "1",
-                "--resume",
-                "false",
-                *data_args,
-                "--bundle_root",
-                str(work / "ddp"),
-            ],
-            work / "ddp.log",
-        )
-        save()
+        ddp_train = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "monai.bundle", "run"]
+        ddp_train += ["--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--max_epochs", "1"]
+        ddp_train += ["--resume", "false", *data_args, "--bundle_root", str(work / "ddp")]
+        with _recorded_failure(report, "ddp", save):
+            report["ddp_nccl_1gpu_wall_s"] = _run(ddp_train, work / "ddp.log")
+            save()
     for size in benchmark_sizes:
         log = work / f"benchmark_train_{size}.log"
         batch = 1024 if size <= 64 else 256  # the batch sizes of the model-only figures in NOTES-stack.md
-        report[f"benchmark_{size}_wall_s"] = _run(
-            [
-                sys.executable,
-                "scripts/benchmark_train.py",
-                "--dataset_dir",
-                dataset_dir,
-                "--image_size",
-                str(size),
-                "--batch_size",
-                str(batch),
-                "--epochs",
-                str(benchmark_epochs),
-                "--data_epochs",
-                str(benchmark_epochs),
-            ],
-            log,
-        )
-        report[f"benchmark_{size}"] = [line for line in log.read_text().splitlines() if line.startswith("RESULT")]
-        save()
+        benchmark = [sys.executable, "scripts/benchmark_train.py", "--dataset_dir", dataset_dir, "--image_size"]
+        benchmark += [str(size), "--batch_size", str(batch), "--epochs", str(benchmark_epochs)]
+        benchmark += ["--data_epochs", str(benchmark_epochs)]
+        with _recorded_failure(report, f"benchmark_{size}", save):
+            report[f"benchmark_{size}_wall_s"] = _run(benchmark, log)
+            report[f"benchmark_{size}"] = [line for line in log.read_text().splitlines() if line.startswith("RESULT")]
+            save()
     print(json.dumps({k: v for k, v in report.items() if k not in ("history", "recipes", "metrics")}, indent=1))
 
 

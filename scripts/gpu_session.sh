@@ -14,17 +14,24 @@
 #    scikit-image is installed by `python scripts/ood_sets.py --output_dir .gpu/ood_sets`) replacing the
 #    built-in ones, the guard refitted with each statistics split and class weighting (--refit), and the guard's
 #    share of a served batch's latency.
-# The next session's runs are prepared in scripts/recipes/levers_128.json (each lever alone over three seeds,
-# and the recipe without cuDNN autotuning):
-#     SEEDS=None bash scripts/gpu_session.sh .gpu/ham10000-200x150 $OUT scripts/recipes/levers_128.json
+# Two kinds of session, for one 10-minute command each (seconds from the H200 session of 2026-12-04; an H100 is
+# slower): the wheels and the graph tests take ~40 s, gpu_check.py's imports and datalist ~20 s, the guard ~100 s.
+# - the speed session (issue 16), the defaults: the cold 30-epoch 64 px run (~90 s), the speed parts at 64, 128
+#   and 224 px (~40 + 30 + 50 s), then the base 128 px recipe alone (~115 s with its evaluation):
+#     bash scripts/gpu_session.sh .gpu/ham10000-200x150 $OUT
+# - a levers session (issue 17): the recipes alone get gpu_check.py's ~400 s, the first alone, then PARALLEL at a
+#   time; scripts/recipes/levers_128.json is in the order to run them (each lever over three seeds, and the
+#   recipe without cuDNN autotuning), so each session takes the file's next runs:
+#     EPOCHS=0 SPEED_SIZES=[] SEEDS=None bash scripts/gpu_session.sh .gpu/ham10000-200x150 $OUT scripts/recipes/levers_128.json
 # Prepared here, in folders git ignores (.git/info/exclude) so that the device tool carries them (`carry`:
 # [".whl", ".gpu"], about 50 MB of its 64 MiB): `pip download --no-deps -d .whl monai pytorch-ignite fire
 # termcolor`, a copy of the dataset in .gpu/ham10000-200x150 (40 MB) and the far sets in .gpu/ood_sets (6 MB).
 # GPU_CHECK_ARGS adds arguments to gpu_check.py (--require_cuda False rehearses the session on a CPU, as
 # tests/test_gpu_check.py does); WORK_DIR (default /tmp/gpu_check) holds the runs.
-# Results in OUT_DIR: gpu.txt, pytest.log, pip_freeze.txt and importtime.log (what a cold start imports),
-# gpu_check.json and .log, ood.json and .log, runs.tgz (every run's histories, sidecars, metrics, plots and logs,
-# finished or cut). gpu_check.py saves after each part, so a step cut by CHECK_TIMEOUT leaves the earlier ones.
+# Results in OUT_DIR, seven files (the device tool brings back eight at most): gpu.txt, pytest.log, gpu_check.json
+# and .log, ood.json and .log, runs.tgz (every run's histories, sidecars, metrics, plots and logs, finished or cut,
+# and session/pip_freeze.txt and session/importtime.log: what a cold start imports). gpu_check.py saves after each
+# part, so a step cut by CHECK_TIMEOUT leaves the earlier ones.
 # Time limits: the whole script SESSION_S (580 s), gpu_check.py CHECK_TIMEOUT (430 s), the guard OOD_TIMEOUT (120 s);
 # a step gets what is left of SESSION_S when that is less.
 set -uo pipefail
@@ -50,11 +57,19 @@ if [ -d "${WHEELS_DIR:-.whl}" ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+# what every step needs, checked before any of them spends the session's minutes
+if ! python3 -c "import monai, ignite, fire" || [ ! -d "$dataset_dir" ]; then
+    echo "cannot run: monai, pytorch-ignite and fire must import (carry their wheels in ${WHEELS_DIR:-.whl}) and" \
+        "the dataset folder $dataset_dir must exist (carry it)" | tee -a "$out/gpu.txt"
+    exit 2
+fi
 work=${WORK_DIR:-/tmp/gpu_check}
+mkdir -p "$work/session"
 # the cold start's first 17 s are imports (docs/PERFORMANCE.md): what this environment makes MONAI import, and
 # the cost of each module, taken beside the graph tests (the machine's other cores are idle then)
-python3 -m pip freeze > "$out/pip_freeze.txt" 2>/dev/null &
-python3 -X importtime -c "import monai.bundle, monai.handlers, bundle.training, bundle.handlers" 2> "$out/importtime.log" &
+python3 -m pip freeze > "$work/session/pip_freeze.txt" 2>/dev/null &
+python3 -X importtime -c "import monai.bundle, monai.handlers, bundle.training, bundle.handlers" \
+    2> "$work/session/importtime.log" &
 overrides='{}'
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee "$out/pytest.log"
 if [ "${PIPESTATUS[0]}" != 0 ]; then
@@ -80,7 +95,9 @@ if [ -n "$first_run" ]; then
 else
     echo "no recipe run finished: the out-of-distribution guard is not measured" | tee "$out/ood.log"
 fi
-# the small files of every run, finished or cut: histories, sidecars, metrics, plots, logs
-(cd "$work" && find . -name '*.json' -o -name '*.jsonl' -o -name '*.log' -o -name '*.png' | grep -v /cache/ \
+# the small files of every run, finished or cut: histories, sidecars, metrics, plots, logs; the session's own
+wait
+(cd "$work" && find . -name '*.json' -o -name '*.jsonl' -o -name '*.log' -o -name '*.png' -o -name '*.txt' \
+    | grep -v /cache/ \
     | tar czf "$out/runs.tgz" -T -) 2>/dev/null
 echo "gpu_session done"

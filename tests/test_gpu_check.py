@@ -177,6 +177,26 @@ def test_the_whole_check_runs_end_to_end(synthetic_dir, tmp_path):
     assert report["parallel"]["parallel"] == 2 and report["parallel"]["alone_img_per_s"] > 0
 
 
+def test_a_failed_run_is_recorded_and_the_check_goes_on_to_its_next_part(synthetic_dir, tmp_path, monkeypatch):
+    """The cold run is the first to reach several GPU paths: its failure must not cost the session's other parts."""
+    run = gpu_check._run
+
+    def failing_training(command, log):
+        if "configs/train.json" in command:  # the cold run, not the speed part's in-process trainer
+            log.write_text("RuntimeError: CUDA error: an illegal memory access was encountered\n")
+            raise gpu_check.StepFailed(f"failed (1): {' '.join(command)}\n{log.read_text()}")
+        return run(command, log)
+
+    monkeypatch.setattr(gpu_check, "_run", failing_training)
+    small = {"image_size": [32, 32], "batch_size": 32, "num_workers": 0}
+    gpu_check.check(str(synthetic_dir), str(tmp_path), epochs=1, speed_sizes=(32,), speed_steps=2, recipes={},
+                    train_overrides=small, require_cuda=False)  # fmt: skip
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "illegal memory access" in report["errors"]["train"] and set(report["errors"]) == {"train"}
+    assert "evaluate_wall_s" not in report, "nothing trained to evaluate"
+    assert report["trainer_vs_model_only"]["32"] > 0
+
+
 def test_require_cuda_false_from_the_command_line_runs_on_a_cpu(synthetic_dir, tmp_path):
     """fire hands ``--require_cuda false`` over as text, which is truthy: it must read as false."""
     command = [sys.executable, "scripts/gpu_check.py", "--dataset_dir", str(synthetic_dir), "--work_dir", str(tmp_path)]
@@ -217,5 +237,7 @@ def test_the_gpu_session_script_runs_end_to_end_on_a_cpu(synthetic_dir, tmp_path
     with tarfile.open(out / "runs.tgz") as archive:
         names = set(archive.getnames())
     assert {"./gpu_check.json", "./recipes/tiny_s0/models/model.json", "./recipes/tiny_s0/eval/metrics.json"} <= names
+    assert {"./session/pip_freeze.txt", "./session/importtime.log"} <= names
+    assert len(list(out.iterdir())) <= 8, "the device tool brings back eight files at most"
     assert not any("/cache/" in name for name in names)
     assert "passed" in (out / "pytest.log").read_text() or "skipped" in (out / "pytest.log").read_text()
