@@ -80,6 +80,12 @@ def bundle_files(
     return bundle_root, weights, sidecar_path(weights), guard_file(weights)
 
 
+def worker_device(gpu_id: int | str | None) -> str:
+    """The device of a serving worker to which the model server gave ``gpu_id`` (TorchServe's system property):
+    that GPU when there is one, else the CPU."""
+    return f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
+
+
 class RejectionKind(enum.StrEnum):
     """Which check an image failed; a server maps these to status codes."""
 

@@ -20,13 +20,12 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import torch
 from ts.handler_utils.timer import timed
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from bundle.payloads import JSON_TYPE, USAGE, RequestError, image_bytes, image_from_v2_input, rejection_status
-from bundle.predictor import MAX_PIXELS, Prediction, Predictor, Rejection
+from bundle.predictor import MAX_PIXELS, Prediction, Predictor, Rejection, worker_device
 from bundle.serving_metrics import IMAGES_CLASSIFIED, IMAGES_REFUSED, MODEL_LEVEL, NO_CLASS, OUT_OF_DISTRIBUTION
 
 logger = logging.getLogger(__name__)
@@ -41,13 +40,11 @@ class SkinLesionHandler(BaseHandler):
     def initialize(self, context) -> None:
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
-        gpu_id = properties.get("gpu_id")
-        device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
         options = (context.model_yaml_config or {}).get("handler", {})
         self.predictor = Predictor(
             model_dir,
             model_dir / context.manifest["model"]["serializedFile"],
-            device,
+            worker_device(properties.get("gpu_id")),
             max_pixels=int(options.get("max_pixels", MAX_PIXELS)),
         )
         self.initialized = True

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from bundle.payloads import JSON_TYPE, RequestError, image_bytes, rejection_status
-from bundle.predictor import Prediction, Predictor, Rejection
+from bundle.predictor import Prediction, Predictor, Rejection, worker_device
 
 try:  # inside the container the toolkit turns this error into the response's status code
     from sagemaker_inference.errors import GenericInferenceToolkitError as ToolkitError
@@ -35,10 +35,12 @@ def _refuse(status: http.HTTPStatus, error: str) -> ToolkitError:
     return ToolkitError(status.value, json.dumps({"error": error}), status.phrase)
 
 
-def model_fn(model_dir: str) -> Predictor:
+def model_fn(model_dir: str, context=None) -> Predictor:
+    """With the toolkit's context (it passes one to a model_fn that takes it), each worker on its own GPU."""
     models = Path(model_dir) / "models"
     weights = models / "model.pt" if (models / "model.pt").is_file() else models / "model.ts"
-    return Predictor(model_dir, weights)
+    device = None if context is None else worker_device(context.system_properties.get("gpu_id"))
+    return Predictor(model_dir, weights, device)
 
 
 def input_fn(request_body: bytes | str, request_content_type: str) -> list[bytes]:

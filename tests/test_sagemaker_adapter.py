@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from bundle.labels import CLASS_LABELS
@@ -87,6 +88,21 @@ def test_the_archive_has_the_container_layout(model_dir):
 
 def test_the_container_serves_at_the_trained_image_size(adapter, model_dir):
     assert adapter.model_fn(str(model_dir)).image_size == TRAINED_IMAGE_SIZE
+
+
+def test_the_toolkit_hands_model_fn_its_context_and_each_worker_takes_its_own_gpu(adapter, model_dir, monkeypatch):
+    """A multi-GPU host gives each worker a gpu_id: without it, every worker would load onto the config's cuda:0."""
+    from types import SimpleNamespace
+
+    from sagemaker_inference.transformer import Transformer
+
+    import bundle.predictor
+
+    toolkit = Transformer()
+    toolkit._context = SimpleNamespace(system_properties={"gpu_id": 1, "model_dir": str(model_dir)})
+    assert toolkit._run_handler_function(adapter.model_fn, str(model_dir)).device == torch.device("cpu")  # no GPU here
+    monkeypatch.setattr(bundle.predictor.torch.cuda, "is_available", lambda: True)
+    assert bundle.predictor.worker_device(1) == "cuda:1" and bundle.predictor.worker_device(None) == "cpu"
 
 
 def test_packaging_refuses_a_malformed_sidecar(tmp_path):
