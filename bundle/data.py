@@ -79,10 +79,19 @@ def read_ham10000(dataset_dir: str | os.PathLike) -> list[dict]:
         rows_ok, problems = _parse_ham_rows(csv_path, header, rows)
         image_dirs = HAM_IMAGE_DIRS
     problems += _duplicate_problems(csv_path, rows_ok)
-    records, image_problems = _attach_image_paths(dataset_dir, csv_path.parent, image_dirs, rows_ok)
+    index = _index_images(csv_path.parent, image_dirs)
+    looked_in = f"in {', '.join(f'{folder}/' for folder in image_dirs)} under {csv_path.parent}"
+    records, image_problems = _attach_image_paths(dataset_dir, index, looked_in, rows_ok)
     problems += image_problems
     if problems:
         raise DatasetError(f"cannot read dataset {dataset_dir}:\n  " + "\n  ".join(problems))
+    unlisted = sorted(set(index) - {record["image_id"] for record in records})
+    if unlisted:  # not an error (a folder may hold more than one dataset), but nothing is left out unsaid
+        warnings.warn(
+            f"{len(unlisted)} image file(s) under {csv_path.parent} are not in its metadata and are left out: "
+            f"{_first(unlisted)}",
+            stacklevel=2,
+        )
     return records
 
 
@@ -210,10 +219,9 @@ def _duplicate_problems(csv_path: Path, rows: list[dict]) -> list[str]:
 
 
 def _attach_image_paths(
-    dataset_dir: Path, layout_root: Path, image_dirs: tuple[str, ...], rows: list[dict]
+    dataset_dir: Path, index: dict[str, list[Path]], looked_in: str, rows: list[dict]
 ) -> tuple[list[dict], list[str]]:
-    """Find each row's image through one directory listing per candidate folder of ``layout_root``."""
-    index = _index_images(layout_root, image_dirs)
+    """Each row's image, from ``_index_images``; ``looked_in`` says where, for the message on missing ones."""
     records, missing, ambiguous, outside = [], [], [], []
     root = dataset_dir.resolve()
     for row in rows:
@@ -237,10 +245,9 @@ def _attach_image_paths(
         )
     problems = []
     if missing:
-        looked_in = ", ".join(f"{folder}/" for folder in image_dirs)
         problems.append(
-            f"{len(missing)} image(s) not found as <image_id>{{{','.join(IMAGE_SUFFIXES)}}} "
-            f"in {looked_in} under {layout_root}: {_first(missing)}"
+            f"{len(missing)} image(s) not found as <image_id>{{{','.join(IMAGE_SUFFIXES)}}} {looked_in}: "
+            f"{_first(missing)}"
         )
     if ambiguous:
         problems.append(f"{len(ambiguous)} image id(s) with different files of that name: {_first(ambiguous)}")

@@ -225,6 +225,14 @@ def test_images_symlinked_from_outside_are_refused_when_read_as_preflight_would_
         read_ham10000(dataset)
 
 
+def test_images_the_metadata_does_not_list_are_left_out_with_a_warning_that_counts_them(synthetic_dir, tmp_path):
+    rows = _metadata_rows(synthetic_dir)
+    dataset = _copy_flat_layout(synthetic_dir, tmp_path, rows[2:])
+    with pytest.warns(UserWarning, match=rf"2 image file\(s\) under {dataset} are not in its metadata and are left "
+                      rf"out: {rows[0]['image_id']}, {rows[1]['image_id']}"):  # fmt: skip
+        assert len(read_ham10000(dataset)) == len(rows) - 2
+
+
 def test_png_and_jpeg_suffixes_are_found(synthetic_dir, tmp_path):
     dataset = _copy_flat_layout(synthetic_dir, tmp_path)
     first, second = (row["image_id"] for row in _metadata_rows(synthetic_dir)[:2])
