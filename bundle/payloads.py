@@ -13,8 +13,10 @@ import json
 
 from bundle.predictor import Rejection, RejectionKind
 
-# An empty type is accepted too: `curl -T image.jpg` and many clients send raw bytes without one.
-RAW_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "application/x-image", "application/octet-stream", ""})
+# Raw bytes under any image/* type (clients send image/jpg, image/pjpeg) or a generic binary one (S3 labels uploads
+# binary/octet-stream); an empty type too: `curl -T image.jpg` sends none. The bytes themselves then decide: a
+# format other than JPEG or PNG is refused by name (bundle.predictor).
+BINARY_TYPES = frozenset({"application/x-image", "application/octet-stream", "binary/octet-stream", ""})
 JSON_TYPE = "application/json"
 USAGE = (
     "send JPEG or PNG bytes (Content-Type image/jpeg or image/png), multipart/form-data with the image "
@@ -46,7 +48,8 @@ def image_bytes(value: bytes | bytearray | str | dict | list, content_type: str)
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == JSON_TYPE:
         return _image_from_json(value)
-    if media_type not in RAW_IMAGE_TYPES or not isinstance(value, (bytes, bytearray)):
+    raw = media_type.startswith("image/") or media_type in BINARY_TYPES
+    if not raw or not isinstance(value, (bytes, bytearray)):
         raise RequestError(http.HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported content type {media_type!r}: {USAGE}")
     return bytes(value)
 
@@ -81,6 +84,10 @@ def image_from_v2_input(tensor: dict) -> bytes:
 
 
 def _from_base64(text: str, what: str) -> bytes:
+    # a data URI's header goes (a browser's FileReader.readAsDataURL and canvas.toDataURL write one)
+    header, comma, payload = text.partition(",")
+    if comma and header.startswith("data:") and header.endswith(";base64"):
+        text = payload
     try:  # line breaks are allowed: the `base64` tool wraps its output
         return base64.b64decode("".join(text.split()), validate=True)
     except ValueError as error:  # binascii.Error, or non-ASCII characters

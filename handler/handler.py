@@ -129,6 +129,9 @@ class SkinLesionHandler(BaseHandler):
             return image_from_v2_input(request)
         for field in IMAGE_FIELDS:
             if field in request:
-                content_type = (self.context.get_request_header(index, field) or {}).get("content-type") or ""
+                # TorchServe puts the request's headers in the same dict: a client header named like the field
+                # is a string there, not the field's own headers
+                headers = self.context.get_request_header(index, field)
+                content_type = (headers.get("content-type") if isinstance(headers, dict) else None) or ""
                 return image_bytes(request[field], content_type)
         raise RequestError(http.HTTPStatus.BAD_REQUEST, f"the request holds no image: {USAGE}")

@@ -55,8 +55,10 @@ def predict_fn(images: list[bytes], predictor: Predictor) -> list[Prediction | R
 
 
 def output_fn(results: list[Prediction | Rejection], accept: str) -> tuple[str, str]:
-    if accept and accept.split(";")[0].strip() not in (JSON_TYPE, "*/*"):
-        raise _refuse(http.HTTPStatus.NOT_ACCEPTABLE, f"the response is {JSON_TYPE}, not {accept}")
+    # an Accept header lists media ranges, with parameters and in any case: JSON must match one of them
+    ranges = {item.split(";")[0].strip().lower() for item in (accept or "").split(",")} - {""}
+    if ranges and not ranges & {JSON_TYPE, "application/*", "*/*"}:
+        raise _refuse(http.HTTPStatus.NOT_ACCEPTABLE, f"the response is {JSON_TYPE}, not any of {accept}")
     (result,) = results
     if isinstance(result, Rejection):
         raise _refuse(rejection_status(result), result.error)

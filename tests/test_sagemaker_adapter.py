@@ -153,7 +153,7 @@ def test_json_base64_input_gives_the_same_answer(adapter, model_dir, jpeg):
         (b"not an image", "image/png", 400),
         (b"{not json", "application/json", 400),
         (json.dumps({"image": "***"}), "application/json", 400),
-        (b"GIF89a", "image/gif", 415),
+        (encode(Image.new("RGB", (32, 32)), "GIF"), "image/gif", 415),  # the bytes name the format
     ],
 )
 def test_bad_requests_are_refused_with_a_4xx_and_a_reason(adapter, model_dir, body, content_type, status):
@@ -175,8 +175,25 @@ def test_an_image_over_the_pixel_limit_is_413(adapter, model_dir):
 def test_an_unacceptable_accept_header_is_406(adapter, model_dir, jpeg):
     model = adapter.model_fn(str(model_dir))
     with pytest.raises(adapter.ToolkitError) as refused:
-        adapter.output_fn(adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), "text/csv")
+        adapter.output_fn(adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), "text/csv, text/html;q=0.9")
     assert refused.value.status_code == 406
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/json, text/plain, */*",  # axios's default
+        "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",  # a browser's
+        "Application/JSON",
+        "application/*",
+        "application/json; charset=utf-8",
+        "",
+    ],
+)
+def test_an_accept_header_listing_json_among_others_gets_json(adapter, model_dir, jpeg, accept):
+    model = adapter.model_fn(str(model_dir))
+    body, content_type = adapter.output_fn(adapter.predict_fn(adapter.input_fn(jpeg, "image/jpeg"), model), accept)
+    assert content_type == "application/json" and json.loads(body)["class"]
 
 
 def test_the_predict_client_reads_a_sagemaker_endpoint(adapter, model_dir, jpeg, tmp_path):
