@@ -57,13 +57,30 @@ class Refusal(Exception):
         self.status, self.error = status, error
 
 
+ANSWER_MARGIN_S = 3  # of the function's time, kept back to answer when the endpoint is slow
+ENDPOINT_LIMIT_S = 70  # outside Lambda: an endpoint has 60 s to answer
+
+
+def attempts() -> int:
+    return int(os.environ.get("MAX_ATTEMPTS", "3"))
+
+
+def read_timeout(context) -> int:
+    """Each try's share of the time the function has left, less ``ANSWER_MARGIN_S``: a slow endpoint then gets
+    this function's 504, not the function's own timeout (API Gateway's generic error). Behind an HTTP API the
+    function has 30 s (the integration's limit), so each of 3 tries gets 9 s."""
+    if context is None:
+        return ENDPOINT_LIMIT_S
+    left = context.get_remaining_time_in_millis() / 1000 - ANSWER_MARGIN_S
+    return max(1, min(ENDPOINT_LIMIT_S, int(left / attempts())))
+
+
 @functools.cache
-def clients():
-    """The sagemaker-runtime and S3 clients, made once per execution environment (warm calls reuse them)."""
+def clients(timeout: int = ENDPOINT_LIMIT_S):
+    """The sagemaker-runtime and S3 clients, made once per execution environment and read timeout (warm calls
+    reuse them: a function's time limit, and so the timeout, stays the same from call to call)."""
     config = Config(
-        retries={"mode": "standard", "total_max_attempts": int(os.environ.get("MAX_ATTEMPTS", "3"))},
-        connect_timeout=5,
-        read_timeout=70,  # an endpoint has 60 s to answer
+        retries={"mode": "standard", "total_max_attempts": attempts()}, connect_timeout=5, read_timeout=timeout
     )
     return boto3.client("sagemaker-runtime", config=config), boto3.client("s3", config=config)
 
@@ -74,13 +91,14 @@ def handler(event: dict, context=None) -> dict:
         endpoint = os.environ.get("ENDPOINT_NAME")
         if not endpoint:
             raise Refusal(500, "the function has no ENDPOINT_NAME setting")
-        body, content_type = request_image(event)
-        return invoke(endpoint, body, content_type)
+        runtime, s3 = clients(read_timeout(context))
+        body, content_type = request_image(event, s3)
+        return invoke(runtime, endpoint, body, content_type)
     except Refusal as refusal:
         return response(refusal.status, {"error": refusal.error})
 
 
-def request_image(event: dict) -> tuple[bytes, str]:
+def request_image(event: dict, s3) -> tuple[bytes, str]:
     """The request's payload for the endpoint and its content type; a Refusal when there is none."""
     method = event.get("httpMethod") or event.get("requestContext", {}).get("http", {}).get("method")
     if method != "POST":
@@ -105,16 +123,15 @@ def request_image(event: dict) -> tuple[bytes, str]:
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise Refusal(400, f"invalid JSON: {error}") from None
         if isinstance(document, dict) and "s3_uri" in document:
-            return s3_image(document["s3_uri"])
+            return s3_image(document["s3_uri"], s3)
     return payload, content_type or "application/octet-stream"
 
 
-def s3_image(uri) -> tuple[bytes, str]:
+def s3_image(uri, s3) -> tuple[bytes, str]:
     """The image at ``uri``, with a content type the endpoint sniffs (it reads JPEG and PNG by their bytes)."""
     match = S3_URI.match(uri) if isinstance(uri, str) else None
     if not match:
         raise Refusal(400, f"s3_uri {uri!r} is not an S3 object URI (s3://bucket/key)")
-    _, s3 = clients()
     try:
         head = s3.head_object(Bucket=match["bucket"], Key=match["key"])
         if head["ContentLength"] > MAX_IMAGE_BYTES:
@@ -127,9 +144,8 @@ def s3_image(uri) -> tuple[bytes, str]:
     return payload, "application/x-image"
 
 
-def invoke(endpoint: str, payload: bytes, content_type: str) -> dict:
+def invoke(runtime, endpoint: str, payload: bytes, content_type: str) -> dict:
     """Invoke the endpoint and return its answer, or the error response its failure maps to."""
-    runtime, _ = clients()
     try:
         answer = runtime.invoke_endpoint(
             EndpointName=endpoint, Body=payload, ContentType=content_type, Accept=JSON_TYPE

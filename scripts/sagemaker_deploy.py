@@ -32,7 +32,9 @@ import fire
 
 from cloud import aws
 
-ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+# Each deploy's model is named <endpoint>-<UTC time to the second> (16 characters more), and model names end at 63
+ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,46}$")
+RELEASE_FORMAT = "%Y%m%d-%H%M%S"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 SCALING_METRIC = "SageMakerVariantInvocationsPerInstance"
 # Sent to the model for every transform record: the adapter sniffs JPEG or PNG from the bytes.
@@ -52,21 +54,35 @@ def deploy(
     region: str = None,
     bucket: str = None,
 ) -> None:
-    """Create a model, an endpoint config and a real-time endpoint named ``endpoint``."""
+    """Create a model, an endpoint config and a real-time endpoint named ``endpoint``.
+
+    The model and its uploaded archive are named after the endpoint and the time, so that nothing a running
+    endpoint reads is overwritten. An endpoint of that name must not exist yet: delete it first. When creating
+    the endpoint fails (an instance quota of 0 is the usual first one), the model and endpoint config this run
+    created are deleted again, so that a retry starts clean.
+    """
     try:
         if not ENDPOINT_NAME.match(str(endpoint)):
-            raise aws.SetupError(f"--endpoint {endpoint!r} is not a valid endpoint name (letters, digits, hyphens)")
+            raise aws.SetupError(
+                f"--endpoint {endpoint!r} is not a valid endpoint name (letters, digits, hyphens; at most 47 "
+                "characters: its models are named <endpoint>-<time>)"
+            )
         scaling = _autoscale_range(autoscale, instance_count)
         if invocations_per_instance <= 0:
             raise aws.SetupError(f"--invocations_per_instance must be above 0, not {invocations_per_instance!r}")
-        target = _target(model, role, region, bucket, instance_type, "endpoint", instance_count, wait)
+        target = _target(model, role, region, bucket, instance_type, "endpoint", instance_count, wait, image)
+        _require_no_endpoint(endpoint, target["region"])
     except aws.SetupError as error:
         sys.exit(f"error: {error}")
-    builder = _builder(target, image, f"{endpoint}-model")
+    builder = _builder(target, f"{endpoint}-{time.strftime(RELEASE_FORMAT, time.gmtime())}")
     session = builder.sagemaker_session
-    builder.deploy(
-        endpoint_name=endpoint, initial_instance_count=instance_count, instance_type=instance_type, wait=False
-    )
+    try:
+        builder.deploy(
+            endpoint_name=endpoint, initial_instance_count=instance_count, instance_type=instance_type, wait=False
+        )
+    except Exception as error:
+        _remove_created(session.boto_session.client("sagemaker"), endpoint, builder.built_model.model_name)
+        sys.exit(f"error: creating endpoint {endpoint} failed, and what this run created was deleted: {error}")
     if target["wait"] or scaling:  # registering with autoscaling needs the endpoint in service
         session.boto_session.client("sagemaker").get_waiter("endpoint_in_service").wait(EndpointName=endpoint)
     print(f"endpoint: {endpoint} (model {builder.built_model.model_name}, image {builder.image_uri})")
@@ -95,10 +111,10 @@ def transform(
     try:
         aws.s3_uri(input, "--input")
         aws.s3_uri(output, "--output")
-        target = _target(model, role, region, bucket, instance_type, "transform", instance_count, wait)
+        target = _target(model, role, region, bucket, instance_type, "transform", instance_count, wait, image)
     except aws.SetupError as error:
         sys.exit(f"error: {error}")
-    builder = _builder(target, image, f"skin-lesion-transform-{time.strftime('%Y%m%d%H%M%S')}")
+    builder = _builder(target, f"skin-lesion-transform-{time.strftime(RELEASE_FORMAT, time.gmtime())}")
     from sagemaker.core.transformer import Transformer
 
     transformer = Transformer(
@@ -185,6 +201,37 @@ def delete_model(model_name: str, region: str = None) -> None:
     print(f"deleted model {model_name}")
 
 
+def _require_no_endpoint(endpoint: str, region: str) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.client("sagemaker", region_name=region)
+    try:
+        config = client.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
+    except ClientError as error:
+        if error.response["Error"].get("Code") == "ValidationException":  # what AWS says for an unknown endpoint
+            return
+        raise aws.SetupError(f"cannot look up endpoint {endpoint!r} in {region}: {error}") from None
+    raise aws.SetupError(
+        f"endpoint {endpoint!r} already exists in {region} (endpoint config {config}): delete it first (python "
+        f"scripts/sagemaker_deploy.py delete --endpoint {endpoint} --region {region}) or choose another --endpoint"
+    )
+
+
+def _remove_created(client, endpoint: str, model_name: str) -> None:
+    """The endpoint config (named after the endpoint by the SDK) and the model of a deploy whose endpoint failed."""
+    from botocore.exceptions import ClientError
+
+    for remove, arguments in [
+        (client.delete_endpoint_config, {"EndpointConfigName": endpoint}),
+        (client.delete_model, {"ModelName": model_name}),
+    ]:
+        try:
+            remove(**arguments)
+        except ClientError:  # not created before the failure
+            pass
+
+
 def _autoscale_range(autoscale, instance_count) -> tuple[int, int] | None:
     if autoscale is None:
         return None
@@ -200,8 +247,9 @@ def _autoscale_range(autoscale, instance_count) -> tuple[int, int] | None:
     return values
 
 
-def _target(model, role, region, bucket, instance_type, kind, instance_count, wait) -> dict:
-    """Checked settings; a local archive must exist and be a tar. The bucket defaults to the model's."""
+def _target(model, role, region, bucket, instance_type, kind, instance_count, wait, image) -> dict:
+    """Checked settings; a local archive must exist and be a tar. The bucket defaults to the model's; the image to
+    AWS's PyTorch inference container for the region and instance type, looked up here, before any upload."""
     aws.instance_count(instance_count)
     aws.instance_type(instance_type, kind)
     if str(model).lower().startswith("s3:") or "://" in str(model):  # meant as a URI: must be an S3 one
@@ -216,18 +264,25 @@ def _target(model, role, region, bucket, instance_type, kind, instance_count, wa
         if not tarfile.is_tarfile(path):
             raise aws.SetupError(f"--model {model} is not a tar archive")
         model_bucket = None
+    region_name = aws.region(region)
+    if image is None:
+        try:
+            image = aws.pytorch_image(region_name, instance_type, "inference")
+        except ValueError as error:  # the SDK's tables have no such image (an Inferentia type, a region without it)
+            raise aws.SetupError(f"no PyTorch inference image for {instance_type} in {region_name}: {error}") from None
     return {
         "model": str(model),
         "instance_type": instance_type,
+        "image": image,
         "role": aws.role(role),
-        "region": aws.region(region),
+        "region": region_name,
         "bucket": aws.bucket(bucket or model_bucket),
         "wait": aws.boolean(wait, "--wait"),
     }
 
 
-def _builder(target: dict, image: str | None, model_name: str):
-    """A built ModelBuilder for the archive (uploaded first when local) on ``image`` or the PyTorch inference image."""
+def _builder(target: dict, model_name: str):
+    """A built ModelBuilder for the archive (uploaded first when local, under the model's name) on the target image."""
     session = aws.session(target["region"], target["bucket"])
     model = target["model"]
     if not model.startswith("s3://"):
@@ -241,7 +296,7 @@ def _builder(target: dict, image: str | None, model_name: str):
         s3_model_data_url=model,
         role_arn=target["role"],
         sagemaker_session=session,
-        image_uri=image or aws.pytorch_image(target["region"], target["instance_type"], "inference"),
+        image_uri=target["image"],
     )
     builder.build(model_name=model_name)
     return builder

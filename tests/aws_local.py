@@ -120,19 +120,39 @@ def recorded_training_job_request(path: Path, job_name: str) -> dict:
     return request
 
 
-def recording_hooks(folder: Path, record_to: Path | None = None) -> dict:
+@contextlib.contextmanager
+def no_endpoint_quota():
+    """CreateEndpoint refused in this process as AWS refuses it in an account whose quota for the instance type
+    is 0, a new account's usual first failure (moto creates any endpoint)."""
+    from botocore.awsrequest import AWSResponse
+
+    def refuse(**_):
+        error = {
+            "Code": "ResourceLimitExceeded",
+            "Message": "The account-level service limit 'ml.c5.xlarge for endpoint usage' is 0 Instances",
+        }
+        return AWSResponse("", 400, {}, None), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 400}}
+
+    with _on_every_sagemaker_client("before-call.sagemaker.CreateEndpoint", refuse):
+        yield
+
+
+def recording_hooks(folder: Path, record_to: Path | None = None, no_quota: bool = False) -> dict:
     """The environment that installs, in a CLI's own process, the moto fix-ups above (a test-only
-    ``sitecustomize.py`` in ``folder``) and, with ``record_to``, the request recorder."""
+    ``sitecustomize.py`` in ``folder``), with ``record_to`` the request recorder, with ``no_quota``
+    ``no_endpoint_quota``."""
     from tests.bundle_runs import REPO
 
     lines = [
         "import sys",
         f"sys.path.insert(0, {str(REPO)!r})",
-        "from tests.aws_local import record_training_job_requests, strip_moto_empty_fields",
+        "from tests.aws_local import no_endpoint_quota, record_training_job_requests, strip_moto_empty_fields",
         "HOOKS = [strip_moto_empty_fields()]  # kept: a collected generator would undo the patch",
     ]
     if record_to is not None:
         lines.append(f"HOOKS.append(record_training_job_requests({str(record_to)!r}))")
+    if no_quota:
+        lines.append("HOOKS.append(no_endpoint_quota())")
     lines.append("for hook in HOOKS:\n    hook.__enter__()")
     (folder / "sitecustomize.py").write_text("\n".join(lines) + "\n")
     return {"PYTHONPATH": str(folder)}
@@ -401,22 +421,27 @@ class SageMakerRuntimeFront:
     wraps a non-2xx answer in a 424 ModelError carrying the container's status and body
     (``OriginalStatusCode``, ``OriginalMessage``); answers an unknown endpoint with ValidationError and
     an unreachable container with ServiceUnavailable. ``throttle(n)`` answers the next n calls with
-    ThrottlingException, as an account over its invocation quota is. ``calls`` lists the endpoint of
-    every call received.
+    ThrottlingException, as an account over its invocation quota is; ``delay(s)`` holds each call s seconds
+    first, as a slow model does. ``calls`` lists the endpoint of every call received.
     """
 
     def __init__(self, endpoints: dict[str, str]) -> None:
         self.endpoints = dict(endpoints)
         self.calls: list[str] = []
         self._throttled = 0
+        self._delay_s = 0.0
         self._server = None
 
     def throttle(self, count: int) -> None:
         self._throttled = count
 
+    def delay(self, seconds: float) -> None:
+        self._delay_s = seconds
+
     def __enter__(self) -> str:
         import http.server
         import threading
+        import time
 
         import requests
 
@@ -429,6 +454,7 @@ class SageMakerRuntimeFront:
                 if not match:
                     return self.reply(404, {"message": f"unknown route {self.path}"}, "UnknownOperationException")
                 front.calls.append(name := match[1])
+                time.sleep(front._delay_s)
                 if front._throttled > 0:
                     front._throttled -= 1
                     return self.reply(400, {"message": "Rate exceeded"}, "ThrottlingException")

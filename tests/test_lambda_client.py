@@ -10,6 +10,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -230,6 +231,7 @@ def real_endpoint(front, monkeypatch):
     front.calls.clear()
     yield front
     front.throttle(0)
+    front.delay(0)
 
 
 def test_a_real_image_round_trips_through_the_function_and_a_real_endpoint(
@@ -273,6 +275,23 @@ def test_a_briefly_throttled_endpoint_is_retried_by_the_sdk_and_answers(real_end
     answer = lambda_client.handler(rest_api_event(image, JPEG), None)
     assert answer["statusCode"] == 200, answer
     assert real_endpoint.calls == [ENDPOINT] * 3
+
+
+def test_a_slow_endpoint_is_a_504_within_the_functions_own_time(real_endpoint, image):
+    """Each try gets its share of what the function has left, less the time to answer: with 7 s left, 3 tries
+    of 1 s against an endpoint taking 2.5 s end in this function's 504, not in Lambda's timeout."""
+
+    class LambdaContext:  # what the runtime hands the function
+        def get_remaining_time_in_millis(self) -> int:
+            return 7_000
+
+    real_endpoint.delay(2.5)
+    started = time.monotonic()
+    answer = lambda_client.handler(rest_api_event(image, JPEG), LambdaContext())
+    assert answer["statusCode"] == 504 and "did not answer in time" in json.loads(answer["body"])["error"]
+    assert time.monotonic() - started < 7 - lambda_client.ANSWER_MARGIN_S + 1
+    assert real_endpoint.calls == [ENDPOINT] * 3  # a read timeout is retried like a dropped connection
+    assert lambda_client.read_timeout(None) == 70  # outside Lambda: the endpoint's own 60 s, and some
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """scripts/sagemaker_deploy.py against a local moto server: deploy (with autoscaling), batch transform and
 delete create and remove the real resources; bad arguments are refused before anything is uploaded."""
 
+import re
 import subprocess
 import sys
 
@@ -108,9 +109,19 @@ def test_deploy_with_autoscaling_then_delete_removes_everything(aws, archive):
     model = sagemaker().describe_model(ModelName=variant["ModelName"])
     container = model.get("PrimaryContainer") or model["Containers"][0]
     assert container["Image"] == INFERENCE_IMAGE
-    assert container["ModelDataUrl"] == f"s3://{BUCKET}/skin-lesion/models/lesions-rt-model/model.tar.gz"
+    # named after the endpoint and the time: a later deploy uploads beside this archive, never over it
+    assert re.fullmatch(r"lesions-rt-\d{8}-\d{6}", variant["ModelName"]), variant["ModelName"]
+    assert container["ModelDataUrl"] == f"s3://{BUCKET}/skin-lesion/models/{variant['ModelName']}/model.tar.gz"
     assert model["ExecutionRoleArn"] == ROLE
     assert container["ModelDataUrl"].removeprefix(f"s3://{BUCKET}/") in bucket_keys()
+    # a second deploy under the same name is refused before it uploads or creates anything
+    keys, models = bucket_keys(), sagemaker().list_models()["Models"]
+    again = deploy_cli(aws, "deploy", "--model", str(archive), "--endpoint", "lesions-rt", "--role", ROLE,
+                       "--bucket", BUCKET, expect_ok=False)  # fmt: skip
+    assert (
+        "error: endpoint 'lesions-rt' already exists in eu-west-1" in again.stderr and "delete it first" in again.stderr
+    )
+    assert bucket_keys() == keys and sagemaker().list_models()["Models"] == models
     resource = f"endpoint/lesions-rt/variant/{variant['VariantName']}"
     (target,) = registered(resource)
     assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 4)
@@ -192,6 +203,8 @@ def test_batch_transform_over_a_prefix_then_its_model_is_deleted(aws, archive):
         (["deploy", "--autoscale", "4,1"], "--autoscale takes MIN,MAX instance counts with 1 <= MIN <= MAX"),
         (["deploy", "--autoscale", "2,4"], "--instance_count 1 is outside --autoscale 2,4"),
         (["deploy", "--endpoint", "bad_name!"], "--endpoint 'bad_name!' is not a valid endpoint name"),
+        (["deploy", "--endpoint", "a" * 48], "at most 47 characters: its models are named <endpoint>-<time>"),
+        (["deploy", "--instance_type", "ml.inf2.xlarge"], "no PyTorch inference image for ml.inf2.xlarge in eu-west-1"),
         (["deploy", "--model", "missing.tar.gz"], "--model missing.tar.gz not found"),
         (["deploy", "--model", "README.md"], "--model README.md is not a tar archive"),
         (["deploy", "--model", "s3:/bucket/model.tar.gz"], "--model 's3:/bucket/model.tar.gz' is not an S3 URI"),
@@ -220,3 +233,21 @@ def test_bad_arguments_fail_before_anything_is_uploaded_or_created(aws, archive,
 def test_deleting_an_unknown_endpoint_says_so(aws):
     result = deploy_cli(aws, "delete", "--endpoint", "no-such-endpoint", expect_ok=False)
     assert "error: endpoint 'no-such-endpoint' in eu-west-1" in result.stderr
+
+
+def test_a_deploy_whose_endpoint_cannot_be_created_deletes_what_it_created(aws, archive, tmp_path):
+    from tests.aws_local import recording_hooks
+
+    no_quota = {**aws, **recording_hooks(tmp_path, no_quota=True)}
+    models = sagemaker().list_models()["Models"]
+    result = deploy_cli(no_quota, "deploy", "--model", str(archive), "--endpoint", "lesions-quota", "--role", ROLE,
+                        "--bucket", BUCKET, "--instance_type", "ml.c5.xlarge", expect_ok=False)  # fmt: skip
+    assert "error: creating endpoint lesions-quota failed, and what this run created was deleted" in result.stderr
+    assert "ResourceLimitExceeded" in result.stderr
+    assert sagemaker().list_models()["Models"] == models
+    assert not [
+        c for c in sagemaker().list_endpoint_configs()["EndpointConfigs"] if "lesions-quota" in c["EndpointConfigName"]
+    ]
+    deploy_cli(aws, "deploy", "--model", str(archive), "--endpoint", "lesions-quota", "--role", ROLE, "--bucket",
+               BUCKET, "--instance_type", "ml.c5.xlarge")  # fmt: skip
+    deploy_cli(aws, "delete", "--endpoint", "lesions-quota")
