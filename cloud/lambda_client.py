@@ -4,8 +4,9 @@ endpoint's JSON answer out.
 Deployed as this one file (handler ``lambda_client.handler``); it needs only boto3, which the Lambda
 Python runtime has. Settings, from the function's environment:
 - ``ENDPOINT_NAME`` (required): the SageMaker endpoint to invoke;
-- ``MAX_ATTEMPTS`` (default 3): tries per call, in botocore's standard retry mode (throttling, 5xx and
-  connection errors are retried with backoff; nothing here loops);
+- ``MAX_ATTEMPTS`` (default 3): tries per call, in botocore's standard retry mode (throttling, 5xx,
+  connection errors and read timeouts are retried with backoff; nothing here loops); each try may take its
+  share of the function's remaining time, less 3 s to answer;
 - ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME`` / ``AWS_ENDPOINT_URL``: botocore's own overrides (a VPC endpoint,
   or a local one in tests).
 
