@@ -75,9 +75,9 @@ class GraphedTrainerIteration:
     what an eager step computes. The optimizer must be able to run inside a graph: its learning rate
     becomes a device tensor that the scheduler fills in place (so the schedule reaches the replays) and
     its ``capturable`` flag is set; AdamW fused (train.json's choice on a GPU) qualifies. Anything else
-    runs the eager ``trainer_iteration`` unchanged: a CPU, ``enabled`` false, fp16 loss scaling,
-    gradient accumulation, DistributedDataParallel, ``torch.compile`` or an optimizer without a device
-    step count. The handlers see the same output keys; the graph's prediction and loss tensors are
+    runs the eager ``trainer_iteration`` unchanged: a CPU, ``enabled`` false, a memory-mapped image cache,
+    fp16 loss scaling, gradient accumulation, DistributedDataParallel, ``torch.compile`` or an optimizer
+    without a device step count. The handlers see the same output keys; the graph's prediction and loss tensors are
     overwritten by the next step, so a handler keeping them must copy them (the bundle's read or
     sum them within the step).
     """
@@ -103,6 +103,11 @@ class GraphedTrainerIteration:
             return "cuda_graphs is off"
         if engine.state.device is None or torch.device(engine.state.device).type != "cuda":
             return "CUDA graphs need a CUDA device"
+        if getattr(getattr(engine.data_loader, "cache", None), "storage", None) == "memmap":
+            # its read-ahead thread copies batches to the GPU while the main thread would capture the step
+            return (
+                "the image cache is memory-mapped (cache_storage), and its read-ahead thread would copy during capture"
+            )
         if getattr(engine, "compile", False):
             return "the network is compiled (torch.compile makes its own graphs)"
         if engine.accumulation_steps > 1:

@@ -88,6 +88,17 @@ def test_switched_off_it_says_so():
     assert iteration._why_not(None) == "cuda_graphs is off"
 
 
+def test_a_memory_mapped_cache_keeps_the_step_eager():
+    """Its read-ahead thread copies to the GPU while the main thread would capture: a capture forbids that."""
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(
+        state=SimpleNamespace(device=torch.device("cuda", 0)),
+        data_loader=SimpleNamespace(cache=SimpleNamespace(storage="memmap")),
+    )
+    assert "memory-mapped" in GraphedTrainerIteration(enabled=True)._why_not(engine)
+
+
 @needs_cuda
 @pytest.mark.parametrize("amp, soft_labels", [(False, False), (True, False), (True, True)])
 def test_replayed_steps_train_as_eager_steps_do(amp, soft_labels):
