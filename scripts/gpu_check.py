@@ -459,7 +459,6 @@ def check(
     dataset_dir: str,
     work_dir: str,
     epochs: int = 30,
-    num_workers: int = 8,
     speed_sizes: tuple[int, ...] = (64, 128),
     speed_steps: int = 30,
     recipes: dict | None = None,
@@ -514,7 +513,7 @@ def check(
         cwd=REPO,
         check=True,
     )
-    data_args = ["--dataset_dir", dataset_dir, "--datalist", str(datalist), "--num_workers", str(num_workers)]
+    data_args = ["--dataset_dir", dataset_dir, "--datalist", str(datalist)]
     common = [*data_args, "--bundle_root", str(work), "--cache_dir", str(work / "cache")]
     bundle_run = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
     report = {

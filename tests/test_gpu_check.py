@@ -152,7 +152,7 @@ def test_the_first_step_is_read_from_the_bundles_log(tmp_path):
 def test_the_whole_check_runs_end_to_end(synthetic_dir, tmp_path):
     """Every part of the unattended GPU check, on a CPU at 32 px: a GPU session cannot afford to find a
     broken step."""
-    small = {"image_size": [32, 32], "batch_size": 32, "num_workers": 0}
+    small = {"image_size": [32, 32], "batch_size": 32}
     gpu_check.check(
         str(synthetic_dir),
         str(tmp_path / "work"),
@@ -188,7 +188,7 @@ def test_a_failed_run_is_recorded_and_the_check_goes_on_to_its_next_part(synthet
         return run(command, log)
 
     monkeypatch.setattr(gpu_check, "_run", failing_training)
-    small = {"image_size": [32, 32], "batch_size": 32, "num_workers": 0}
+    small = {"image_size": [32, 32], "batch_size": 32}
     gpu_check.check(str(synthetic_dir), str(tmp_path), epochs=1, speed_sizes=(32,), speed_steps=2, recipes={},
                     train_overrides=small, require_cuda=False)  # fmt: skip
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -210,7 +210,7 @@ def test_the_gpu_session_script_runs_end_to_end_on_a_cpu(synthetic_dir, tmp_path
     arguments it hands each script, the first run it finds for the guard, the archive it brings back) fails
     only where a failure costs a GPU session."""
     out, work = tmp_path / "out", tmp_path / "work"
-    recipe = {"tiny_s0": {"image_size": [32, 32], "batch_size": 32, "max_epochs": 1, "num_workers": 0, "seed": 0}}
+    recipe = {"tiny_s0": {"image_size": [32, 32], "batch_size": 32, "max_epochs": 1, "seed": 0}}
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3: this interpreter
@@ -220,7 +220,7 @@ def test_the_gpu_session_script_runs_end_to_end_on_a_cpu(synthetic_dir, tmp_path
         "EPOCHS": "0",
         "SPEED_SIZES": "[]",
         "SEEDS": "None",
-        "GPU_CHECK_ARGS": "--require_cuda false --num_workers 0",
+        "GPU_CHECK_ARGS": "--require_cuda false",
     }
     command = ["bash", "scripts/gpu_session.sh", str(synthetic_dir), str(out), json.dumps(recipe)]
     session = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
