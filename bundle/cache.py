@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -50,7 +51,8 @@ def describe(obj, _depth: int = 0, _seen: frozenset = frozenset()):
 
     Functions are named and, when their source is available, hashed: editing a converter the
     preprocessing calls changes the description. Random states are left out (they don't change
-    what a deterministic transform does).
+    what a deterministic transform does), and so is thread-local state, which MONAI's traceable
+    transforms create on their first call: a transform used in this process describes as an unused one.
     """
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -76,7 +78,8 @@ def describe(obj, _depth: int = 0, _seen: frozenset = frozenset()):
     if id(obj) in _seen or _depth > 12 or not hasattr(obj, "__dict__"):
         return {"object": kind}
     seen = _seen | {id(obj)}
-    return {"object": kind, **{k: describe(v, _depth + 1, seen) for k, v in sorted(vars(obj).items())}}
+    settings = {k: v for k, v in sorted(vars(obj).items()) if not isinstance(v, threading.local)}
+    return {"object": kind, **{k: describe(v, _depth + 1, seen) for k, v in settings.items()}}
 
 
 def fingerprint(items: Sequence[dict], preprocessing: Sequence[Callable], image_key: str = "image") -> str:

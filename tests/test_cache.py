@@ -118,6 +118,16 @@ def test_fingerprint_is_the_same_in_a_fresh_process(tmp_path):
     assert other == fingerprint(items, preprocessing())
 
 
+def test_fingerprint_is_the_same_once_the_preprocessing_has_run_in_this_process(tmp_path):
+    """MONAI's traceable transforms keep thread-local state from their first call: a cache built without worker
+    processes (num_workers 0) ran them here, and the next cache's key must not change for it."""
+    items = write_images(tmp_path / "images")
+    chain = preprocessing()
+    unused = fingerprint(items, chain)
+    Compose(chain)({"image": items[0]["image"]})
+    assert fingerprint(items, chain) == unused
+
+
 def test_an_interrupted_build_leaves_nothing_to_read(tmp_path, monkeypatch):
     items = write_images(tmp_path / "images")
     real_call, calls = cache_module._Decode.__call__, []
