@@ -232,8 +232,9 @@ def _attach_image_paths(
         if any(not filecmp.cmp(files[0], other, shallow=False) for other in files[1:]):
             ambiguous.append(f"{row['image_id']} ({', '.join(_relative(file, dataset_dir) for file in files)})")
             continue
-        if not files[0].resolve().is_relative_to(root):  # as preflight refuses it: say so before the split
-            outside.append(f"{_relative(files[0], dataset_dir)} -> {files[0].resolve()}")
+        resolved = files[0].resolve()
+        if not resolved.is_relative_to(root):  # as preflight refuses it: say so before the split
+            outside.append(f"{_relative(files[0], dataset_dir)} -> {resolved}")
             continue
         records.append(
             {

@@ -424,11 +424,18 @@ def _server_pid(run_dir: Path) -> int | None:
     """The pid of the TorchServe frontend started from ``run_dir``, when it is running."""
     pid_file = run_dir / "tmp" / ".model_server.pid"
     try:
-        pid = int(pid_file.read_text().strip())
-        running = "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
+        process = psutil.Process(int(pid_file.read_text().strip()))
     except (FileNotFoundError, ValueError, psutil.Error):
         return None
-    return pid if running else None
+    return process.pid if is_model_server(process) else None
+
+
+def is_model_server(process: psutil.Process) -> bool:
+    """Whether ``process`` is a TorchServe frontend (its Java process)."""
+    try:
+        return "org.pytorch.serve.ModelServer" in process.cmdline()
+    except psutil.Error:  # gone, or not ours to read
+        return False
 
 
 def _torchserve_executable() -> str:

@@ -441,14 +441,14 @@ def _run(command: list[str], log: Path) -> float:
 
 
 @contextlib.contextmanager
-def _recorded_failure(report: dict, part: str, save: Callable[[], None]):
-    """A failing part of the check goes into ``report["errors"][part]`` and the check goes on to the next part:
+def _recorded_failure(into: dict, key: str, save: Callable[[], None]):
+    """A failing part of the check leaves its traceback in ``into[key]`` and the check goes on to the next part:
     a GPU session is too scarce to end at its first failure."""
     try:
         yield
     except Exception:  # StepFailed, or reading what the step should have written
-        report.setdefault("errors", {})[part] = traceback.format_exc(limit=-3)
-        print(f"{part} failed; the check goes on:\n{report['errors'][part]}", file=sys.stderr)
+        into[key] = traceback.format_exc()
+        print(f"{key} failed; the check goes on:\n{into[key]}", file=sys.stderr)
         save()
 
 
@@ -489,7 +489,8 @@ def check(
 
     ``epochs`` 0 skips 1-2, an empty ``speed_sizes`` 3, ``recipes`` ``{}`` 5. ``train_overrides`` (config keys,
     e.g. ``{"cuda_graphs": false}``) go to every training. ``run_recipes.py`` lowers ``parallel`` to what the
-    GPU's memory holds, judged from the first run's peak.
+    GPU's memory holds, judged from the first run's peak. A part that fails leaves its traceback (in ``errors``,
+    or in the ``error`` of its speed size or of ``profile``) and the next part runs.
     """
     overrides = dict(train_overrides or {})
     evaluate, warm_rerun, ddp, require_cuda = (
@@ -533,17 +534,18 @@ def check(
     def save():
         (work / "gpu_check.json").write_text(json.dumps(report, indent=1))
 
+    report["errors"] = errors = {}  # part: traceback, for the parts that failed
     report["first_step_s"] = {}
     trained = False
     if epochs:
-        with _recorded_failure(report, "train", save):
+        with _recorded_failure(errors, "train", save):
             report["train_wall_s"] = _run(train, work / "train.log")  # cold: decodes into <work>/cache first
             report["first_step_s"]["cold"] = first_step_s(work / "train.log")
             report["history"] = json.loads((work / "models" / "history.json").read_text())
             trained = True
             save()
     if trained and evaluate:
-        with _recorded_failure(report, "evaluate", save):
+        with _recorded_failure(errors, "evaluate", save):
             report["evaluate_wall_s"] = _run(
                 bundle_run
                 + ["['configs/train.json','configs/evaluate.json']", *common, *run_recipes._overrides(overrides)],
@@ -558,25 +560,19 @@ def check(
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         part = report["speed"][str(size)] = {}
-        try:
+        with _recorded_failure(part, "error", save):
             trainer_vs_model_only(
                 dataset_dir, datalist, work, speed_steps, part, save, **{**overrides, "image_size": [size, size]}
             )
             report["trainer_vs_model_only"][str(size)] = part["trainer_vs_model_only"]
             report["tta_batched_speedup"][str(size)] = part["validation_views"]["batched_speedup"]
-        except Exception:  # reported; the later steps still run
-            part["error"] = traceback.format_exc()
-            print(part["error"], file=sys.stderr)
         gc.collect()  # the trainer's handlers hold it in reference cycles: free its GPU memory
         torch.cuda.empty_cache()
         save()
     if profile_steps:
         report["profile"] = {}
-        try:
+        with _recorded_failure(report["profile"], "error", save):
             profile_training(dataset_dir, datalist, work, profile_steps, report["profile"], save)
-        except Exception:
-            report["profile"]["error"] = traceback.format_exc()
-            print(report["profile"]["error"], file=sys.stderr)
         gc.collect()
         torch.cuda.empty_cache()
         save()
@@ -607,7 +603,7 @@ def check(
     if recipe_timeout_s:
         recipe_command += ["--timeout_s", str(recipe_timeout_s)]
     recipe_work.mkdir(parents=True, exist_ok=True)
-    with _recorded_failure(report, "recipes", save):  # the runs that finished are read below all the same
+    with _recorded_failure(errors, "recipes", save):  # the runs that finished are read below all the same
         report["recipes_wall_s"] = _run(recipe_command, work / "recipes.log")
     rows = (
         [json.loads(line) for line in (recipe_work / "runs.jsonl").read_text().splitlines()]
@@ -623,14 +619,14 @@ def check(
     save()
 
     if warm_rerun:
-        with _recorded_failure(report, "warm_rerun", save):
+        with _recorded_failure(errors, "warm_rerun", save):
             report["train_warm_cache_wall_s"] = _run(train, work / "train_warm.log")
             save()
     if ddp:
         ddp_train = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "monai.bundle", "run"]
         ddp_train += ["--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--max_epochs", "1"]
         ddp_train += ["--resume", "false", *data_args, "--bundle_root", str(work / "ddp")]
-        with _recorded_failure(report, "ddp", save):
+        with _recorded_failure(errors, "ddp", save):
             report["ddp_nccl_1gpu_wall_s"] = _run(ddp_train, work / "ddp.log")
             save()
     for size in benchmark_sizes:
@@ -639,7 +635,7 @@ def check(
         benchmark = [sys.executable, "scripts/benchmark_train.py", "--dataset_dir", dataset_dir, "--image_size"]
         benchmark += [str(size), "--batch_size", str(batch), "--epochs", str(benchmark_epochs)]
         benchmark += ["--data_epochs", str(benchmark_epochs)]
-        with _recorded_failure(report, f"benchmark_{size}", save):
+        with _recorded_failure(errors, f"benchmark_{size}", save):
             report[f"benchmark_{size}_wall_s"] = _run(benchmark, log)
             report[f"benchmark_{size}"] = [line for line in log.read_text().splitlines() if line.startswith("RESULT")]
             save()

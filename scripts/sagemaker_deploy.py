@@ -34,7 +34,6 @@ from cloud import aws
 
 # Each deploy's model is named <endpoint>-<UTC time to the second> (16 characters more), and model names end at 63
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,46}$")
-RELEASE_FORMAT = "%Y%m%d-%H%M%S"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 SCALING_METRIC = "SageMakerVariantInvocationsPerInstance"
 # Sent to the model for every transform record: the adapter sniffs JPEG or PNG from the bytes.
@@ -74,7 +73,7 @@ def deploy(
         _require_no_endpoint(endpoint, target["region"])
     except aws.SetupError as error:
         sys.exit(f"error: {error}")
-    builder = _builder(target, f"{endpoint}-{time.strftime(RELEASE_FORMAT, time.gmtime())}")
+    builder = _builder(target, _release_name(endpoint))
     session = builder.sagemaker_session
     try:
         builder.deploy(
@@ -114,7 +113,7 @@ def transform(
         target = _target(model, role, region, bucket, instance_type, "transform", instance_count, wait, image)
     except aws.SetupError as error:
         sys.exit(f"error: {error}")
-    builder = _builder(target, f"skin-lesion-transform-{time.strftime(RELEASE_FORMAT, time.gmtime())}")
+    builder = _builder(target, _release_name("skin-lesion-transform"))
     from sagemaker.core.transformer import Transformer
 
     transformer = Transformer(
@@ -199,6 +198,11 @@ def delete_model(model_name: str, region: str = None) -> None:
 
     boto3.client("sagemaker", region_name=region).delete_model(ModelName=model_name)
     print(f"deleted model {model_name}")
+
+
+def _release_name(prefix: str) -> str:
+    """The name of one deploy's model (and of its uploaded archive's folder): ``prefix`` and the UTC time."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def _require_no_endpoint(endpoint: str, region: str) -> None:

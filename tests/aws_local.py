@@ -22,12 +22,13 @@ import psutil
 import pytest
 from packaging.utils import canonicalize_name
 
+from handler.control import is_model_server
+from tests.bundle_runs import REPO
 from tests.environments import requirements_of
 
 REGION, ACCOUNT = "eu-west-1", "123456789012"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/skin-lesion-sagemaker"
 BUCKET = "skin-lesion-test"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def require(module: str):
@@ -141,8 +142,6 @@ def recording_hooks(folder: Path, record_to: Path | None = None, no_quota: bool 
     """The environment that installs, in a CLI's own process, the moto fix-ups above (a test-only
     ``sitecustomize.py`` in ``folder``), with ``record_to`` the request recorder, with ``no_quota``
     ``no_endpoint_quota``."""
-    from tests.bundle_runs import REPO
-
     lines = [
         "import sys",
         f"sys.path.insert(0, {str(REPO)!r})",
@@ -292,13 +291,6 @@ def start_container(opt_ml: Path, job_name: str, log: Path) -> subprocess.Popen:
     )
 
 
-def _is_torchserve(process: psutil.Process) -> bool:
-    try:
-        return "org.pytorch.serve.ModelServer" in process.cmdline()
-    except psutil.Error:  # gone, or not ours to read
-        return False
-
-
 @contextlib.contextmanager
 def inference_toolkit(model_dir: Path, scratch: Path):
     """AWS's PyTorch inference toolkit (the PyTorch inference container's server: TorchServe with its own
@@ -314,7 +306,7 @@ def inference_toolkit(model_dir: Path, scratch: Path):
     import requests
 
     require("sagemaker_pytorch_serving_container")
-    leftovers = [process.pid for process in psutil.process_iter() if _is_torchserve(process)]
+    leftovers = [process.pid for process in psutil.process_iter() if is_model_server(process)]
     assert not leftovers, f"TorchServe already runs here (pids {leftovers}): an earlier test left it running"
     wheels = inference_wheels()
     base, cwd, site = scratch / "base", scratch / "cwd", scratch / "site"

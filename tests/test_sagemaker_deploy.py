@@ -236,8 +236,6 @@ def test_deleting_an_unknown_endpoint_says_so(aws):
 
 
 def test_a_deploy_whose_endpoint_cannot_be_created_deletes_what_it_created(aws, archive, tmp_path):
-    from tests.aws_local import recording_hooks
-
     no_quota = {**aws, **recording_hooks(tmp_path, no_quota=True)}
     models = sagemaker().list_models()["Models"]
     result = deploy_cli(no_quota, "deploy", "--model", str(archive), "--endpoint", "lesions-quota", "--role", ROLE,
