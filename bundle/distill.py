@@ -55,6 +55,17 @@ def write_soft_labels(
     atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 
+def probability_rows(probabilities: torch.Tensor) -> bool:
+    """Every row finite, non-negative and summing to 1 (NaN passes a plain comparison, hence ``isfinite``)."""
+    if not len(probabilities):
+        return True
+    return bool(
+        torch.isfinite(probabilities).all()
+        and (probabilities >= 0).all()
+        and (probabilities.sum(1) - 1).abs().max() <= SUM_TOLERANCE
+    )
+
+
 def check_weight(weight: float) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= float(weight) <= 1.0:
         raise ValueError(
@@ -120,6 +131,13 @@ class Distillation:
             raise ValueError(
                 f"{where} is not a soft-label file of format {SOFT_LABELS_FORMAT}; write it with scripts/soft_labels.py"
             )
+        missing = [key for key in ("class_names", "images", "probabilities") if key not in record]
+        if missing or not isinstance(record["probabilities"], torch.Tensor):
+            raise ValueError(
+                f"{where} is damaged: "
+                + (f"it has no {missing}" if missing else "its 'probabilities' are not a tensor")
+                + "; write it again with scripts/soft_labels.py"
+            )
         if list(record["class_names"]) != class_names:
             raise ValueError(
                 f"{where} holds probabilities of the classes {record['class_names']}, but the student classifies "
@@ -131,9 +149,8 @@ class Distillation:
                 f"{where} is damaged: {len(images)} image names ({len(set(images))} distinct) for probabilities "
                 f"of shape {list(probabilities.shape)}"
             )
-        sums = probabilities.sum(1)
-        if len(images) and ((probabilities < 0).any() or (sums - 1).abs().max() > SUM_TOLERANCE):
-            raise ValueError(f"{where} is damaged: its rows are not probability distributions")
+        if not probability_rows(probabilities):
+            raise ValueError(f"{where} is damaged: its rows are not probability distributions (or not finite)")
         return record
 
     def _check_split(self, split: list[str]) -> None:
@@ -169,9 +186,10 @@ class Distillation:
 
 
 def resume_record(distillation: Distillation | None) -> dict:
-    """What train.json's ``trained_on`` adds for distillation: nothing when off (so checkpoints of runs without
-    it resume as before), else the targets' fingerprint, so that a student never resumes a teacher's run."""
-    return {} if distillation is None else {"distillation": distillation.fingerprint}
+    """What train.json's ``trained_on`` adds for distillation: the targets' fingerprint, so that a student never
+    resumes a teacher's run, and None when off, so that a plain run never resumes a student's (a checkpoint
+    written before this key, which records no distillation either, reads as None and resumes as before)."""
+    return {"distillation": None if distillation is None else distillation.fingerprint}
 
 
 def labelled_items(items: Sequence[dict], targets: torch.Tensor | None) -> list[dict]:

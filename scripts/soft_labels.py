@@ -9,9 +9,11 @@ preprocessing and the test-time augmentation of the bundle's ``configs/inference
 teacher was trained at, its sidecar checked. The file (``bundle.distill.write_soft_labels``) holds per image the
 mean over the teachers of ``softmax(logits / temperature)``; train.json reads it with ``--distill_soft_labels``.
 
-Refused before any work, naming the file: a teacher whose classes are not the student's, and a teacher whose
-resume checkpoint (``checkpoint_last.pt`` beside its weights) says it was trained on another datalist, since its
-training images may then be the student's validation or test images.
+Refused before any work, naming the file: a teacher that is missing or does not load, a teacher whose classes
+are not the student's, and a teacher whose resume checkpoint (``checkpoint_last.pt`` beside its weights) says it
+was trained on another datalist, since its training images may then be the student's validation or test images.
+A teacher whose probabilities are not finite (diverged weights) is refused once it has run, before anything is
+written. An image the split lists twice gets one row.
 """
 
 import logging
@@ -42,8 +44,10 @@ def teacher_paths(teachers: str | Sequence[str]) -> list[Path]:
 
 
 def check_teacher(teacher: Path, datalist: str) -> None:
-    """The teacher classifies into the student's classes and, as far as its resume checkpoint tells, was
-    trained on ``datalist``."""
+    """The teacher's weights exist, it classifies into the student's classes and, as far as its resume checkpoint
+    tells, it was trained on ``datalist``."""
+    if not teacher.is_file():
+        raise ValueError(f"teacher {teacher} does not exist (--teachers names weights files: W/run/models/model.pt)")
     names = (read_sidecar(teacher) or {}).get("class_names")
     if names is not None and list(names) != list(CLASS_NAMES):
         raise ValueError(
@@ -79,7 +83,13 @@ def teacher_probabilities(
         logits, _features = predictor.forward(torch.stack([_preprocessed(predictor, item["image"]) for item in batch]))
         rows.append(torch.softmax(logits / temperature, dim=1))
         bar.update(len(batch))
-    return torch.cat(rows)
+    probabilities = torch.cat(rows)
+    if not distill.probability_rows(probabilities):
+        raise ValueError(
+            f"teacher {predictor.weights} gave non-finite probabilities for some training images (diverged "
+            "weights?); nothing was written"
+        )
+    return probabilities
 
 
 def _preprocessed(predictor: Predictor, path: str) -> torch.Tensor:
@@ -109,13 +119,15 @@ def main(
     data.preflight(datalist, dataset_dir, keys=["training"])
     for teacher in paths:
         check_teacher(teacher, datalist)
+    predictors = [Predictor(bundle_root, weights=teacher, device=device) for teacher in paths]
+    # an image the split lists twice gets one row: the file names each image once
+    unique = {distill.image_key(item["image"], dataset_dir): item for item in items}
+    items = list(unique.values())
     total = torch.zeros(len(items), len(CLASS_NAMES))
     with tqdm(total=len(items) * len(paths), desc=f"{len(paths)} teachers' soft labels", unit="img") as bar:
-        for teacher in paths:
-            predictor = Predictor(bundle_root, weights=teacher, device=device)
+        for predictor in predictors:
             total += teacher_probabilities(predictor, items, float(temperature), int(batch_size), bar)
-    keys = [distill.image_key(item["image"], dataset_dir) for item in items]
-    distill.write_soft_labels(output, keys, total / len(paths), float(temperature), paths, datalist)
+    distill.write_soft_labels(output, list(unique), total / len(paths), float(temperature), paths, datalist)
     print(f"wrote {output}: {len(items)} training images, {len(paths)} teacher(s), temperature {temperature}")
 
 

@@ -179,13 +179,66 @@ def test_a_student_never_resumes_a_run_trained_without_its_soft_labels(synthetic
     path = _soft_label_file(tmp_path / "soft.pt", _training_keys(datalist, synthetic_dir))
     distillation = distill.Distillation(path, 0.5, items, synthetic_dir, CLASS_NAMES)
     base = {"datalist": "sha256:x", "image_size": [32, 32]}
-    assert distill.resume_record(None) == {}, "runs without distillation resume as before"
     student = base | distill.resume_record(distillation)
+    plain = base | distill.resume_record(None)
     checkpoint = tmp_path / "checkpoint_last.pt"
     checkpoint.touch()  # check_resume reads the checkpoint handed to it; this says there is one
     with pytest.raises(ValueError, match="distillation None"):
         check_resume(checkpoint, True, student, checkpoint={"trained_on": base})
     check_resume(checkpoint, True, student, checkpoint={"trained_on": student})
+    # nor does a plain run continue a student (a hybrid of both, its soft labels forgotten) ...
+    with pytest.raises(ValueError, match=r"distillation 'sha256:\w+', this run's is None"):
+        check_resume(checkpoint, True, plain, checkpoint={"trained_on": student})
+    # ... while a checkpoint written before runs recorded distillation resumes as before
+    check_resume(checkpoint, True, plain, checkpoint={"trained_on": base})
+
+
+def test_a_soft_label_file_with_non_finite_rows_or_missing_parts_is_refused_naming_it(synthetic_dir, tmp_path):
+    """NaN compares false both ways, so a check of sums and signs alone lets a diverged teacher's rows through."""
+    datalist = _datalist(synthetic_dir, tmp_path / "datalist.json")
+    items = data.load_datalist(datalist, "training", synthetic_dir)
+    keys = _training_keys(datalist, synthetic_dir)
+    rows = CONSTANT.expand(len(keys), -1).clone()
+    rows[3, 2] = float("nan")
+    path = _soft_label_file(tmp_path / "nan.pt", keys, rows)
+    with pytest.raises(ValueError, match=f"'distill_soft_labels': {path} is damaged: .* not finite"):
+        distill.Distillation(path, 0.5, items, synthetic_dir, CLASS_NAMES)
+    record = torch.load(path, weights_only=True)
+    for broken in ({k: v for k, v in record.items() if k != "images"}, {**record, "probabilities": [[1.0] * C]}):
+        torch.save(broken, path)
+        with pytest.raises(ValueError, match=f"'distill_soft_labels': {path} is damaged"):
+            distill.Distillation(path, 0.5, items, synthetic_dir, CLASS_NAMES)
+
+
+def test_the_script_names_each_image_once_and_checks_every_teacher_before_any_work(
+    synthetic_dir, tmp_path, teachers, caplog
+):
+    """A split that lists an image twice gets a file training accepts; a missing teacher, or one whose outputs
+    are not finite, is refused and nothing is written."""
+    root, weights = teachers
+    datalist = _datalist(synthetic_dir, tmp_path / "datalist.json")
+    listed = json.loads(datalist.read_text())
+    listed["training"].append(listed["training"][0])
+    datalist.write_text(json.dumps(listed))
+    output = tmp_path / "soft.pt"
+    common = {"dataset_dir": str(synthetic_dir), "datalist": str(datalist), "bundle_root": str(root), "device": "cpu"}
+
+    with pytest.raises(ValueError, match=f"teacher {tmp_path / 'none.pt'} does not exist"):
+        soft_labels.main([str(weights[0]), str(tmp_path / "none.pt")], output=str(output), **common)
+    diverged = _tiny_teacher(tmp_path / "diverged" / "model.pt", 0)
+    state = torch.load(diverged, weights_only=True)
+    state["class_layers.out.bias"] = torch.full((C,), float("nan"))
+    save_pair(diverged, state, new_record(state, [32, 32]))
+    with pytest.raises(ValueError, match=f"teacher {diverged} gave non-finite probabilities"):
+        soft_labels.main([str(diverged)], output=str(output), **common)
+    assert not output.exists()
+
+    soft_labels.main([str(weights[0])], output=str(output), **common)
+    items = data.load_datalist(datalist, "training", synthetic_dir)
+    record = torch.load(output, weights_only=True)
+    assert len(record["images"]) == len(set(record["images"])) == len(items) - 1
+    distillation = distill.Distillation(output, 0.5, items, synthetic_dir, CLASS_NAMES)
+    assert torch.equal(distillation.targets(items)[0], distillation.targets(items)[-1])
 
 
 @pytest.mark.parametrize("alphas", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}])
