@@ -1,7 +1,7 @@
 """The keys a ``python -m monai.bundle run`` command line sets, checked against the configs it reads.
 
 MONAI takes an override whose key no config declares as a new key and runs without it: ``--max_epoch 3``
-trains the configured 25 epochs and says nothing. Each config's ``initialize`` calls
+trains the configured epochs and says nothing. Each config's ``initialize`` calls
 ``check_overrides()`` first, so that such a command stops before any work, naming the key and the
 closest declared one.
 """

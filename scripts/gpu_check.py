@@ -631,7 +631,7 @@ def check(
             save()
     for size in benchmark_sizes:
         log = work / f"benchmark_train_{size}.log"
-        batch = 1024 if size <= 64 else 256  # the batch sizes of the model-only figures in NOTES-stack.md
+        batch = 1024 if size <= 64 else 256  # the batch sizes of the earlier model-only figures (docs/PERFORMANCE.md)
         benchmark = [sys.executable, "scripts/benchmark_train.py", "--dataset_dir", dataset_dir, "--image_size"]
         benchmark += [str(size), "--batch_size", str(batch), "--epochs", str(benchmark_epochs)]
         benchmark += ["--data_epochs", str(benchmark_epochs)]

@@ -3,7 +3,7 @@
     python scripts/predict.py IMAGE_OR_FOLDER [...]                  # the server `scripts/serve.py start` runs
     python scripts/predict.py IMAGE --url http://host:8080 --key KEY # any TorchServe
     python scripts/predict.py IMAGE --endpoint NAME [--region eu-west-1]   # a SageMaker endpoint
-    ... --json                                                       # raw responses, one JSON line per image
+    ... --json                     # one JSON line per image: {"image", "status", "response": the server's JSON}
     ... --as_json                      # send {"image": "<base64>"} instead of the raw bytes (for text-only gateways)
 
 Prints, per image, ``IMAGE: class: basal cell carcinoma, probability: 92 percent (balanced rule),

@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psutil
 import pytest
@@ -118,7 +118,7 @@ def test_expired_keys_are_renewed_by_clients_and_by_rotate_keys(server, image):
     first = _keys(run_dir)
     assert _classify(server, image, first["inference"]["key"]).status_code == 200
     expiry = datetime.fromisoformat(first["inference"]["expiration time"][:26].rstrip("Z") + "+00:00")
-    time.sleep(max(0.0, (expiry - datetime.now(timezone.utc)).total_seconds()) + 2)
+    time.sleep(max(0.0, (expiry - datetime.now(UTC)).total_seconds()) + 2)
     # what happened to every client after 24 h: the frontend refuses the old key, /ping included
     assert _refused(_classify(server, image, first["inference"]["key"]))
     assert _refused(
