@@ -24,6 +24,10 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import from_engine
 from monai.utils import CommonKeys as Keys
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
@@ -581,7 +585,8 @@ class ResumeCheckpoint:
         trained_on: dict | None = None,
     ) -> None:
         self.path = Path(path)
-        self.to_save = dict(to_save)
+        # the bare network under DDP: a checkpoint then resumes with any number of processes, one included
+        self.to_save = {name: _bare(obj) for name, obj in to_save.items()}
         self.resume = as_bool(resume, "resume")
         self.enabled = enabled
         self.map_location = map_location
@@ -597,17 +602,34 @@ class ResumeCheckpoint:
     def _load(self, engine: Engine) -> None:
         if not (self.resume and self.path.exists()):
             return
-        max_epochs = engine.state.max_epochs
+        max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         checkpoint = torch.load(self.path, map_location=self.map_location, weights_only=True)
         if self.trained_on is not None:
             check_resume(self.path, self.resume, self.trained_on, checkpoint)
+        # this run's settings, as its config built them, before the checkpoint's replace them
+        optimizers = {obj: _group_settings(obj) for obj in self.to_save.values() if isinstance(obj, Optimizer)}
+        schedulers = {obj: obj.state_dict() for obj in self.to_save.values() if isinstance(obj, LRScheduler)}
+        for name, obj in self.to_save.items():  # written by a DDP run before checkpoints held the bare network
+            if name in checkpoint and isinstance(obj, torch.nn.Module) and not isinstance(obj, AveragedModel):
+                consume_prefix_in_state_dict_if_present(checkpoint[name], "module.")
         Checkpoint.load_objects(to_load=self.to_save, checkpoint=checkpoint)
         if engine.state.epoch > max_epochs:
             raise ValueError(
                 f"{self.path} is at epoch {engine.state.epoch}, past max_epochs={max_epochs}: "
                 "raise max_epochs to train on, or pass --resume false to start over"
             )
-        engine.state.max_epochs = max_epochs  # the command line's value, not the checkpoint's
+        # The checkpoint gives the progress (epochs done), the weights and the optimizer's moments; this run's
+        # config gives everything else: its max_epochs, its batch size and process count (the steps an epoch
+        # has), its learning rate, weight decay and schedule, which then continues from the epochs done.
+        engine.state.max_epochs = max_epochs
+        steps = engine.state.epoch * epoch_length  # checkpoints are written at an epoch's end
+        engine.state.epoch_length, engine.state.iteration = epoch_length, steps
+        for optimizer, settings in optimizers.items():
+            for group, configured in zip(optimizer.param_groups, settings, strict=True):
+                group.update(configured)
+        for scheduler, configured in schedulers.items():
+            scheduler.load_state_dict({**configured, "last_epoch": steps - 1, "_step_count": steps})
+            scheduler.step()  # to step ``steps``, writing its learning rate into the optimizer
         logger.info(
             "resumed from %s at epoch %d of %d (--resume false starts over)", self.path, engine.state.epoch, max_epochs
         )
@@ -618,6 +640,16 @@ class ResumeCheckpoint:
             if self.trained_on is not None:
                 state["trained_on"] = self.trained_on
             atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+
+def _bare(obj):
+    return obj.module if isinstance(obj, DistributedDataParallel) else obj
+
+
+def _group_settings(optimizer: Optimizer) -> list[dict]:
+    """Each parameter group's hyperparameters (learning rate, weight decay, betas, fused...), without its
+    parameters."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
 
 
 class TrainingHistory:

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
+from monai.optimizers import WarmupCosineSchedule
 
 from bundle import data
 from bundle.labels import CLASS_NAMES
@@ -29,6 +31,7 @@ from tests.bundle_runs import (
     run_bundle,
 )
 from tests.serving import bundle_with_random_weights
+from tests.test_train_config import TINY_DENSENET, training_workflow
 
 CALIBRATE = "['configs/train.json','configs/calibrate.json']"
 
@@ -61,6 +64,48 @@ def test_a_killed_run_resumes_losing_at_most_one_epoch(dataset, tmp_path):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 3 * state["trainer"]["epoch_length"]
     assert state["best_model_saver"]["best_metric"] == pytest.approx(max(row["val_auc"] for row in history))
+
+
+def test_a_resumed_run_follows_its_own_epochs_batch_size_and_learning_rate(synthetic_dir, tmp_path):
+    """Raising max_epochs to train on (and changing the batch size, learning rate or weight decay with it): the
+    checkpoint gives the epochs done, the weights and the moments; the schedule is this run's, at the steps
+    this run's epochs have, so it anneals to 0 at the new last epoch instead of restarting or ending mid-way."""
+    common = {"network_arch": TINY_DENSENET, "num_workers": 0, "warmup_epochs": 1}
+    first = training_workflow(synthetic_dir, tmp_path, max_epochs=2, batch_size=32, learning_rate=1e-3, **common)
+    first.initialize()
+    first.run()
+    first.finalize()
+    second = training_workflow(
+        synthetic_dir, tmp_path, max_epochs=4, batch_size=64, learning_rate=4e-3, weight_decay=0.1, **common
+    )
+    second.initialize()
+    parser = second.parser
+    trainer, optimizer = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("optimizer")
+    steps = []
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED,
+        lambda engine: steps.append((engine.state.epoch, engine.state.iteration, optimizer.param_groups[0]["lr"])),
+    )
+    second.run()
+    second.finalize()
+
+    epoch_length = len(parser.get_parsed_content("train#dataloader"))  # batches of 64
+    reference = WarmupCosineSchedule(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=parser.get_parsed_content("optimizer#lr")),
+        warmup_steps=epoch_length,
+        t_total=4 * epoch_length,
+    )
+    expected = []
+    for _ in range(4 * epoch_length):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    assert [(epoch, iteration) for epoch, iteration, _ in steps] == [
+        (3 + i // epoch_length, 2 * epoch_length + i + 1) for i in range(2 * epoch_length)
+    ], "epochs 3 and 4, at this run's batches per epoch"
+    assert [lr for *_, lr in steps] == pytest.approx(expected[2 * epoch_length :])
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1, 2, 3, 4]
 
 
 def test_resume_false_starts_over(dataset, tmp_path):
@@ -183,6 +228,10 @@ def test_two_process_ddp_on_cpu_with_gloo(dataset, tmp_path):
     # the DDP-trained model evaluates with the single-process config
     run_bundle(EVALUATE, bundle_root=tmp_path, **dataset, **FAST)
     assert read_json(tmp_path / "eval" / "metrics.json")["n_images"] == len(read_json(dataset["datalist"])["testing"])
+    # and its checkpoint trains on in one process (a multi-GPU job's checkpoint on a one-GPU instance)
+    resumed = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=3, **dataset, **FAST)
+    assert "at epoch 2 of 3" in resumed.stdout
+    assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1, 2, 3]
 
 
 def test_mlflow_tracking_records_the_run(dataset, tmp_path):

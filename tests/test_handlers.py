@@ -15,6 +15,7 @@ from bundle import sidecar
 from bundle.calibration import Calibration
 from bundle.handlers import (
     BestModelSaver,
+    ResumeCheckpoint,
     TrainingHistory,
     TrainingSplitGuard,
     as_bool,
@@ -81,6 +82,24 @@ def test_best_model_saver_keeps_the_best_across_a_resume(tmp_path):
         net.weight.add_(1)  # a different model that scores worse must not replace the best one
     _run(resumed, [0.8, math.nan])
     assert path.read_bytes() == saved
+
+
+def test_a_checkpoint_holds_the_bare_network_and_one_a_ddp_run_wrote_before_still_resumes(tmp_path):
+    """Under DDP the checkpoint holds the network without its wrapper, so any number of processes resumes it;
+    a checkpoint whose keys carry DDP's ``module.`` (written before) loads into the bare network."""
+    path = tmp_path / "checkpoint_last.pt"
+    net = torch.nn.Linear(2, 2)
+    ResumeCheckpoint(str(path), {"model": net}).attach(engine := Engine(lambda e, b: None))
+    engine.run([0], max_epochs=1)
+    assert set(torch.load(path, weights_only=True)["model"]) == {"weight", "bias"}
+
+    state = torch.load(path, weights_only=True)
+    state["model"] = {f"module.{key}": value + 1 for key, value in state["model"].items()}
+    torch.save(state, path)
+    resumed = torch.nn.Linear(2, 2)
+    ResumeCheckpoint(str(path), {"model": resumed}).attach(engine := Engine(lambda e, b: None))
+    engine.run([0], max_epochs=2)
+    assert torch.equal(resumed.weight, net.weight + 1) and engine.state.epoch == 2
 
 
 def test_best_model_saver_writes_the_trained_image_size_beside_the_weights(tmp_path):
