@@ -4,8 +4,9 @@ command line; ``scripts/predict.py``, the benchmarks and the tests use it direct
 TorchServe runs with ``handler/config.properties`` and its working directory in the run folder, which
 collects everything of one server: ``logs/`` (ts_log.log, model_log.log, access and metrics logs),
 ``torchserve.out`` (its console), ``key_file.json`` (token keys), ``server.json`` (its URLs, for
-clients), ``metrics.yaml`` (the metrics TorchServe reports) and ``tmp/`` (the extracted archive and
-TorchServe's pid file, so that servers in different run folders don't see each other).
+clients), ``ready`` (present while it takes traffic, for a readiness probe), ``metrics.yaml`` (the
+metrics TorchServe reports) and ``tmp/`` (the extracted archive and TorchServe's pid file, so that servers
+in different run folders don't see each other).
 
 What listens where (README, "What listens where"):
 - inference (/ping, /predictions, /invocations): 127.0.0.1:``inference_port``, the inference key;
@@ -72,6 +73,11 @@ LOAD_FAILURE_SIGNS = ("Load model failed", "Backend worker process died")
 # What TorchServe answers (400) when a key is wrong or expired.
 KEY_REFUSED = "Token Authorization failed"
 MANAGEMENT_SOCKET = "management.sock"
+# Present while the server takes traffic: written once a worker is READY, removed when a drain begins. A
+# readiness probe reads it (deploy/kubernetes): /ping says Healthy before the model has loaded.
+READY_FILE = "ready"
+# A drain ends once the queue has stayed empty this long: time for the batch a worker holds to be answered.
+DRAIN_QUIET_S = 3.0
 # log: TorchServe's default, metrics to logs/*metrics.log; prometheus: served on the metrics API's /metrics.
 METRICS_MODES = ("log", "prometheus")
 
@@ -122,7 +128,7 @@ def start_server(
         raise ServeError(f"a TorchServe from {run_dir} is already running: scripts/serve.py stop --run_dir {run_dir}")
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o700)  # the key file and the management socket are the server user's alone
-    for stale in ("key_file.json", "server.json", MANAGEMENT_SOCKET):
+    for stale in ("key_file.json", "server.json", MANAGEMENT_SOCKET, READY_FILE):
         (run_dir / stale).unlink(missing_ok=True)
     host = "0.0.0.0" if keyless else "127.0.0.1"
     # Without token authorisation no key can guard management: a Unix socket, not a port, then.
@@ -178,7 +184,33 @@ def start_server(
     except ServeError:
         stop_server(run_dir)
         raise
+    (run_dir / READY_FILE).write_text(f"{MODEL_NAME} ready\n")
     return server
+
+
+def drain(run_dir: str | os.PathLike = DEFAULT_RUN_DIR, timeout_s: float = 30) -> int:
+    """Before a stop: stop taking traffic and let the requests already sent be answered.
+
+    Removes the ready file (a readiness probe then takes the server out of its Service), keeps serving, and
+    returns once the model's queue has stayed empty for ``DRAIN_QUIET_S`` (the batch a worker holds has that
+    long to be answered) or after ``timeout_s``: the number of requests still queued then (TorchServe's own
+    stop resets every open connection, queued or not)."""
+    run_dir = Path(run_dir).resolve()
+    (run_dir / READY_FILE).unlink(missing_ok=True)
+    server = read_server(run_dir)
+    deadline, quiet_since, pending = time.monotonic() + timeout_s, time.monotonic(), 0
+    while time.monotonic() < deadline and psutil.pid_exists(server["pid"]):
+        try:
+            status = management_request(server, "GET", f"/models/{MODEL_NAME}", run_dir, timeout=5).json()[0]
+            pending = int(status["jobQueueStatus"]["pendingRequests"])
+        except (requests.ConnectionError, ServeError, KeyError, IndexError, ValueError):
+            return 0  # the frontend no longer answers: nothing left to wait for
+        if pending:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= DRAIN_QUIET_S:
+            return 0
+        time.sleep(0.2)
+    return pending
 
 
 def stop_server(run_dir: str | os.PathLike = DEFAULT_RUN_DIR) -> bool:
@@ -188,6 +220,7 @@ def stop_server(run_dir: str | os.PathLike = DEFAULT_RUN_DIR) -> bool:
     pid = _server_pid(run_dir)
     if pid is None:
         return False
+    (run_dir / READY_FILE).unlink(missing_ok=True)
     processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     _run_torchserve([_torchserve_executable(), "--stop"], run_dir, _environment(run_dir))
     _, alive = psutil.wait_procs(processes, timeout=60)

@@ -6,7 +6,7 @@ Classify with ``scripts/predict.py``, which finds the server and its key through
         [--inference_port 8080 --management_port 8081]
         [--metrics_port PORT [--metrics_mode log|prometheus] [--metrics_host 127.0.0.1]]
         [--grpc_inference_port 7070 --grpc_management_port 7071] [--token_expiration_min 1440]
-        [--sagemaker | --authenticated_by FRONT] [--foreground]
+        [--sagemaker | --authenticated_by FRONT] [--foreground [--drain_s 30]]
     python scripts/serve.py rotate_keys [--run_dir runs/serve]
     python scripts/serve.py stop [--run_dir runs/serve]
 
@@ -38,6 +38,7 @@ def start(
     authenticated_by: str | None = None,
     metrics_mode: str = "log",
     metrics_host: str = "127.0.0.1",
+    drain_s: float = 30,
 ) -> None:
     """Start TorchServe with the archive ``mar``, wait until the model answers, print the URLs.
 
@@ -45,7 +46,9 @@ def start(
     (a training job's model, an extracted model.tar.gz), served in place.
 
     Every port must be free, the gRPC ones too (TorchServe always opens them, on loopback).
-    ``foreground`` then blocks until the server ends (a container's main process); SIGTERM stops it.
+    ``foreground`` then blocks until the server ends (a container's main process). SIGTERM drains it, then stops
+    it: the ready file goes (a readiness probe's), and the requests already sent are answered, for up to
+    ``drain_s`` seconds (``control.drain``); then TorchServe stops, which resets any connection still open.
     ``metrics_port``: serve TorchServe's metrics API there (off by default), on ``metrics_host`` (loopback;
     it carries no key). ``metrics_mode``: ``log`` (metrics to logs/*metrics.log) or ``prometheus`` (served on
     ``/metrics`` of the metrics port, the model's own counters included: docs/SERVING.md, "Metrics").
@@ -61,6 +64,7 @@ def start(
         )
     if foreground:  # from the first moment: a pod may be stopped while the model still loads
         signal.signal(signal.SIGTERM, _terminate)
+    server = None
     try:
         server = control.start_server(
             mar,
@@ -83,6 +87,11 @@ def start(
     except control.ServeError as error:
         sys.exit(f"error: {error}")
     except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time; the pod's grace period bounds it
+        if server is not None:
+            left = control.drain(run_dir, drain_s)
+            if left:
+                print(f"stopping with {left} requests still queued after {drain_s} s of draining", file=sys.stderr)
         control.stop_server(run_dir)
 
 

@@ -9,6 +9,7 @@ The TorchServe test is skipped without Java or TorchServe, and the SDK check wit
 CI=true, where that is a failure.
 """
 
+import concurrent.futures
 import copy
 import signal
 import subprocess
@@ -136,8 +137,10 @@ def test_the_resources_refer_to_each_other():
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     port_names = {port["name"] for port in container["ports"]}
     assert {port["targetPort"] for port in service["spec"]["ports"]} <= port_names
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/ping", "port": "http"}, probe
+    run_dir = container["command"][container["command"].index("--run_dir") + 1]
+    assert container["readinessProbe"]["exec"]["command"] == ["cat", f"{run_dir}/{control.READY_FILE}"]
     backend = kinds["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == service["metadata"]["name"]
     assert backend["port"]["name"] in {port["name"] for port in service["spec"]["ports"]}
@@ -260,7 +263,17 @@ def test_the_deployments_command_serves_without_a_key_and_stops_on_sigterm(mar, 
             ("127.0.0.1", grpc_inference),
             ("127.0.0.1", grpc_management),
         }
-        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not (run_dir / control.READY_FILE).is_file():
+            assert time.monotonic() < deadline, "the readiness probe's file, once a worker has loaded the model"
+            time.sleep(0.2)
+        # the pod's end with requests in flight and queued: every one is answered before TorchServe stops
+        with concurrent.futures.ThreadPoolExecutor(48) as pool:
+            answers = [pool.submit(_predict, url, image) for _ in range(48)]
+            time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            statuses = [answer.result().status_code for answer in answers]
+        assert statuses == [200] * 48
         grace = yaml.safe_load((BASE / "deployment.yaml").read_text())["spec"]["template"]["spec"]
         _, stderr = process.communicate(timeout=grace["terminationGracePeriodSeconds"])
         assert process.returncode == 0
