@@ -32,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from bundle import calibration, ood
-from bundle.atomic import atomic_write
+from bundle.atomic import atomic_write, remove_leftovers
 from bundle.calibration import Calibration
 from bundle.flags import as_bool
 from bundle.metrics import balanced_accuracy, classification_report, expected_calibration_error, negative_log_likelihood
@@ -593,6 +593,9 @@ class ResumeCheckpoint:
         self.trained_on = trained_on
 
     def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            for leftover in remove_leftovers(self.path.parent):
+                logger.warning("removed %s, left by a run killed while saving", leftover)
         self.to_save["trainer"] = engine
         if getattr(engine, "scaler", None) is not None:
             self.to_save["grad_scaler"] = engine.scaler

@@ -195,9 +195,12 @@ def run(container: Container, work_dir: Path) -> None:
         records, val_frac=settings["val_frac"], test_frac=settings["test_frac"], seed=settings["split_seed"]
     )
     datalist = data.write_datalist(splits, work_dir / "datalist.json", data_dir)
+    ckpt_dir = checkpoint_dir(work_dir, settings)
+    if settings["checkpoint_dir"]:
+        overrides = restart_resumes(ckpt_dir, overrides, container)
     paths = {
         "bundle_root": str(work_dir),
-        "ckpt_dir": str(checkpoint_dir(work_dir, settings)),
+        "ckpt_dir": str(ckpt_dir),
         "dataset_dir": str(data_dir),
         "datalist": str(datalist),
     }
@@ -225,6 +228,27 @@ def checkpoint_dir(work_dir: Path, settings: dict) -> Path:
     folder = Path(settings["checkpoint_dir"]).absolute()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def restart_resumes(folder: Path, overrides: dict[str, str], container: Container) -> dict[str, str]:
+    """``resume false`` starts the job over once. SageMaker hands a restarted job (a reclaimed spot instance, a
+    retry) the same hyperparameters, so taken as such every restart would start over again. Each rank marks the
+    checkpoint folder with the job's name when it starts (the mark syncs to S3 with the checkpoints): a rank
+    that finds its own job's mark is a restart, and resumes. On the first start rank 0 removes the earlier
+    checkpoint, so that a restart within the first epoch does not resume that one."""
+    from bundle.flags import as_bool
+
+    mark = folder / f".job-rank{container.rank}.json"
+    restart = mark.is_file() and json.loads(mark.read_text()).get("job") == container.job_name
+    mark.write_text(json.dumps({"job": container.job_name}))
+    if as_bool(overrides.get("resume", "true"), "resume") or not container.job_name:
+        return overrides
+    if restart:
+        print(f"{container.job_name} restarted: resuming its own checkpoint despite resume false", flush=True)
+        return overrides | {"resume": "true"}
+    if container.rank == 0:
+        (folder / "checkpoint_last.pt").unlink(missing_ok=True)
+    return overrides
 
 
 def write_results(work_dir: Path, ckpt_dir: Path, container: Container) -> None:

@@ -3,6 +3,7 @@
 import datetime
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -293,3 +294,18 @@ def test_the_history_times_training_once_the_device_has_done_it_and_waits_twice_
     assert len(waits) == 4, "a wait per step would stall the device's queue"
     for row in rows:
         assert row["train_s"] >= 0.2 and row["train_img_per_s"] == pytest.approx(12 / row["train_s"])
+
+
+def test_a_checkpoint_folder_loses_the_temporary_files_killed_runs_left(tmp_path):
+    """A kill inside atomic_write leaves ``.<name>.tmp<pid>``; the next run's resume checkpoint removes those of
+    processes that are gone, and keeps a live process's and every other file."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".checkpoint_last.pt.tmp{int(dead.stdout)}"
+    left.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".model.pt.tmp{os.getpid()}"
+    live.write_bytes(b"being written")
+    kept = [tmp_path / "model.pt", tmp_path / ".hidden.tmpx"]
+    for path in kept:
+        path.write_bytes(b"")
+    ResumeCheckpoint(str(tmp_path / "checkpoint_last.pt"), {}).attach(Engine(lambda e, b: None))
+    assert not left.exists() and live.exists() and all(path.exists() for path in kept)

@@ -352,3 +352,26 @@ def test_the_containers_folders_are_absolute_whatever_folder_the_entry_starts_in
         tmp_path / "data",
     )
     assert checkpoint_dir(tmp_path / "work", {"checkpoint_dir": "checkpoints"}) == tmp_path / "checkpoints"
+
+
+def test_resume_false_starts_a_job_over_once_and_its_restarts_resume(tmp_path):
+    """SageMaker restarts a reclaimed spot job with the same hyperparameters: ``resume false`` must start the job
+    over, not each of its restarts, while another job given the same folder starts over again."""
+    from cloud.training_job import Container, restart_resumes
+
+    def container(job: str, rank: int = 0) -> Container:
+        env = {"SM_MODEL_DIR": "m", "SM_OUTPUT_DATA_DIR": "o", "TRAINING_JOB_NAME": job, "RANK": str(rank)}
+        return Container.from_env(env, [])
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    earlier = folder / "checkpoint_last.pt"
+    earlier.write_bytes(b"an earlier job's checkpoint")
+    fresh = {"resume": "false", "max_epochs": "3"}
+    assert restart_resumes(folder, fresh, container("job-a")) == fresh
+    assert restart_resumes(folder, fresh, container("job-a", rank=1)) == fresh
+    assert not earlier.exists(), "a restart inside the first epoch must not resume the earlier checkpoint"
+    for rank in (0, 1):  # the restart: both ranks resume what the job checkpointed since
+        assert restart_resumes(folder, fresh, container("job-a", rank)) == fresh | {"resume": "true"}
+    assert restart_resumes(folder, fresh, container("job-b")) == fresh
+    assert restart_resumes(folder, {"max_epochs": "3"}, container("job-c")) == {"max_epochs": "3"}
