@@ -179,6 +179,31 @@ class RandColourJitterd(RandomizableTransform, MapTransform):
         return d
 
 
+class DeviceGenerators:
+    """One ``torch.Generator`` per device, each seeded with ``seed`` on first use: ``generators(device)``."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device: torch.device | str) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(device): generator.get_state() for device, generator in self._generators.items()}
+
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
+        """Restores the streams of the devices this process has (a GPU run's checkpoint resumed on a CPU starts
+        the CPU's stream afresh)."""
+        for name, state in states.items():
+            device = torch.device(name)
+            if device.type == "cpu" or (device.type == "cuda" and torch.cuda.device_count() > (device.index or 0)):
+                self(device).set_state(state.cpu())  # the checkpoint may have been loaded onto the GPU
+
+
 class BatchAugmentation:
     """Per-sample random rotation, flips, zoom and colour jitter of a ``(N, C, H, W)`` float batch.
 
@@ -267,14 +292,14 @@ class BatchAugmentation:
         self.zoom_range = (min_zoom, max_zoom)
         self.padding_mode = padding_mode
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.generator = DeviceGenerators(seed)  # generator(device): this augmentation's random stream there
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """This augmentation's random stream on ``device``, seeded on first use."""
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+    def random_state(self) -> dict:
+        """Where its random streams are (for a resume checkpoint: ``bundle.handlers.RandomStates``)."""
+        return {"torch": self.generator.state_dict()}
+
+    def set_random_state(self, state: dict) -> None:
+        self.generator.load_state_dict(state["torch"])
 
     def sample_parameters(self, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Independent random parameters for ``n`` images: angle (radians, 0 when not rotated),
@@ -433,19 +458,21 @@ class BatchMix:
             raise ValueError(f"config key 'augment#mix_prob' must be in [0, 1], got {mix_prob}")
         self.mix_prob = float(mix_prob)
         self.seed = seed
-        self.rng = np.random.default_rng(seed)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.rng = np.random.default_rng(seed)  # the mix drawn for each batch
+        self.generator = DeviceGenerators(seed)  # generator(device): the pairing of images there
 
     @property
     def enabled(self) -> bool:
         """Whether this mixes at all (and so turns labels into soft targets)."""
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+    def random_state(self) -> dict:
+        """Where its random streams are (for a resume checkpoint: ``bundle.handlers.RandomStates``)."""
+        return {"torch": self.generator.state_dict(), "numpy": self.rng.bit_generator.state}
+
+    def set_random_state(self, state: dict) -> None:
+        self.generator.load_state_dict(state["torch"])
+        self.rng.bit_generator.state = state["numpy"]
 
     def draw(self, spatial_size: Sequence[int]) -> tuple[str, float, tuple[int, int, int, int] | None]:
         """This batch's mix as Python numbers: ``(kind, lam, box)``; kind is "none", "mixup" or

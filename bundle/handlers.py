@@ -22,6 +22,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.engines.utils import IterationEvents
 from monai.handlers import from_engine
+from monai.transforms import Compose, Randomizable
 from monai.utils import CommonKeys as Keys
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
@@ -41,6 +42,7 @@ from bundle.sidecar import (
     complete_interrupted_save,
     load_weights,
     new_record,
+    read_sidecar,
     save_pair,
     sidecar_path,
     verified_sidecar,
@@ -136,6 +138,13 @@ class BestModelSaver:
 
     def load_state_dict(self, state: dict) -> None:
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+        # A kill between saving model.pt and the epoch's checkpoint leaves model.pt an epoch ahead of the best
+        # score the checkpoint holds: the resumed run must beat model.pt's own score to replace it. (Every rank
+        # reads the same file: a restarted multi-host job gets the checkpoint folder back on every host.)
+        saved = read_sidecar(self.save_path) if Path(self.save_path).is_file() else None
+        metric = (saved or {}).get("metric", {}).get(self.metric_name)
+        if metric is not None and int(saved.get("epoch", -1)) > self.best_epoch and metric > self.best_metric:
+            self.best_metric, self.best_epoch = float(metric), int(saved["epoch"])
 
 
 class PredictionsToCPU:
@@ -615,7 +624,11 @@ class ResumeCheckpoint:
         for name, obj in self.to_save.items():  # written by a DDP run before checkpoints held the bare network
             if name in checkpoint and isinstance(obj, torch.nn.Module) and not isinstance(obj, AveragedModel):
                 consume_prefix_in_state_dict_if_present(checkpoint[name], "module.")
-        Checkpoint.load_objects(to_load=self.to_save, checkpoint=checkpoint)
+        # random streams were checkpointed from 2026-12-07 on: an earlier checkpoint resumes without them
+        to_load = {
+            name: obj for name, obj in self.to_save.items() if name in checkpoint or not isinstance(obj, RandomStates)
+        }
+        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
         if engine.state.epoch > max_epochs:
             raise ValueError(
                 f"{self.path} is at epoch {engine.state.epoch}, past max_epochs={max_epochs}: "
@@ -643,6 +656,88 @@ class ResumeCheckpoint:
             if self.trained_on is not None:
                 state["trained_on"] = self.trained_on
             atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+
+class RandomStates:
+    """The random streams of a run's data path (batch order, class-balanced draws, augmentation, mixing), for
+    the resume checkpoint: a resumed run goes on with the streams where the killed one left them, instead of
+    replaying its first epoch's batches and draws. ``parts``: objects with ``random_state`` /
+    ``set_random_state``, a ``generator`` attribute (a ``torch.Generator``, as torch's samplers have), or a list
+    of MONAI transforms (the chain's augmentation: their own numpy streams); others (None, a loader with no
+    stream of its own) are skipped. torch's global stream comes too: a DataLoader without a generator draws
+    each epoch's shuffle (and its workers' seeds) from it, and dropout its masks on a CPU."""
+
+    def __init__(self, **parts) -> None:
+        self.parts = {"torch_global": _GlobalTorchStream()}
+        for name, part in parts.items():
+            if isinstance(part, (list, tuple, Compose)):
+                part = _TransformStreams(part)
+            if hasattr(part, "random_state") or isinstance(getattr(part, "generator", None), torch.Generator):
+                self.parts[name] = part
+
+    def state_dict(self) -> dict:
+        return {
+            name: part.random_state() if hasattr(part, "random_state") else {"torch": part.generator.get_state()}
+            for name, part in self.parts.items()
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in self.parts.items():
+            if name not in state:
+                continue  # a part this run has and the checkpointed one had not (e.g. a sampler turned on)
+            if hasattr(part, "set_random_state"):
+                part.set_random_state(state[name])
+            else:
+                part.generator.set_state(state[name]["torch"].cpu())  # loaded onto the run's device
+
+
+class _GlobalTorchStream:
+    def random_state(self) -> dict:
+        return {"torch": torch.get_rng_state()}
+
+    def set_random_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"].cpu())
+
+
+class _TransformStreams:
+    """The numpy streams (``R``) of the randomised MONAI transforms in a list or ``Compose``, in order."""
+
+    def __init__(self, transforms) -> None:
+        self.transforms = list(_randomizables(transforms, set()))
+
+    def random_state(self) -> dict:
+        states = [transform.R.get_state(legacy=False) for transform in self.transforms]
+        # as tensors: a checkpoint loads with weights_only, which refuses numpy arrays
+        return {"numpy": [{**state, "state": _tensors_of(state["state"])} for state in states]}
+
+    def set_random_state(self, state: dict) -> None:
+        for transform, saved in zip(self.transforms, state["numpy"], strict=True):
+            transform.R.set_state({**saved, "state": {**saved["state"], "key": saved["state"]["key"].cpu().numpy()}})
+
+
+def _tensors_of(state: dict) -> dict:
+    return {
+        key: torch.from_numpy(value.astype(np.int64)) if isinstance(value, np.ndarray) else value
+        for key, value in state.items()
+    }
+
+
+def _randomizables(obj, seen: set):
+    """The randomised transforms in ``obj`` (a transform, a list or a ``Compose``), with those they hold (a
+    dictionary transform draws through the array transform inside it too), each once."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _randomizables(item, seen)
+    elif isinstance(obj, Compose):
+        yield from _randomizables(obj.transforms, seen)
+    elif isinstance(obj, Randomizable):
+        yield obj
+        for value in vars(obj).values():
+            if isinstance(value, (Randomizable, Compose, list, tuple)):
+                yield from _randomizables(value, seen)
 
 
 def _bare(obj):

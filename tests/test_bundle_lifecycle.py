@@ -108,6 +108,38 @@ def test_a_resumed_run_follows_its_own_epochs_batch_size_and_learning_rate(synth
     assert [row["epoch"] for row in read_json(tmp_path / "models" / "history.json")] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("overlays", [(), ("train_chain.json",)], ids=["cached", "chain"])
+def test_a_resumed_run_draws_the_batches_the_uninterrupted_run_draws(synthetic_dir, tmp_path, overlays):
+    """The random streams of the data path are in the checkpoint: epoch 2 of a run stopped after epoch 1 and
+    resumed gets the batches (order, class-balanced draws, augmentation, mixing) that an uninterrupted run's
+    epoch 2 gets, not a replay of epoch 1's."""
+    settings = {"network_arch": TINY_DENSENET, "num_workers": 0, "batch_size": 32, "augment#prob": 0.5}
+    if not overlays:
+        settings |= {"augment#mixup_alpha": 0.4, "augment#mix_prob": 0.5, "augment#colour_prob": 0.5}
+
+    def first_batches(root, max_epochs: int) -> dict[int, tuple]:
+        workflow = training_workflow(synthetic_dir, root, overlays, max_epochs=max_epochs, **settings)
+        workflow.initialize()
+        seen = {}
+
+        def record(engine) -> None:
+            if engine.state.epoch not in seen:
+                batch = engine.state.batch
+                seen[engine.state.epoch] = (batch["label"].clone(), batch["image"].clone())
+
+        workflow.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_STARTED, record)
+        workflow.run()
+        workflow.finalize()
+        return seen
+
+    whole = first_batches(tmp_path / "whole", 2)
+    first_batches(tmp_path / "cut", 1)
+    resumed = first_batches(tmp_path / "cut", 2)
+    assert list(resumed) == [2]
+    assert torch.equal(resumed[2][0], whole[2][0]) and torch.allclose(resumed[2][1], whole[2][1])
+    assert not torch.equal(whole[2][1], whole[1][1])
+
+
 def test_resume_false_starts_over(dataset, tmp_path):
     run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, **dataset, **FAST)
     again = run_bundle(TRAIN, bundle_root=tmp_path, max_epochs=1, resume="false", **dataset, **FAST)  # as typed

@@ -16,6 +16,7 @@ from bundle import sidecar
 from bundle.calibration import Calibration
 from bundle.handlers import (
     BestModelSaver,
+    RandomStates,
     ResumeCheckpoint,
     TrainingHistory,
     TrainingSplitGuard,
@@ -98,9 +99,29 @@ def test_a_checkpoint_holds_the_bare_network_and_one_a_ddp_run_wrote_before_stil
     state["model"] = {f"module.{key}": value + 1 for key, value in state["model"].items()}
     torch.save(state, path)
     resumed = torch.nn.Linear(2, 2)
-    ResumeCheckpoint(str(path), {"model": resumed}).attach(engine := Engine(lambda e, b: None))
+    # nor did checkpoints hold the random streams then: those resume without them
+    to_load = {"model": resumed, "random_states": RandomStates()}
+    ResumeCheckpoint(str(path), to_load).attach(engine := Engine(lambda e, b: None))
     engine.run([0], max_epochs=2)
     assert torch.equal(resumed.weight, net.weight + 1) and engine.state.epoch == 2
+
+
+def test_a_model_saved_after_the_last_checkpoint_is_replaced_only_by_a_better_one(tmp_path):
+    """A kill between saving model.pt (epoch 2, 0.9) and epoch 2's checkpoint (which would say 0.9): the
+    checkpoint still holds epoch 1's best, 0.6, and the resumed run's 0.8 must not replace the 0.9 model."""
+    net, path = torch.nn.Linear(2, 2), tmp_path / "model.pt"
+    first = BestModelSaver(net, str(path), "val_auc", image_size=[32, 32])
+    _run(first, [0.6])
+    checkpointed = first.state_dict()
+    _run(first, [0.6, 0.9])  # epoch 2 saves model.pt; the kill comes before its checkpoint
+    saved = path.read_bytes()
+    resumed = BestModelSaver(net, str(path), "val_auc", image_size=[32, 32])
+    resumed.load_state_dict(checkpointed)
+    assert resumed.state_dict() == {"best_metric": 0.9, "best_epoch": 2}
+    with torch.no_grad():
+        net.weight.add_(1)
+    _run(resumed, [0.8])
+    assert path.read_bytes() == saved
 
 
 def test_best_model_saver_writes_the_trained_image_size_beside_the_weights(tmp_path):
