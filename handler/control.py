@@ -100,12 +100,15 @@ def start_server(
     authenticated_by: str | None = None,
     metrics_mode: str = "log",
     metrics_host: str = "127.0.0.1",
+    ts_config: str | os.PathLike = TS_CONFIG,
 ) -> dict:
     """Start TorchServe and wait until the model is ready; return the server description (see ``read_server``).
 
     On failure the server is stopped again and ``ServeError`` says why, with the end of the logs.
     ``metrics_mode``: one of ``METRICS_MODES``; prometheus needs ``metrics_port``. ``metrics_host``: the
     metrics API's bind address (it carries no key: loopback unless a scraper elsewhere must reach it).
+    ``ts_config``: TorchServe's config.properties (another one than ``handler/config.properties``: KServe's, as
+    scripts/kserve_store.py writes it); what this function sets (addresses, ports, keys) overrides it.
     """
     if metrics_mode not in METRICS_MODES:
         raise ServeError(f"metrics_mode must be one of {METRICS_MODES}, got {metrics_mode!r}")
@@ -123,6 +126,8 @@ def start_server(
             f"model archive {mar} not found: build it with scripts/package_mar.py (or give a model directory "
             "laid out by scripts/package_sagemaker.py)"
         )
+    if not Path(ts_config).is_file():
+        raise ServeError(f"TorchServe config {ts_config} not found")
     torchserve = _torchserve_executable()
     if _server_pid(run_dir) is not None:
         raise ServeError(f"a TorchServe from {run_dir} is already running: scripts/serve.py stop --run_dir {run_dir}")
@@ -154,7 +159,7 @@ def start_server(
         "--start",
         "--ncs",
         "--ts-config",
-        str(TS_CONFIG),
+        str(Path(ts_config).resolve()),
         "--model-store",
         str(mar.parent),
         "--models",

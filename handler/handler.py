@@ -59,7 +59,7 @@ class SkinLesionHandler(BaseHandler):
             except RequestError as error:
                 images.append(error)
             except Exception:  # a bug reading one request must not fail the others in its batch
-                logger.exception("cannot read request %d of the batch", index)
+                logger.exception("cannot read request %s", self._request_id(index))
                 images.append(
                     RequestError(
                         http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error reading the request (see the model log)"
@@ -99,6 +99,8 @@ class SkinLesionHandler(BaseHandler):
             else:
                 status, body = result.status, {"error": result.error}
                 outcomes[IMAGES_REFUSED, result.status.name.lower()] += 1
+            if status != http.HTTPStatus.OK:  # which request, and why, for whoever reads the model log
+                logger.info("request %s refused: %d %s", self._request_id(index), status.value, body["error"])
             if self._open_inference_protocol():
                 # one v2 response answers all inputs: a refused image's status travels in its own output
                 if status != http.HTTPStatus.OK:
@@ -109,6 +111,13 @@ class SkinLesionHandler(BaseHandler):
             answers.append(json.dumps(body))
         self._count(outcomes)
         return answers
+
+    def _request_id(self, index: int) -> str:
+        """TorchServe's id of the batch's ``index``-th request (its access log and the client's answer carry it);
+        under the kservev2 envelope the one request's id and the input's position in it."""
+        if self._open_inference_protocol():
+            return f"{self.context.get_request_id(0)} input {index}"
+        return str(self.context.get_request_id(index))
 
     def _open_inference_protocol(self) -> bool:
         """Whether TorchServe's kservev2 envelope called: it names the request's inputs in the context."""

@@ -6,11 +6,11 @@
 
     python scripts/kserve_store.py [--mar dist/skin_lesion.mar] [--output dist/kserve]
 
-KServe's TorchServe runtime runs ``torchserve --start --model-store=/mnt/models/model-store
---ts-config=/mnt/models/config/config.properties`` and sets ``TS_SERVICE_ENVELOPE`` to ``kservev2`` for
-``protocolVersion: v2``. The config written here is ``handler/config.properties`` (the one source of the
-server settings) with what KServe's pod needs instead, each override beside the reason for it in
-``KSERVE_SETTINGS``.
+The InferenceService runs ``serve.py start --foreground --mar /mnt/models/model-store/skin_lesion.mar
+--ts_config /mnt/models/config/config.properties`` (where KServe's TorchServe runtime would run ``torchserve``
+over the same files), and KServe sets ``TS_SERVICE_ENVELOPE`` to ``kservev2`` for ``protocolVersion: v2``. The
+config written here is ``handler/config.properties`` (the one source of the server settings) with what KServe's
+pod needs instead, each override beside the reason for it in ``KSERVE_SETTINGS``.
 """
 
 import shutil

@@ -6,7 +6,7 @@ Classify with ``scripts/predict.py``, which finds the server and its key through
         [--inference_port 8080 --management_port 8081]
         [--metrics_port PORT [--metrics_mode log|prometheus] [--metrics_host 127.0.0.1]]
         [--grpc_inference_port 7070 --grpc_management_port 7071] [--token_expiration_min 1440]
-        [--sagemaker | --authenticated_by FRONT] [--foreground [--drain_s 30]]
+        [--sagemaker | --authenticated_by FRONT] [--foreground [--drain_s 30]] [--ts_config FILE]
     python scripts/serve.py rotate_keys [--run_dir runs/serve]
     python scripts/serve.py stop [--run_dir runs/serve]
 
@@ -39,6 +39,7 @@ def start(
     metrics_mode: str = "log",
     metrics_host: str = "127.0.0.1",
     drain_s: float = 30,
+    ts_config: str = str(control.TS_CONFIG),
 ) -> None:
     """Start TorchServe with the archive ``mar``, wait until the model answers, print the URLs.
 
@@ -54,7 +55,9 @@ def start(
     ``/metrics`` of the metrics port, the model's own counters included: docs/SERVING.md, "Metrics").
     ``token_expiration_min``: the keys' lifetime (default: config.properties, 1440). ``authenticated_by``: turn
     token authorisation off and listen on 0.0.0.0 for the named front, which must authenticate every request
-    (replicas behind a Kubernetes Service: docs/DEPLOY.md); a warning naming it goes to stderr.
+    (replicas behind a Kubernetes Service: docs/DEPLOY.md); a warning naming it goes to stderr. ``ts_config``:
+    TorchServe's config.properties (default handler/config.properties; KServe's pod: the one
+    scripts/kserve_store.py writes, with the kservev2 envelope).
     """
     if authenticated_by is not None:
         print(
@@ -80,6 +83,7 @@ def start(
             authenticated_by,
             metrics_mode=metrics_mode,
             metrics_host=metrics_host,
+            ts_config=ts_config,
         )
         _announce(server, run_dir, sagemaker)
         if foreground:

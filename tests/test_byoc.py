@@ -33,6 +33,9 @@ from tests.test_torchserve import _free_ports, _package, _port_flags, _require_t
 COPY = re.compile(r"^COPY\s+(?P<source>\S+)\s+(?P<target>/\S+)\s*$", re.MULTILINE)
 
 
+IMAGE_HOME = "/opt/program"  # where docker/Dockerfile copies the project
+
+
 def image_root(root, mar):
     """The files the Dockerfile copies, where it copies them, under ``root``; dist/ from ``mar``."""
     copies = COPY.findall((REPO / "docker" / "Dockerfile").read_text())

@@ -1,7 +1,8 @@
-"""The Open Inference Protocol (KServe v2) on the real TorchServe, started as KServe's TorchServe runtime starts
-it: the command of deploy/kubernetes/kserve/inferenceservice.yaml over the model storage scripts/kserve_store.py
-lays out (config/config.properties with service_envelope=kservev2, model-store/skin_lesion.mar), with
-TS_SERVICE_ENVELOPE=kservev2 as the runtime sets it and the ports moved to free loopback ones. The consumer is
+"""The Open Inference Protocol (KServe v2) on the real TorchServe, started as the InferenceService starts it: the
+command of deploy/kubernetes/kserve/inferenceservice.yaml over the image's files and the model storage
+scripts/kserve_store.py lays out (config/config.properties with service_envelope=kservev2,
+model-store/skin_lesion.mar), with TS_SERVICE_ENVELOPE=kservev2 as KServe's runtime sets it and the ports moved to
+free loopback ones. The consumer is
 KServe's own REST client (the ``kserve`` package, in .venv-kserve: tests/kserve_sdk.py).
 
 Skipped without Java, TorchServe or .venv-kserve (``make venv-kserve``), except under CI=true, where that is a
@@ -35,7 +36,7 @@ from tests.serving import (
     store_guard,
     store_triage_calibration,
 )
-from tests.test_byoc import image_python_env
+from tests.test_byoc import IMAGE_HOME, image_python_env, image_root
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
 
 INFERENCE_SERVICE = REPO / "deploy" / "kubernetes" / "kserve" / "inferenceservice.yaml"
@@ -101,35 +102,49 @@ def store(bundle_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    """TorchServe run with the InferenceService's command and arguments, /mnt/models being ``store``."""
+    """The InferenceService's command and environment over the image's files, /mnt/models being ``store``, the
+    ports moved to free loopback ones and TS_SERVICE_ENVELOPE=kservev2 as KServe's runtime sets it; ready once
+    the readiness probe's file is there."""
     predictor = yaml.safe_load(INFERENCE_SERVICE.read_text())["spec"]["predictor"]["model"]
-    command = [argument.replace(KSERVE_MOUNT, str(store)) for argument in [*predictor["command"], *predictor["args"]]]
-    command[0] = str(Path(sys.executable).parent / command[0])  # torchserve, as the image's PATH finds it
-    run_dir = tmp_path_factory.mktemp("run")
-    (run_dir / "tmp").mkdir()
+    work = tmp_path_factory.mktemp("kserve_pod")
+    # the image's files (its baked-in archive is not what KServe serves: the store's is)
+    root, run_dir = image_root(work / "image", store / "model-store" / f"{MODEL_NAME}.mar"), work / "serve"
+
+    def in_this_pod(argument: str) -> str:
+        argument = argument.replace(KSERVE_MOUNT, str(store)).replace("/tmp/serve", str(run_dir))
+        return argument.replace(IMAGE_HOME, str(root / IMAGE_HOME.lstrip("/")))
+
+    command = [in_this_pod(argument) for argument in predictor["command"]]
+    assert command[0] == "python3"
+    command[0] = sys.executable
     inference, grpc_inference, grpc_management = _free_ports(3)
-    socket = run_dir / "management.sock"
-    env = control._environment(run_dir) | {
-        "TS_SERVICE_ENVELOPE": "kservev2",  # what KServe's runtime sets for protocolVersion v2
-        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{inference}",
-        "TS_MANAGEMENT_ADDRESS": f"unix:{socket}",
-        "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
-        "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
-        **image_python_env(run_dir / "image_python"),  # the image's packages only, as in the cluster
-    }
-    with open(run_dir / "torchserve.out", "wb") as out:
-        process = subprocess.Popen(command, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    command += ["--inference_port", inference, "--grpc_inference_port", grpc_inference]
+    command += ["--grpc_management_port", grpc_management]
+    env = {variable["name"]: in_this_pod(variable["value"]) for variable in predictor["env"]}
+    env |= {"HOME": str(work), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    env |= {"TS_SERVICE_ENVELOPE": "kservev2"}  # what KServe's runtime sets for protocolVersion v2
+    env["PYTHONPATH"] += ":" + image_python_env(work / "image_python")["PYTHONPATH"]  # the image's packages only
+    ready = Path(in_this_pod(predictor["readinessProbe"]["exec"]["command"][1]))
+    with open(work / "serve.out", "wb") as out:
+        process = subprocess.Popen(
+            [str(argument) for argument in command], cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
     try:
         deadline = time.monotonic() + 240
-        while not _worker_ready(socket):
-            assert process.poll() is None, (run_dir / "torchserve.out").read_text()[-3000:]
+        while not ready.is_file():
+            assert process.poll() is None, (work / "serve.out").read_text()[-3000:]
             assert time.monotonic() < deadline, control._log_tail(run_dir)
             time.sleep(1)
-        yield {"url": f"http://127.0.0.1:{inference}", "socket": socket, "run_dir": run_dir}
+        assert _worker_ready(run_dir / control.MANAGEMENT_SOCKET), "ready means a worker has loaded the model"
+        yield {
+            "url": f"http://127.0.0.1:{inference}",
+            "socket": run_dir / control.MANAGEMENT_SOCKET,
+            "run_dir": run_dir,
+        }
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=120)
         finally:
             control.stop_server(run_dir)  # and its workers, if the signal left any
 

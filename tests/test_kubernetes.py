@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from handler import MODEL_NAME, control
 from tests.bundle_runs import REPO
 from tests.serving import JPEG, SERVED_FIELDS, bundle_with_random_weights
-from tests.test_byoc import image_python_env, image_root
+from tests.test_byoc import IMAGE_HOME, image_python_env, image_root
 from tests.test_kserve_v2 import KSERVE_MOUNT, kserve_sdk
 from tests.test_serve_security import _listening
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
@@ -39,7 +39,6 @@ INFERENCE_SERVICE = KUBERNETES / "kserve" / "inferenceservice.yaml"
 KUBERNETES_VERSION = "1.37.0"
 # what the kustomizations below may use: _render applies exactly these
 KUSTOMIZE_FIELDS = {"apiVersion", "kind", "labels", "resources", "images", "patches"}
-IMAGE_HOME = "/opt/program"  # where docker/Dockerfile copies the project
 
 
 def _kustomization(folder: Path) -> dict:
@@ -175,9 +174,14 @@ def test_the_inference_service_matches_the_kserve_sdk_model(tmp_path):
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     model = service["spec"]["predictor"]["model"]
     assert (model["modelFormat"]["name"], model["protocolVersion"]) == ("pytorch", "v2")
-    # the runtime's command reads what scripts/kserve_store.py lays out
-    assert f"--model-store={KSERVE_MOUNT}/model-store" in model["args"]
-    assert f"--ts-config={KSERVE_MOUNT}/config/config.properties" in model["args"]
+    # serve.py serves what scripts/kserve_store.py lays out, and readiness is its ready file (tests/test_kserve_v2.py
+    # runs this command)
+    command = model["command"]
+    assert command[command.index("--mar") + 1] == f"{KSERVE_MOUNT}/model-store/{MODEL_NAME}.mar"
+    assert command[command.index("--ts_config") + 1] == f"{KSERVE_MOUNT}/config/config.properties"
+    run_dir = command[command.index("--run_dir") + 1]
+    assert model["readinessProbe"]["exec"]["command"] == ["cat", f"{run_dir}/{control.READY_FILE}"]
+    assert model["livenessProbe"]["httpGet"]["path"] == "/ping"
     # the check finds what is wrong, by path
     broken = copy.deepcopy(service)
     broken["spec"]["predictor"]["model"]["protocolVersions"] = "v2"

@@ -348,9 +348,15 @@ def test_status_codes_name_the_problem(server, images):
         400: {"json": {"image": "!!!"}},
         413: {"data": zero_filled_png(6000, 5000), "headers": {"Content-Type": PNG}},
     }
+    refused = {}
     for status, kwargs in cases.items():
         response = _post(server, **kwargs)
         assert response.status_code == status, response.text
+        refused[response.headers["x-request-id"]] = (status, response.json()["error"])
+    # the model log names each refused request by the id its client got, with the status and the reason
+    log = (server["run_dir"] / "logs" / "model_log.log").read_text()
+    for request_id, (status, error) in refused.items():
+        assert f"request {request_id} refused: {status} {error}" in log, request_id
 
 
 def test_concurrent_batches_mixing_good_and_bad_images(server, images, expected):
