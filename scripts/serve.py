@@ -15,6 +15,7 @@ What listens where, the keys' lifetime and how start waits for health: ``handler
 
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import fire
@@ -47,7 +48,8 @@ def start(
     (a training job's model, an extracted model.tar.gz), served in place.
 
     Every port must be free, the gRPC ones too (TorchServe always opens them, on loopback).
-    ``foreground`` then blocks until the server ends (a container's main process). SIGTERM drains it, then stops
+    ``foreground`` then blocks until the server ends (a container's main process), copying TorchServe's console
+    (its own log lines, the access log and the model's log) to stdout, the pod's log. SIGTERM drains it, then stops
     it: the ready file goes (a readiness probe's), and the requests already sent are answered, for up to
     ``drain_s`` seconds (``control.drain``); then TorchServe stops, which resets any connection still open.
     ``metrics_port``: serve TorchServe's metrics API there (off by default), on ``metrics_host`` (loopback;
@@ -67,6 +69,8 @@ def start(
         )
     if foreground:  # from the first moment: a pod may be stopped while the model still loads
         signal.signal(signal.SIGTERM, _terminate)
+        # TorchServe's console (its log lines, the access log, the model's log) to ours: a container's log
+        console = _Console(Path(run_dir) / "torchserve.out")
     server = None
     try:
         server = control.start_server(
@@ -97,6 +101,40 @@ def start(
             if left:
                 print(f"stopping with {left} requests still queued after {drain_s} s of draining", file=sys.stderr)
         control.stop_server(run_dir)
+    finally:
+        if foreground:
+            console.close()
+
+
+class _Console:
+    """Copies what TorchServe writes to ``path`` from now on to this process's stdout, every half second, until
+    ``close``, which copies the rest (the server's last lines)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, path.stat().st_size if path.is_file() else 0
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.closed.wait(0.5):
+            self._copy()
+        self._copy()
+
+    def _copy(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(timeout=10)
 
 
 class _Terminated(Exception):

@@ -279,9 +279,10 @@ def test_the_deployments_command_serves_without_a_key_and_stops_on_sigterm(mar, 
             statuses = [answer.result().status_code for answer in answers]
         assert statuses == [200] * 48
         grace = yaml.safe_load((BASE / "deployment.yaml").read_text())["spec"]["template"]["spec"]
-        _, stderr = process.communicate(timeout=grace["terminationGracePeriodSeconds"])
+        stdout, stderr = process.communicate(timeout=grace["terminationGracePeriodSeconds"])
         assert process.returncode == 0
         assert "WARNING: token authorisation is OFF" in stderr and front in stderr
+        assert "ACCESS_LOG" in stdout and "MODEL_LOG" in stdout, "TorchServe's logs are the pod's log"
         assert not (run_dir / "server.json").exists(), "serve.py stopped TorchServe"
     finally:
         if process.poll() is None:
