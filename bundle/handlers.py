@@ -542,8 +542,15 @@ def training_fingerprint(datalist: str | os.PathLike, image_size: Sequence[int],
     }
 
 
-def check_resume(path: str | os.PathLike, resume: bool | str, trained_on: dict, checkpoint: dict | None = None) -> None:
-    """Before any work: with ``resume``, the checkpoint at ``path`` (if any) was trained on ``trained_on``.
+def check_resume(
+    path: str | os.PathLike,
+    resume: bool | str,
+    trained_on: dict | None,
+    checkpoint: dict | None = None,
+    max_epochs: int | None = None,
+) -> None:
+    """Before any work: with ``resume``, the checkpoint at ``path`` (if any) loads, was trained on ``trained_on``
+    (None: not checked) and is not past ``max_epochs``.
 
     Resuming another run's checkpoint would continue it and keep its best score, so the new run's
     model.pt might never be written; a mismatch is an error naming ``--resume false``.
@@ -552,7 +559,16 @@ def check_resume(path: str | os.PathLike, resume: bool | str, trained_on: dict, 
     if not (as_bool(resume, "resume") and path.exists()):
         return
     if checkpoint is None:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)
+    if max_epochs is not None and "trainer" in checkpoint:
+        epoch = checkpoint["trainer"]["iteration"] // checkpoint["trainer"]["epoch_length"]
+        if epoch > int(max_epochs):
+            raise ValueError(
+                f"{path} is at epoch {epoch}, past max_epochs={max_epochs}: "
+                "raise max_epochs to train on, or pass --resume false to start over"
+            )
+    if trained_on is None:
+        return
     recorded = checkpoint.get("trained_on")
     if recorded is None:
         differences = ["it records nothing about what it was trained on (written before checkpoints did)"]
@@ -569,6 +585,18 @@ def check_resume(path: str | os.PathLike, resume: bool | str, trained_on: dict, 
             f"Resuming would continue that run and keep its best score ({best}), so this run's model might never "
             "be saved. Pass --resume false to start over (it replaces that checkpoint), or another --ckpt_dir"
         )
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
+    """The resume checkpoint at ``path``; one that does not load (cut off by a full disk, say) is an error naming
+    it and ``--resume false``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise ValueError(
+            f"cannot resume from {path}: it does not load ({type(error).__name__}: {error}). Pass --resume false to "
+            "start over (it replaces that checkpoint), or another --ckpt_dir"
+        ) from None
 
 
 class ResumeCheckpoint:
@@ -615,9 +643,8 @@ class ResumeCheckpoint:
         if not (self.resume and self.path.exists()):
             return
         max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
-        checkpoint = torch.load(self.path, map_location=self.map_location, weights_only=True)
-        if self.trained_on is not None:
-            check_resume(self.path, self.resume, self.trained_on, checkpoint)
+        checkpoint = read_checkpoint(self.path, self.map_location)
+        check_resume(self.path, self.resume, self.trained_on, checkpoint, max_epochs)
         # this run's settings, as its config built them, before the checkpoint's replace them
         optimizers = {obj: _group_settings(obj) for obj in self.to_save.values() if isinstance(obj, Optimizer)}
         schedulers = {obj: obj.state_dict() for obj in self.to_save.values() if isinstance(obj, LRScheduler)}
@@ -629,11 +656,6 @@ class ResumeCheckpoint:
             name: obj for name, obj in self.to_save.items() if name in checkpoint or not isinstance(obj, RandomStates)
         }
         Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
-        if engine.state.epoch > max_epochs:
-            raise ValueError(
-                f"{self.path} is at epoch {engine.state.epoch}, past max_epochs={max_epochs}: "
-                "raise max_epochs to train on, or pass --resume false to start over"
-            )
         # The checkpoint gives the progress (epochs done), the weights and the optimizer's moments; this run's
         # config gives everything else: its max_epochs, its batch size and process count (the steps an epoch
         # has), its learning rate, weight decay and schedule, which then continues from the epochs done.

@@ -246,6 +246,18 @@ def test_a_checkpoint_trained_on_something_else_is_refused_naming_resume_false(t
         check_resume(checkpoint, True, trained_on)
 
 
+def test_a_checkpoint_past_max_epochs_or_cut_off_is_refused_before_any_work_naming_it(tmp_path):
+    checkpoint = tmp_path / "checkpoint_last.pt"
+    torch.save({"trainer": {"iteration": 12, "epoch_length": 4, "max_epochs": 5}}, checkpoint)
+    check_resume(checkpoint, True, None, max_epochs=3)  # at epoch 3: it just finishes
+    with pytest.raises(ValueError, match=f"{checkpoint} is at epoch 3, past max_epochs=2: raise max_epochs"):
+        check_resume(checkpoint, True, None, max_epochs=2)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:200])  # cut off: a full disk, a copy that stopped
+    with pytest.raises(ValueError, match=f"cannot resume from {checkpoint}: it does not load .* --resume false"):
+        check_resume(checkpoint, True, None)
+    check_resume(checkpoint, False, None)
+
+
 def test_validation_postprocessing_of_a_batch_is_that_of_its_images():
     """train.json's evaluator hands ValidationOutputd whole batches (decollate off); each row must be what the
     image alone gets, and output_rows reads either form the same."""
