@@ -15,12 +15,15 @@ rows of each batch, for datasets larger than memory; ``"auto"`` picks ``"device"
 fits comfortably and ``"memmap"`` otherwise.
 """
 
+import errno
+import functools
 import hashlib
 import inspect
 import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +37,7 @@ from monai.data import DataLoader
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from bundle.atomic import atomic_write
+from bundle.atomic import atomic_write, remove_leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,16 @@ def describe(obj, _depth: int = 0, _seen: frozenset = frozenset()):
         except (OSError, TypeError):
             return {"function": name}
     kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    if id(obj) in _seen or _depth > 12 or not hasattr(obj, "__dict__"):
+    if isinstance(obj, functools.partial):
+        return {
+            "partial": describe(obj.func, _depth + 1, _seen),
+            "args": describe(list(obj.args), _depth + 1, _seen),
+            "keywords": describe(obj.keywords, _depth + 1, _seen),
+        }
+    if not hasattr(obj, "__dict__"):  # torch.dtype, torch.device...: their repr is their value
+        text = repr(obj)
+        return {"object": kind} if " at 0x" in text else {"object": kind, "repr": text}
+    if id(obj) in _seen or _depth > 12:
         return {"object": kind}
     seen = _seen | {id(obj)}
     settings = {k: v for k, v in sorted(vars(obj).items()) if not isinstance(v, threading.local)}
@@ -85,6 +97,7 @@ def describe(obj, _depth: int = 0, _seen: frozenset = frozenset()):
 def fingerprint(items: Sequence[dict], preprocessing: Sequence[Callable], image_key: str = "image") -> str:
     """A short hash of what decides the cache's contents (see the module docstring)."""
     digest = hashlib.sha256()
+    description = describe(list(preprocessing))
     header = {
         "format": CACHE_FORMAT,
         "numpy": np.__version__,
@@ -92,14 +105,47 @@ def fingerprint(items: Sequence[dict], preprocessing: Sequence[Callable], image_
         "monai": __import__("monai").__version__,
         "pillow": PIL.__version__,
         "key": image_key,
-        "preprocessing": describe(list(preprocessing)),
+        "preprocessing": description,
+        "code": _own_code(description),
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for item in items:
         path = os.fspath(item[image_key])
         stat = os.stat(path)
-        digest.update(f"\n{path}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
+        # the change time too: a file replaced by another of the same size, its mtime set back, gets a new one
+        digest.update(f"\n{path}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}".encode())
     return digest.hexdigest()[:20]
+
+
+# versioned as a whole (the header's versions): their code is not hashed
+LIBRARIES = ("builtins", "collections", "functools", "monai", "numpy", "PIL", "torch")
+
+
+def _own_code(description) -> dict[str, str]:
+    """sha256 of the source file of every module outside the versioned libraries whose class or function the
+    preprocessing uses (``bundle.imageio`` for the reader): editing a helper those call, or a constant, changes
+    the key, which hashing the functions alone would miss."""
+    modules = set()
+
+    def collect(node) -> None:
+        if isinstance(node, dict):
+            for key in ("object", "function"):
+                if isinstance(node.get(key), str):
+                    modules.add(node[key].rsplit(".", 1)[0])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(description)
+    code = {}
+    for name in sorted(modules):
+        module = sys.modules.get(name)
+        source = getattr(module, "__file__", None)
+        if name.split(".")[0] not in LIBRARIES and source and source.endswith(".py"):
+            code[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return code
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -126,6 +172,25 @@ class _Decode(torch.utils.data.Dataset):
                 "end the preprocessing in [0, 1] or train with configs/train_chain.json"
             )
         return (image * 255).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole (sparse) cache file now: on a full disk, writing into its memory map would kill the
+    process with SIGBUS, naming nothing. Where the call is missing or the filesystem cannot (macOS, some network
+    filesystems), nothing is reserved."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(
+                    error.errno,
+                    f"no room for the image cache {path} ({size / 2**20:.0f} MiB): free space there or point config "
+                    f"key 'cache_dir' elsewhere ({error.strerror})",
+                ) from None
 
 
 def _default_workers() -> int:
@@ -236,6 +301,8 @@ class ImageCache:
         return images
 
     def _build(self, preprocessing: Sequence[Callable], num_workers: int, progress: bool) -> None:
+        for leftover in remove_leftovers(self.path.parent):
+            logger.warning("removed %s, left by a run killed while building a cache", leftover)
         images = _Decode([{self.image_key: p} for p in self.paths], preprocessing, self.image_key)
         loader = DataLoader(images, batch_size=16, shuffle=False, num_workers=min(num_workers, len(images)))
 
@@ -249,6 +316,7 @@ class ImageCache:
                         out = np.lib.format.open_memmap(
                             tmp, mode="w+", dtype=np.uint8, shape=(len(images), *batch.shape[1:])
                         )
+                        _reserve(tmp)
                     out[start : start + len(batch)] = batch.numpy()
                     start += len(batch)
                     bar.update(len(batch))

@@ -502,7 +502,7 @@ def _decode_memo(memo_dir: str | os.PathLike, files: list[Path]) -> Path | None:
             stat = file.stat()
         except OSError:
             return None
-        digest.update(f"{file}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\n".encode())
     return Path(memo_dir) / f"preflight-{digest.hexdigest()[:20]}.ok"
 
 

@@ -82,6 +82,7 @@ def test_evaluation_shows_the_network_learned(evaluated, trained):
     metrics = read_json(evaluated / "metrics.json")
     testing = read_json(trained["datalist"])["testing"]
     assert metrics["n_images"] == len(testing)
+    assert metrics["split"] == "testing" and "in_sample" not in metrics
     assert metrics["auc_macro"] > 0.8, metrics  # chance is 0.5
     assert set(metrics["auc_per_class"]) == set(CLASS_NAMES)
     assert np.array(metrics["confusion_matrix"]).sum() == len(testing)
@@ -203,10 +204,10 @@ def test_evaluation_reports_the_triage_answer_at_the_validation_threshold(evalua
 
 
 def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tmp_path):
-    """inference.json over the testing split gives the evaluation's probabilities for every image:
-    exactly through the per-sample chain; through the default fast data path, up to the cache's
-    uint8 rounding (at most half a grey level per pixel), which moves this barely trained model's
-    probabilities by about a percent and doesn't change its answers."""
+    """inference.json over the testing split gives the evaluation's probabilities for every image, through the
+    per-sample chain and through the default fast data path alike: the preprocessing ends on the 8-bit levels
+    the image cache stores (without that step the rounding moved this barely trained model's probabilities by
+    about a percent, and answers across fitted thresholds now and then)."""
     run_bundle(
         INFERENCE,
         bundle_root=trained["bundle_root"],
@@ -228,12 +229,9 @@ def test_inference_and_evaluation_share_one_preprocessing(evaluated, trained, tm
     by_chain = _predictions(tmp_path / "chain" / "predictions.csv")
     by_fast_path = _predictions(evaluated / "predictions.csv")
     assert inferred.keys() == by_chain.keys() == by_fast_path.keys()
-    for image, p in inferred.items():
-        np.testing.assert_allclose(p, by_chain[image], atol=1e-5)
-    rounded = np.stack([by_fast_path[image] for image in inferred])
-    exact = np.stack(list(inferred.values()))
-    assert np.abs(rounded - exact).max() < 0.03 and np.abs(rounded - exact).mean() < 0.003
-    assert (rounded.argmax(1) == exact.argmax(1)).mean() >= 0.95
+    for image, p in inferred.items():  # the CSVs hold 6 decimals
+        np.testing.assert_allclose(p, by_chain[image], atol=2e-6)
+        np.testing.assert_allclose(p, by_fast_path[image], atol=2e-6)
 
 
 def test_torchscript_export_matches_the_eager_model(trained):

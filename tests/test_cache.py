@@ -1,6 +1,8 @@
 """The persistent image cache and the loader that cuts batches from it."""
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +69,7 @@ def test_cache_holds_the_bundle_preprocessing_output(tmp_path):
         expected = torch.as_tensor(chain(dict(item))["image"]).float()
         cached = cache.gather(torch.tensor([i]))[0].float() / 255
         assert cached.shape == expected.shape == (3, 32, 32)
-        assert (cached - expected).abs().max().item() <= 0.5 / 255 + 1e-6  # uint8 rounding, nothing else
+        assert torch.equal(cached, expected)  # the preprocessing ends on the 8-bit levels the cache stores
     assert cache.labels.tolist() == [item["label"] for item in items]
 
 
@@ -91,6 +93,57 @@ def test_a_changed_image_rebuilds_the_cache(tmp_path):
     assert new.path != old.path and new.build_seconds > 0
     assert new.gather(torch.tensor([3])).max().item() == 0
     assert torch.equal(new.gather(torch.tensor([2])), old.gather(torch.tensor([2])))
+
+
+def test_an_image_replaced_by_another_of_the_same_size_and_mtime_rebuilds_the_cache(tmp_path):
+    items = write_images(tmp_path / "images")
+    base = fingerprint(items, preprocessing())
+    path = Path(items[3]["image"])
+    stat, data = path.stat(), bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `touch -r` from a backup would
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert fingerprint(items, preprocessing()) != base
+
+
+def test_settings_without_attributes_and_the_projects_own_code_key_the_cache(tmp_path, monkeypatch):
+    """A dtype describes as its value (it has no __dict__); editing a module whose class the preprocessing uses
+    (a helper or a constant that no hashed function shows) changes the key."""
+    items = write_images(tmp_path / "images")
+    as_dtype = [
+        fingerprint(items, preprocessing(**{"preprocessing#2#dtype": f"$torch.{name}"}))
+        for name in ("float16", "float64")
+    ]
+    assert as_dtype[0] != as_dtype[1]
+    module = tmp_path / "cache_probe_module.py"
+    module.write_text("SCALE = 1\n\n\nclass Probe:\n    def __call__(self, data):\n        return data\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from cache_probe_module import Probe
+
+    before = fingerprint(items, [*preprocessing(), Probe()])
+    module.write_text(module.read_text().replace("SCALE = 1", "SCALE = 2"))
+    assert fingerprint(items, [*preprocessing(), Probe()]) != before
+    assert "bundle.imageio" in cache_module._own_code(cache_module.describe(preprocessing()))
+
+
+def test_a_full_disk_stops_the_build_naming_the_file_and_the_key_and_leftovers_go(tmp_path, monkeypatch):
+    """Without the space reserved first, writing into the file's memory map on a full disk ends the process
+    with SIGBUS; a killed build's temporary file is removed by the next build."""
+    items = write_images(tmp_path / "images")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = cache_dir / f".training-0123.npy.tmp{int(gone.stdout)}"
+    leftover.write_bytes(b"half a cache")
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"no room for the image cache .*\.tmp\d+ .*config key 'cache_dir'"):
+        build(items, cache_dir)
+    assert list(cache_dir.iterdir()) == [], "neither the killed run's file nor this one's is left"
 
 
 def test_size_preprocessing_and_datalist_each_key_the_cache(tmp_path):
