@@ -44,6 +44,7 @@ from bundle.metrics import (
     binary_operating_point,
     expected_calibration_error,
     negative_log_likelihood,
+    threshold_at_sensitivity,
 )
 from bundle.sidecar import read_sidecar, sidecar_path
 
@@ -190,11 +191,7 @@ def fit_refer_threshold(
     misses that image and so falls below the target. Images tied at that score are all referred (``>=``),
     so ties can only raise the sensitivity above the target, never lower it.
     """
-    scores = np.sort(np.asarray(malignant, dtype=np.float64)[np.asarray(is_malignant, dtype=bool)])[::-1]
-    if scores.size == 0:
-        return None
-    k = max(1, math.ceil(target * scores.size - 1e-9))  # -1e-9: 0.95 * 20 is 19.000000000000004 in floating point
-    return float(scores[k - 1])
+    return threshold_at_sensitivity(malignant, is_malignant, target)
 
 
 def triage_report(probabilities: np.ndarray, labels: np.ndarray, threshold: float | None) -> dict:

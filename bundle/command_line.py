@@ -14,11 +14,17 @@ import inspect
 import sys
 from pathlib import Path
 
-from monai.bundle import ConfigParser
-from monai.bundle.scripts import run
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.scripts import create_workflow, run
 
-# run()'s own arguments (config_file, meta_file, args_file, ...): not config keys
-RUN_ARGUMENTS = frozenset(inspect.signature(run).parameters) - {"override"}
+# the arguments of run() (config_file, meta_file, args_file, ...) and of what it passes the rest to
+# (create_workflow, ConfigWorkflow: workflow_type, workflow_name, properties_path...): not config keys
+RUN_ARGUMENTS = frozenset(
+    name
+    for function in (run, create_workflow, ConfigWorkflow.__init__)
+    for name, parameter in inspect.signature(function).parameters.items()
+    if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+) - {"override", "self"}
 
 
 def check_overrides(argv: list[str] | None = None) -> None:

@@ -917,6 +917,7 @@ class PredictionWriter:
         if not self._probabilities:
             raise RuntimeError("no predictions were made: the data loader yielded no images")
         gathered = self._gathered()
+        _check_finite(gathered["images"], gathered["probabilities"])
         if self.enabled:
             self.write(**gathered)
 
@@ -1000,6 +1001,17 @@ class PredictionWriter:
         )
 
 
+def _check_finite(images: list[str], probabilities: np.ndarray) -> None:
+    """Non-finite outputs would become class 0 under the decision rule and a NaN ECE (invalid JSON) with
+    ordinary-looking AUCs: refused instead, naming the images."""
+    bad = [image for image, row in zip(images, np.isfinite(probabilities).all(1), strict=True) if not row]
+    if bad:
+        raise ValueError(
+            f"the network gave non-finite outputs for {len(bad)} of {len(images)} images (e.g. {bad[:3]}): "
+            "damaged weights, or an input the preprocessing let through; nothing was written"
+        )
+
+
 class EvaluationReport(PredictionWriter):
     """A PredictionWriter that also writes ``metrics.json`` and the plots of a labelled evaluation.
 
@@ -1020,6 +1032,7 @@ class EvaluationReport(PredictionWriter):
         calibration: Calibration | None = None,
         guard: ood.Guard | None = None,
         ckpt_path: str | None = None,
+        split: str | None = None,
     ) -> None:
         # the report keeps every image's probabilities, flagged or not, to measure the model on all of them
         super().__init__(
@@ -1027,6 +1040,7 @@ class EvaluationReport(PredictionWriter):
         )
         self.history_path = history_path
         self.ckpt_path = ckpt_path
+        self.split = split
 
     def write(
         self,
@@ -1043,7 +1057,14 @@ class EvaluationReport(PredictionWriter):
         predicted = self.calibration.decide(probabilities)
         guard = self._guard_scores(logits, features)
         self._write_csv(images, probabilities, predicted, guard)
-        report = classification_report(probabilities, labels, self.class_names, predicted=predicted)
+        report = {"split": self.split, **classification_report(probabilities, labels, self.class_names, predicted)}
+        if self.split == "validation":
+            # the split model selection, the temperature, the decision rule and the refer threshold were fitted on
+            report["in_sample"] = True
+            logger.warning(
+                "evaluated on the validation split (the datalist has no testing split): the model was selected and "
+                "calibrated on these images, so these figures are in-sample and optimistic"
+            )
         argmax = probabilities.argmax(1)
         report["accuracy_argmax"] = float((argmax == labels).mean())
         report["balanced_accuracy_argmax"] = balanced_accuracy(labels, argmax, len(self.class_names))

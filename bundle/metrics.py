@@ -5,6 +5,7 @@ no positive (or no negative) example has no AUC: it is reported as ``None`` and 
 macro average, which says over how many classes it was taken.
 """
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -91,8 +92,7 @@ def operating_points(
         }
         scores = probabilities[:, c]
         for target in sensitivities:
-            # the highest threshold whose sensitivity (share of positives scoring >= it) reaches the target
-            threshold = float(np.quantile(scores[positives], 1 - target, method="inverted_cdf"))
+            threshold = threshold_at_sensitivity(scores, positives, target)
             flagged = scores >= threshold
             entry[f"at_sensitivity_{target:.2f}"] = {
                 "threshold": threshold,
@@ -179,3 +179,14 @@ def classification_report(
         "confusion_matrix": cm.tolist(),
         "operating_points": operating_points(probabilities, labels, predicted, class_names),
     }
+
+
+def threshold_at_sensitivity(scores: np.ndarray, positives: np.ndarray, target: float) -> float | None:
+    """The highest threshold ``t`` whose sensitivity (the share of positives scoring ``>= t``) reaches
+    ``target``; None without positives. That is the k-th highest positive score, k = ceil(target * n): any higher
+    threshold misses that image. Ties at it are all flagged, which can only raise the sensitivity."""
+    ranked = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(positives, dtype=bool)])[::-1]
+    if ranked.size == 0:
+        return None
+    k = max(1, math.ceil(target * ranked.size - 1e-9))  # -1e-9: 0.9 * 10 is 9.000000000000002 in floating point
+    return float(ranked[k - 1])

@@ -177,7 +177,10 @@ a class: {metadata["label_classes"]}.
 ## Run it
 
 From this folder, with MONAI {metadata["monai_version"]}, torch {metadata["pytorch_version"]} and the \
-packages in metadata.json's `required_packages_version` installed:
+packages in metadata.json's `required_packages_version` installed. From another folder, give `--bundle_root` \
+and set `PYTHONPATH` to this folder too: the configs import this bundle's `bundle` package before MONAI adds the \
+folder to Python's path (it does so only once the run starts). Training and evaluation run from this folder \
+only: train.json and evaluate.json read `configs/inference.json` relative to the working folder.
 
     python -m monai.bundle run --config_file configs/inference.json --input path/to/images --output_dir eval
     python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\
@@ -205,8 +208,11 @@ reads a datalist (`--datalist`, `--dataset_dir`) written by the source repositor
 """
 
 
-def released_configs(configs_dir: Path, image_size: list[int]) -> dict[str, bytes]:
-    """The files of ``configs_dir`` by path inside it; inference.json and metadata.json set to ``image_size``."""
+def released_configs(configs_dir: Path, sidecar: dict) -> dict[str, bytes]:
+    """The files of ``configs_dir`` by path inside it; inference.json and metadata.json describe the released
+    weights (their sidecar): the image size they were trained at, and in metadata.json their validation score
+    (``eval_metrics``, a number as the model zoo gives it) and one sentence on them after the description."""
+    image_size = sidecar["image_size"]
     files = {
         path.relative_to(configs_dir).as_posix(): path.read_bytes() for path in configs_dir.rglob("*") if path.is_file()
     }
@@ -215,6 +221,11 @@ def released_configs(configs_dir: Path, image_size: list[int]) -> dict[str, byte
     files[INFERENCE_CONFIG.name] = (json.dumps(inference, indent=4) + "\n").encode()
     metadata = json.loads(files[METADATA.name])
     metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] = image_size
+    metadata["description"] += f" These weights were trained at {image_size[0]}x{image_size[1]}."
+    if "metric" in sidecar:
+        metadata["eval_metrics"] = dict(sidecar["metric"])  # e.g. val_auc: the validation macro ROC AUC
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in sidecar["metric"].items())
+        metadata["description"] += f" Their validation score: {scores} (epoch {sidecar.get('epoch')})."
     files[METADATA.name] = (json.dumps(metadata, indent=4) + "\n").encode()
     return files
 
@@ -240,10 +251,7 @@ def write_release(
     sidecar = read_sidecar(weights)
     # under the names inference.json reads, whatever --weights was called; the guard's is in the sidecar
     models = {"model.pt": weights, "model.json": sidecar_file} | ({guard_file.name: guard_file} if guard_file else {})
-    files = {
-        f"configs/{path}": content
-        for path, content in released_configs(bundle_root / "configs", sidecar["image_size"]).items()
-    }
+    files = {f"configs/{path}": content for path, content in released_configs(bundle_root / "configs", sidecar).items()}
     files |= {
         f"bundle/{module}.py": (PACKAGE / f"{module}.py").read_bytes()
         for module in released_modules(bundle_root / "configs")

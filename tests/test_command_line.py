@@ -47,6 +47,9 @@ def test_declared_keys_run_arguments_and_an_overlays_own_keys_pass():
         )
     )
     check_overrides(run_command("--config_file", "configs/inference.json", "--input", "images", "--output_dir", "x"))
+    # what run() hands on to create_workflow / ConfigWorkflow
+    check_overrides(run_command("--config_file", "configs/inference.json", "--workflow_type", "infer"))
+    check_overrides(run_command("--config_file", "configs/inference.json", "--workflow_name", "ConfigWorkflow"))
 
 
 def test_an_args_files_keys_are_checked_too(tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -20,6 +21,7 @@ from bundle.handlers import (
     ResumeCheckpoint,
     TrainingHistory,
     TrainingSplitGuard,
+    _check_finite,
     as_bool,
     atomic_write,
     check_resume,
@@ -342,3 +344,13 @@ def test_a_checkpoint_folder_loses_the_temporary_files_killed_runs_left(tmp_path
         path.write_bytes(b"")
     ResumeCheckpoint(str(tmp_path / "checkpoint_last.pt"), {}).attach(Engine(lambda e, b: None))
     assert not left.exists() and live.exists() and all(path.exists() for path in kept)
+
+
+def test_non_finite_outputs_are_refused_naming_the_images():
+    """A NaN row would be class 0 under the decision rule and make the ECE NaN (invalid JSON) beside ordinary
+    AUCs."""
+    probabilities = np.full((3, 7), 1 / 7)
+    probabilities[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite outputs for 1 of 3 images \(e\.g\. \['b\.jpg'\]\)"):
+        _check_finite(["a.jpg", "b.jpg", "c.jpg"], probabilities)
+    _check_finite(["a.jpg"], probabilities[:1])

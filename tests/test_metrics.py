@@ -16,7 +16,9 @@ from bundle.metrics import (
     binary_operating_point,
     classification_report,
     expected_calibration_error,
+    operating_points,
     roc_curve,
+    threshold_at_sensitivity,
 )
 from tests.bundle_runs import REPO
 
@@ -170,3 +172,21 @@ def test_show_metrics_prints_both_rules_and_the_triage_line(tmp_path):
         "triage (akiec+bcc+mel vs rest; 3 malignant, 5 benign)   malignant AUC  1.000   refer at malignant "
         "probability >= 0.5000 (fitted on validation for 95% sensitivity): sensitivity  1.000  specificity  1.000"
     ) in shown.stdout
+
+
+@pytest.mark.parametrize("n_positives", [10, 20, 50, 100, 7])
+def test_the_threshold_at_a_sensitivity_is_the_highest_that_reaches_it(n_positives):
+    """Where target x positives is whole (0.9 x 10 = 9.000000000000002 in floating point), a quantile-based
+    threshold took one positive more than needed, and reported 100% sensitivity at '90%'."""
+    rng = np.random.default_rng(n_positives)
+    scores = rng.random(n_positives + 200)
+    positives = np.arange(len(scores)) < n_positives
+    for target in (0.90, 0.95):
+        threshold = threshold_at_sensitivity(scores, positives, target)
+        sensitivity = (scores[positives] >= threshold).mean()
+        above = scores[positives][scores[positives] > threshold]
+        assert sensitivity >= target and (above.size == 0 or (scores[positives] >= above.min()).mean() < target)
+        labels = np.where(positives, 0, 1)
+        point = operating_points(np.stack([scores, 1 - scores], 1), labels, labels, ["a", "b"])["a"]
+        assert point[f"at_sensitivity_{target:.2f}"]["threshold"] == threshold
+    assert threshold_at_sensitivity(scores, np.zeros_like(positives), 0.9) is None

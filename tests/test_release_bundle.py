@@ -126,10 +126,21 @@ def test_the_zip_is_named_and_laid_out_as_the_model_zoo_expects(released, downlo
     # the configs say the size the weights were trained at, so a bare `run` uses the right one
     assert read_json(downloaded / "configs" / "inference.json")["image_size"] == TRAINED_SIZE
     assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == TRAINED_SIZE
+    assert metadata["description"].endswith("These weights were trained at 32x32.")
     # the serving-only modules stay out: no config imports them
     shipped = {path.stem for path in (downloaded / "bundle").glob("*.py")}
     assert {"__init__", "data", "handlers", "imageio", "inferers", "ood", "sidecar", "training"} <= shipped
     assert not {"predictor", "payloads", "synthetic"} & shipped
+
+
+def test_the_released_metadata_gives_the_weights_validation_score_as_a_number():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import release_bundle
+
+    sidecar = {"image_size": [128, 128], "metric": {"val_auc": 0.9371}, "epoch": 17}
+    metadata = json.loads(release_bundle.released_configs(REPO / "configs", sidecar)["metadata.json"])
+    assert metadata["eval_metrics"] == {"val_auc": 0.9371}
+    assert metadata["description"].endswith("trained at 128x128. Their validation score: val_auc 0.9371 (epoch 17).")
 
 
 def test_the_model_card_describes_the_released_weights(downloaded):

@@ -348,3 +348,14 @@ def test_a_boolean_key_that_is_not_a_boolean_is_named():
     with pytest.raises(RuntimeError) as error:
         train_config(amp="sometimes").get_parsed_content("train#trainer#amp")
     assert "'amp'" in str(error.value.__cause__ or error.value)
+
+
+@pytest.mark.parametrize("overlay", ["evaluate.json", "calibrate.json"])
+def test_evaluation_and_calibration_run_in_the_precision_serving_uses(overlay):
+    """Training validates in bf16 on a GPU (for speed); the test figures and a refitted calibration come from
+    full-precision logits, as the Predictor, TorchServe and SageMaker compute them."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "configs" / "train.json"), str(REPO / "configs" / overlay)])
+    parser.update({"device": "$torch.device('cuda:0')"})
+    assert parser.get_parsed_content("amp") is True
+    assert parser["validate"]["evaluator"]["amp"] is False
