@@ -291,7 +291,6 @@ class BatchAugmentation:
         self.rotate_prob, self.flip_prob, self.zoom_prob = rotate_prob, flip_prob, zoom_prob
         self.zoom_range = (min_zoom, max_zoom)
         self.padding_mode = padding_mode
-        self.seed = seed
         self.generator = DeviceGenerators(seed)  # generator(device): this augmentation's random stream there
 
     def random_state(self) -> dict:
@@ -457,7 +456,6 @@ class BatchMix:
         if not 0.0 <= float(mix_prob) <= 1.0:
             raise ValueError(f"config key 'augment#mix_prob' must be in [0, 1], got {mix_prob}")
         self.mix_prob = float(mix_prob)
-        self.seed = seed
         self.rng = np.random.default_rng(seed)  # the mix drawn for each batch
         self.generator = DeviceGenerators(seed)  # generator(device): the pairing of images there
 

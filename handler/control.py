@@ -206,8 +206,7 @@ def drain(run_dir: str | os.PathLike = DEFAULT_RUN_DIR, timeout_s: float = 30) -
     deadline, quiet_since, pending = time.monotonic() + timeout_s, time.monotonic(), 0
     while time.monotonic() < deadline and psutil.pid_exists(server["pid"]):
         try:
-            status = management_request(server, "GET", f"/models/{MODEL_NAME}", run_dir, timeout=5).json()[0]
-            pending = int(status["jobQueueStatus"]["pendingRequests"])
+            pending = int(_model_status(server, run_dir)["jobQueueStatus"]["pendingRequests"])
         except (requests.ConnectionError, ServeError, KeyError, IndexError, ValueError):
             return 0  # the frontend no longer answers: nothing left to wait for
         if pending:
@@ -377,9 +376,7 @@ def _wait_until_ready(server: dict, run_dir: Path, log_start: int, deadline: flo
         if failure:
             raise ServeError(f"the model failed to load ({failure}):\n{_log_tail(run_dir)}")
         try:
-            workers = management_request(server, "GET", f"/models/{MODEL_NAME}", run_dir, timeout=5).json()[0][
-                "workers"
-            ]
+            workers = _model_status(server, run_dir)["workers"]
             ping = requests.get(f"{server['inference_url']}/ping", headers=auth_headers(run_dir), timeout=5)
         except (requests.ConnectionError, ServeError, KeyError, IndexError, ValueError):
             workers, ping = [], None  # not listening yet, or the key file is not written yet
@@ -390,6 +387,11 @@ def _wait_until_ready(server: dict, run_dir: Path, log_start: int, deadline: flo
         if time.monotonic() > deadline:
             raise ServeError(f"the model was not ready in time:\n{_log_tail(run_dir)}")
         time.sleep(0.5)
+
+
+def _model_status(server: dict, run_dir: Path) -> dict:
+    """The management API's description of the model: its workers and its queue."""
+    return management_request(server, "GET", f"/models/{MODEL_NAME}", run_dir, timeout=5).json()[0]
 
 
 def _load_failure(run_dir: Path, log_start: int) -> str | None:

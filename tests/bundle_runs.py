@@ -54,5 +54,10 @@ def bundle_env() -> dict:
     return env
 
 
+def finished_pid() -> int:
+    """The pid of a process that has ended (for files named after their writer's pid)."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -61,6 +62,27 @@ def left_out_of_the_context(source: str) -> bool:
         if pattern and not pattern.startswith("#")
         for depth in range(1, len(parts) + 1)
     )
+
+
+def pod_command(container: dict, work: Path, mar: Path, mounts: dict[str, Path]) -> tuple[list, dict, Callable]:
+    """A Kubernetes container's command and environment, run over the image's files (laid out under ``work``, with
+    ``mar`` as its archive) on this machine: the image's folder and each of ``mounts`` (a path in the pod: its copy
+    here) replaced in every argument and value, this Python for python3, the image's packages only. Returns the
+    command, the environment and the replacement itself, for other paths of the spec."""
+    replacements = {IMAGE_HOME: image_root(work / "image", mar) / IMAGE_HOME.lstrip("/"), **mounts}
+
+    def here(text: str) -> str:
+        for in_pod, on_this_machine in replacements.items():
+            text = text.replace(in_pod, str(on_this_machine))
+        return text
+
+    command = [here(argument) for argument in container["command"]]
+    assert command[0] == "python3"
+    command[0] = sys.executable
+    env = {variable["name"]: here(variable["value"]) for variable in container["env"]}
+    env |= {"HOME": str(work), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    env["PYTHONPATH"] += ":" + image_python_env(work / "image_python")["PYTHONPATH"]
+    return command, env, here
 
 
 def image_python_env(directory: Path) -> dict:

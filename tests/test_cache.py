@@ -19,6 +19,7 @@ from bundle.augment import BatchAugmentation
 from bundle.cache import ImageCache, fingerprint
 from bundle.fastpath import CachedBatchLoader
 from bundle.imbalance import sampler
+from tests.bundle_runs import finished_pid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,8 +134,7 @@ def test_a_full_disk_stops_the_build_naming_the_file_and_the_key_and_leftovers_g
     items = write_images(tmp_path / "images")
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    leftover = cache_dir / f".training-0123.npy.tmp{int(gone.stdout)}"
+    leftover = cache_dir / f".training-0123.npy.tmp{finished_pid()}"
     leftover.write_bytes(b"half a cache")
 
     def full(fd, offset, size):

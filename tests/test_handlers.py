@@ -32,7 +32,7 @@ from bundle.labels import CLASS_NAMES
 from bundle.predictor import trained_image_size
 from bundle.sidecar import SidecarError, verified_sidecar, weights_fingerprint
 from bundle.training import ValidationOutputd
-from tests.bundle_runs import REPO
+from tests.bundle_runs import REPO, finished_pid
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -334,8 +334,7 @@ def test_the_history_times_training_once_the_device_has_done_it_and_waits_twice_
 def test_a_checkpoint_folder_loses_the_temporary_files_killed_runs_left(tmp_path):
     """A kill inside atomic_write leaves ``.<name>.tmp<pid>``; the next run's resume checkpoint removes those of
     processes that are gone, and keeps a live process's and every other file."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    left = tmp_path / f".checkpoint_last.pt.tmp{int(dead.stdout)}"
+    left = tmp_path / f".checkpoint_last.pt.tmp{finished_pid()}"
     left.write_bytes(b"half a checkpoint")
     live = tmp_path / f".model.pt.tmp{os.getpid()}"
     live.write_bytes(b"being written")

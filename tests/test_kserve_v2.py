@@ -36,7 +36,7 @@ from tests.serving import (
     store_guard,
     store_triage_calibration,
 )
-from tests.test_byoc import IMAGE_HOME, image_python_env, image_root
+from tests.test_byoc import pod_command
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
 
 INFERENCE_SERVICE = REPO / "deploy" / "kubernetes" / "kserve" / "inferenceservice.yaml"
@@ -107,24 +107,16 @@ def server(store, tmp_path_factory):
     the readiness probe's file is there."""
     predictor = yaml.safe_load(INFERENCE_SERVICE.read_text())["spec"]["predictor"]["model"]
     work = tmp_path_factory.mktemp("kserve_pod")
-    # the image's files (its baked-in archive is not what KServe serves: the store's is)
-    root, run_dir = image_root(work / "image", store / "model-store" / f"{MODEL_NAME}.mar"), work / "serve"
-
-    def in_this_pod(argument: str) -> str:
-        argument = argument.replace(KSERVE_MOUNT, str(store)).replace("/tmp/serve", str(run_dir))
-        return argument.replace(IMAGE_HOME, str(root / IMAGE_HOME.lstrip("/")))
-
-    command = [in_this_pod(argument) for argument in predictor["command"]]
-    assert command[0] == "python3"
-    command[0] = sys.executable
+    run_dir = work / "serve"
+    # the image's baked-in archive is not what KServe serves: the store's is
+    command, env, here = pod_command(
+        predictor, work, store / "model-store" / f"{MODEL_NAME}.mar", {KSERVE_MOUNT: store, "/tmp/serve": run_dir}
+    )
     inference, grpc_inference, grpc_management = _free_ports(3)
     command += ["--inference_port", inference, "--grpc_inference_port", grpc_inference]
     command += ["--grpc_management_port", grpc_management]
-    env = {variable["name"]: in_this_pod(variable["value"]) for variable in predictor["env"]}
-    env |= {"HOME": str(work), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
     env |= {"TS_SERVICE_ENVELOPE": "kservev2"}  # what KServe's runtime sets for protocolVersion v2
-    env["PYTHONPATH"] += ":" + image_python_env(work / "image_python")["PYTHONPATH"]  # the image's packages only
-    ready = Path(in_this_pod(predictor["readinessProbe"]["exec"]["command"][1]))
+    ready = Path(here(predictor["readinessProbe"]["exec"]["command"][1]))
     with open(work / "serve.out", "wb") as out:
         process = subprocess.Popen(
             [str(argument) for argument in command], cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out

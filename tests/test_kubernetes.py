@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from handler import MODEL_NAME, control
 from tests.bundle_runs import REPO
 from tests.serving import JPEG, SERVED_FIELDS, bundle_with_random_weights
-from tests.test_byoc import IMAGE_HOME, image_python_env, image_root
+from tests.test_byoc import pod_command
 from tests.test_kserve_v2 import KSERVE_MOUNT, kserve_sdk
 from tests.test_serve_security import _listening
 from tests.test_torchserve import _free_ports, _package, _require_torchserve
@@ -215,24 +215,14 @@ def test_the_deployments_command_serves_without_a_key_and_stops_on_sigterm(mar, 
     path answers without credentials, so does a prediction, the server says loudly which front must
     authenticate, listens on all interfaces for inference only, and SIGTERM (a pod's end) stops it all."""
     (container,) = _containers(_render(BASE))
-    root = image_root(tmp_path / "image", mar)
     run_dir = tmp_path / "run"
     inference, metrics, grpc_inference, grpc_management = _free_ports(4)
-
-    def on_this_machine(argument: str) -> str:
-        return argument.replace(IMAGE_HOME, str(root / IMAGE_HOME.lstrip("/"))).replace("/tmp/serve", str(run_dir))
-
-    command = [on_this_machine(argument) for argument in container["command"]]
+    command, env, _ = pod_command(container, tmp_path, mar, {"/tmp/serve": run_dir})
     manifest_metrics = {port["name"]: port["containerPort"] for port in container["ports"]}["metrics"]
     assert command[command.index("--metrics_port") + 1] == str(manifest_metrics)
     command[command.index("--metrics_port") + 1] = metrics  # a free port on this machine
-    assert command[0] == "python3"
-    command[0] = sys.executable
     command += ["--inference_port", inference, "--grpc_inference_port", grpc_inference]
     command += ["--grpc_management_port", grpc_management]
-    env = {variable["name"]: on_this_machine(variable["value"]) for variable in container["env"]}
-    env |= {"HOME": str(tmp_path), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
-    env["PYTHONPATH"] += ":" + image_python_env(tmp_path / "image_python")["PYTHONPATH"]  # the image's packages only
     front = container["command"][container["command"].index("--authenticated_by") + 1]
     process = subprocess.Popen(
         [str(argument) for argument in command],
